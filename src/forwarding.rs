@@ -1,0 +1,320 @@
+//! What a proxy owes the request and response passing through it: the real client
+//! address behind trusted proxies, `X-Forwarded-*`, request ids, rejecting ambiguous
+//! framing, and keeping hop-by-hop fields on their own hop.
+
+use http::header::{self, HeaderMap, HeaderName};
+use pingora::http::RequestHeader;
+use std::net::IpAddr;
+
+/// The client address (SPEC §4 Identity): the TCP peer, unless the peer is a trusted
+/// proxy; then the right-most `X-Forwarded-For` address that is not itself trusted.
+/// An unparsable hop ends the walk at the last address that could be believed.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: impl Fn(IpAddr) -> bool) -> IpAddr {
+    if !trusted(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(value) = value.to_str() else {
+            return client;
+        };
+        for hop in value.rsplit(',') {
+            match parse_hop(hop.trim()) {
+                Some(ip) if trusted(ip) => client = ip,
+                Some(ip) => return ip,
+                None => return client,
+            }
+        }
+    }
+    client
+}
+
+/// An `X-Forwarded-For` element: an address, possibly bracketed or with a port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Ok(sock) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sock.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host` on the upstream request. From a trusted peer the
+/// existing chain is extended; from anyone else client-supplied values are replaced,
+/// so a spoofed header never reaches the application.
+pub fn set_forwarded_headers(
+    upstream: &mut RequestHeader,
+    peer: IpAddr,
+    peer_trusted: bool,
+    scheme: &'static str,
+) -> pingora::Result<()> {
+    let mut peer_text = [0u8; 46];
+    let peer_text = format_ip(peer, &mut peer_text);
+    let existing_chain = peer_trusted
+        .then(|| joined(upstream.headers.get_all("x-forwarded-for").iter()))
+        .flatten();
+    match existing_chain {
+        Some(chain) => {
+            upstream.insert_header("x-forwarded-for", format!("{chain}, {peer_text}"))?
+        }
+        None => upstream.insert_header("x-forwarded-for", peer_text)?,
+    }
+    if !(peer_trusted && upstream.headers.contains_key("x-forwarded-proto")) {
+        upstream.insert_header("x-forwarded-proto", scheme)?;
+    }
+    if !(peer_trusted && upstream.headers.contains_key("x-forwarded-host")) {
+        let host = upstream.headers.get(header::HOST).cloned().or_else(|| {
+            upstream
+                .uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+        });
+        match host {
+            Some(host) => upstream.insert_header("x-forwarded-host", host)?,
+            None => {
+                upstream.remove_header("x-forwarded-host");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn joined<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Option<String> {
+    let parts: Vec<&str> = values.filter_map(|v| v.to_str().ok()).collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+fn format_ip(ip: IpAddr, buf: &mut [u8; 46]) -> &str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    write!(cursor, "{ip}").expect("an IP address fits in 46 bytes");
+    let len = cursor.position() as usize;
+    std::str::from_utf8(&buf[..len]).expect("formatted as ASCII")
+}
+
+/// A request id from the client is kept when it is a sane token (visible ASCII, at
+/// most 128 bytes); otherwise a new one replaces it.
+pub fn acceptable_request_id(value: &http::HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// 32 lowercase hex digits of randomness (a UUID's worth), without allocating.
+pub fn new_request_id() -> http::HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    let mut bits = fastrand::u128(..);
+    for byte in out.iter_mut() {
+        *byte = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    http::HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
+}
+
+/// Framing problems RFC 9112 says a server must reject, found in the parsed header.
+/// The HTTP/1 parser already refuses whitespace before a colon, obs-fold and invalid
+/// field names; what it lets through is checked here. `None` means acceptable.
+pub fn malformed(req: &RequestHeader) -> Option<&'static str> {
+    let h = &req.headers;
+    let is_http11 = req.version == http::Version::HTTP_11;
+    let hosts = h.get_all(header::HOST).iter().count();
+    if is_http11 && hosts == 0 {
+        return Some("an HTTP/1.1 request must carry a Host header");
+    }
+    if hosts > 1 {
+        return Some("more than one Host header");
+    }
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        let parse = |v: &http::HeaderValue| -> Option<u64> {
+            let text = v.to_str().ok()?;
+            let mut values = text.split(',').map(|s| s.trim().parse::<u64>().ok());
+            let first = values.next()??;
+            values.all(|v| v == Some(first)).then_some(first)
+        };
+        let Some(value) = parse(first) else {
+            return Some("invalid Content-Length");
+        };
+        if lengths.any(|other| parse(other) != Some(value)) {
+            return Some("conflicting Content-Length values");
+        }
+        if h.contains_key(header::TRANSFER_ENCODING) {
+            return Some("both Transfer-Encoding and Content-Length");
+        }
+    }
+    if let Some(te) = h.get(header::TRANSFER_ENCODING) {
+        // Only plain chunked is forwarded: another coding would reach the upstream
+        // decoded of its chunking but with nothing left to say it is, e.g., gzip.
+        let only_chunked = te
+            .to_str()
+            .is_ok_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+        if !only_chunked || h.get_all(header::TRANSFER_ENCODING).iter().count() > 1 {
+            return Some("unsupported Transfer-Encoding: only chunked is accepted");
+        }
+    }
+    None
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// The hop-by-hop fields present in an upstream response, to be removed before it goes
+/// to the client: the standard ones and any the upstream's `Connection` names. (A
+/// switching-protocols answer keeps them: the upgrade needs `Connection`/`Upgrade`.)
+pub fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut fields: Vec<HeaderName> = HOP_BY_HOP
+        .iter()
+        .filter(|h| headers.contains_key(*h))
+        .cloned()
+        .collect();
+    fields.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| headers.contains_key(name)),
+    );
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trusted(ip: IpAddr) -> bool {
+        ip.to_string().starts_with("10.")
+    }
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn client_ip_ignores_spoofing_from_untrusted_peers() {
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(client_ip(peer, &xff(&["1.2.3.4"]), trusted), peer);
+    }
+
+    #[test]
+    fn client_ip_is_the_rightmost_untrusted_hop() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let h = xff(&["6.6.6.6, 1.2.3.4", "10.0.0.7"]);
+        assert_eq!(
+            client_ip(peer, &h, trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(peer, &HeaderMap::new(), trusted), peer);
+        let h = xff(&["garbage, 10.0.0.9"]);
+        assert_eq!(
+            client_ip(peer, &h, trusted),
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
+        let h = xff(&["[2001:db8::1]:443"]);
+        assert_eq!(
+            client_ip(peer, &h, trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn forwarded_headers_replace_or_extend() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("host", "api.example.com").unwrap();
+        req.insert_header("x-forwarded-for", "6.6.6.6").unwrap();
+        req.insert_header("x-forwarded-proto", "gopher").unwrap();
+        let mut untrusted = req.clone();
+        set_forwarded_headers(
+            &mut untrusted,
+            "203.0.113.9".parse().unwrap(),
+            false,
+            "http",
+        )
+        .unwrap();
+        assert_eq!(untrusted.headers["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(untrusted.headers["x-forwarded-proto"], "http");
+        assert_eq!(untrusted.headers["x-forwarded-host"], "api.example.com");
+        set_forwarded_headers(&mut req, "10.0.0.1".parse().unwrap(), true, "http").unwrap();
+        assert_eq!(req.headers["x-forwarded-for"], "6.6.6.6, 10.0.0.1");
+        assert_eq!(req.headers["x-forwarded-proto"], "gopher");
+    }
+
+    #[test]
+    fn request_ids() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 32);
+        assert_ne!(id, new_request_id());
+        assert!(acceptable_request_id(&id));
+        assert!(!acceptable_request_id(&http::HeaderValue::from_static(
+            "has space"
+        )));
+    }
+
+    #[test]
+    fn framing_checks() {
+        let build = |headers: &[(&str, &str)]| {
+            let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+            for (k, v) in headers {
+                r.append_header(k.to_string(), *v).unwrap();
+            }
+            r
+        };
+        assert_eq!(malformed(&build(&[("host", "a")])), None);
+        assert!(malformed(&build(&[])).is_some());
+        assert!(malformed(&build(&[("host", "a"), ("host", "b")])).is_some());
+        assert!(malformed(&build(&[
+            ("host", "a"),
+            ("content-length", "3"),
+            ("content-length", "4")
+        ]))
+        .is_some());
+        assert_eq!(
+            malformed(&build(&[
+                ("host", "a"),
+                ("content-length", "3"),
+                ("content-length", "3")
+            ])),
+            None
+        );
+        assert!(malformed(&build(&[
+            ("host", "a"),
+            ("content-length", "3"),
+            ("transfer-encoding", "chunked")
+        ]))
+        .is_some());
+        assert!(malformed(&build(&[("host", "a"), ("transfer-encoding", "gzip")])).is_some());
+        assert!(malformed(&build(&[
+            ("host", "a"),
+            ("transfer-encoding", "gzip, chunked")
+        ]))
+        .is_some());
+        assert_eq!(
+            malformed(&build(&[("host", "a"), ("transfer-encoding", "chunked")])),
+            None
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_fields_stay_on_their_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("content-type", "text/plain".parse().unwrap());
+        let mut fields = hop_by_hop_fields(&h);
+        fields.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(fields, ["connection", "keep-alive", "x-secret"]);
+    }
+}

@@ -1,0 +1,114 @@
+//! The state shared by the proxy, the admin API and the background services of one
+//! process: the policy in force, metrics, events, and the in-flight count that
+//! graceful shutdown waits on.
+
+use crate::events::EventLog;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::policy::Policy;
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub struct Gateway {
+    pub policy: ArcSwap<Policy>,
+    pub policy_path: PathBuf,
+    pub metrics: Metrics,
+    pub events: Arc<EventLog>,
+    /// The load level and its signals, kept by the shedding monitor.
+    pub load: crate::shed::Load,
+    /// Counts requests no route matched, under route `_unmatched`.
+    pub unmatched: RouteMetrics,
+    inflight: AtomicUsize,
+    /// The factor every rate limit is multiplied by (f64 bits); 1.0 unless load
+    /// shedding lowers it.
+    limit_scale: AtomicU64,
+    draining: AtomicBool,
+    handing_over: AtomicBool,
+    /// Serializes reloads and remembers the last file content seen, good or bad, so
+    /// the watcher does not re-report an invalid file that has not changed.
+    pub(crate) reload_state: Mutex<Option<String>>,
+}
+
+impl Gateway {
+    pub fn new(policy: Policy, metrics: Metrics, events: Arc<EventLog>) -> Arc<Gateway> {
+        metrics.config_generation.set(policy.generation as i64);
+        metrics.config_last_success.set(unix_now() as i64);
+        let seen = Some(policy.sha256.clone());
+        Arc::new(Gateway {
+            unmatched: metrics.route("_unmatched"),
+            policy_path: policy.source.clone(),
+            policy: ArcSwap::from_pointee(policy),
+            metrics,
+            events,
+            load: Default::default(),
+            inflight: AtomicUsize::new(0),
+            limit_scale: AtomicU64::new(1.0f64.to_bits()),
+            draining: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
+            reload_state: Mutex::new(seen),
+        })
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    pub fn limit_scale(&self) -> f64 {
+        f64::from_bits(self.limit_scale.load(Ordering::Relaxed))
+    }
+
+    /// Scales every rate limit's rate and burst (SPEC: `limit_scale` of a shedding level).
+    pub fn set_limit_scale(&self, scale: f64) {
+        let scale = if scale.is_finite() && scale > 0.0 {
+            scale
+        } else {
+            1.0
+        };
+        self.limit_scale.store(scale.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// A graceful upgrade is handing the listening sockets to a new process.
+    pub fn start_hand_over(&self) {
+        self.handing_over.store(true, Ordering::Release);
+    }
+
+    /// Whether responses should end their connection: while the process is on its way
+    /// out, clients are sent to a fresh connection (which the new process, or another
+    /// replica, accepts) instead of having an idle keep-alive one closed under them.
+    pub fn closes_connections(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || self.handing_over.load(Ordering::Relaxed)
+    }
+}
+
+/// One request counted in flight, from its context's creation to its drop.
+pub struct InflightRequest(Arc<Gateway>);
+
+impl InflightRequest {
+    pub fn new(gateway: &Arc<Gateway>) -> Self {
+        gateway.inflight.fetch_add(1, Ordering::AcqRel);
+        gateway.metrics.inflight.inc();
+        InflightRequest(gateway.clone())
+    }
+}
+
+impl Drop for InflightRequest {
+    fn drop(&mut self) {
+        self.0.metrics.inflight.dec();
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

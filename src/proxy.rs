@@ -1,0 +1,791 @@
+//! The request pipeline, in the order Pingora calls it. Where does an answer come from?
+//!
+//! * `request_filter` — everything decided before going upstream, top to bottom:
+//!   request id → client address → framing (400) → route (404 `no_route`) →
+//!   identity (401 `unauthorized`) → shedding (fallback or 503 `overloaded`) → rate
+//!   limits (429 `rate_limited`) → body size (413 `payload_too_large`) → pool →
+//!   circuit breaker (fallback or 503 `circuit_open`) → bulkhead (503
+//!   `bulkhead_full`) → deadline. The cache lookup joins after the rate limits when its
+//!   capability lands.
+//! * `upstream_peer` / `fail_to_connect` — pool and server choice; a server that
+//!   refuses the connection is skipped for another (backups last).
+//! * `upstream_request_filter` — forwarding headers, prefix stripping.
+//! * `response_filter` — hop-by-hop removal, configured headers, request id.
+//! * `fail_to_proxy` — 502 `upstream_unavailable` / 504 `upstream_timeout`.
+//! * `logging` — the breaker's verdict on the outcome, metrics, SLO windows, access log.
+
+use crate::access_log;
+use crate::breaker;
+use crate::bulkhead;
+use crate::config::OnInvalid;
+use crate::forwarding;
+use crate::gateway::{Gateway, InflightRequest};
+use crate::identity::{Principal, Resolution};
+use crate::policy::{Fallback, Policy, Route};
+use crate::problem::{Code, Problem};
+use crate::ratelimit;
+use crate::shed;
+use crate::upstream::{HashOn, InflightGuard, Pool, SelectionKey};
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct Proxy {
+    pub gateway: Arc<Gateway>,
+}
+
+/// Everything one request carries through the phases. The policy is loaded once, in
+/// `new_ctx`, so a request sees a single generation even if a reload lands mid-way.
+pub struct RequestCtx {
+    pub policy: Arc<Policy>,
+    _inflight: InflightRequest,
+    pub started: Instant,
+    pub route: Option<usize>,
+    pub client_ip: Option<IpAddr>,
+    peer_trusted: bool,
+    /// The resolved user; `None` is anonymous.
+    pub principal: Option<Arc<Principal>>,
+    /// Rate-limit headers for the response.
+    ratelimit_headers: Vec<(&'static str, String)>,
+    /// The rule that denied the request, or the shadow rules that would have.
+    pub limited_by: Option<Arc<str>>,
+    pub shadow_limited: Vec<Arc<str>>,
+    pub request_id: Option<HeaderValue>,
+    deadline: Option<Instant>,
+    pub pool: Option<Arc<Pool>>,
+    pub server: Option<usize>,
+    failed_servers: Vec<usize>,
+    server_inflight: Option<InflightGuard>,
+    upstream_sent: Option<Instant>,
+    pub upstream_duration: Option<Duration>,
+    upstream_status: Option<u16>,
+    /// The pool's breaker let this request through; its outcome is recorded at the end.
+    breaker_ticket: Option<breaker::Ticket>,
+    /// A place in the pool's bulkhead, held until the request ends.
+    bulkhead_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The upstream outcome has been counted (breaker, outlier ejection).
+    settled: bool,
+    /// Retries taken so far, and the wait before the next attempt.
+    retries: u32,
+    retry_backoff: Option<Duration>,
+    request_body_bytes: u64,
+    /// Set when the gateway answered itself: the error code, for logs and metrics.
+    pub answered: Option<Code>,
+}
+
+impl RequestCtx {
+    pub fn route(&self) -> Option<&Route> {
+        self.route.map(|i| &self.policy.routes[i])
+    }
+
+    fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Headers on every response: the request id and the policy's security headers.
+    fn decorate(&self, header: &mut ResponseHeader) {
+        for (name, value) in &self.policy.server.response_headers {
+            let _ = header.insert_header(name.clone(), value.clone());
+        }
+        if let Some(id) = &self.request_id {
+            let _ = header.insert_header(self.policy.server.request_id_header.clone(), id.clone());
+        }
+    }
+}
+
+impl Proxy {
+    /// Answers the request from the gateway itself and stops the pipeline.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        problem: Problem,
+    ) -> Result<bool> {
+        if self.gateway.closes_connections() {
+            session.set_keepalive(None);
+        }
+        ctx.answered = Some(problem.code);
+        problem.send(session, |h| ctx.decorate(h)).await?;
+        Ok(true)
+    }
+
+    /// Judges the upstream outcome once, as soon as it is known (the response header,
+    /// or the error), before the client sees it: the breaker and outlier state are
+    /// then current for the client's next request.
+    fn settle(&self, ctx: &mut RequestCtx, error: Option<&Error>) {
+        if std::mem::replace(&mut ctx.settled, true) {
+            return;
+        }
+        let Some(pool) = ctx.pool.clone() else {
+            return;
+        };
+        let failure = attempt_failure(&pool.failure_on, ctx.upstream_status, error);
+        if let (Some(ticket), Some(failure)) = (ctx.breaker_ticket.take(), failure) {
+            ticket.record(failure);
+        }
+        if let (Some(server), Some(failure)) = (ctx.server, failure) {
+            self.record_attempt(&pool, server, failure);
+        }
+    }
+
+    /// Decides whether the failed attempt is tried again (SPEC §4: listed methods or an
+    /// Idempotency-Key, attempts and budget left, nothing sent to the client yet, a body
+    /// that can be replayed, time left) and if so readies the next attempt.
+    fn prepare_retry(&self, session: &Session, ctx: &mut RequestCtx) -> bool {
+        let Some(pool) = ctx.pool.clone() else {
+            return false;
+        };
+        let Some(retry) = &pool.retry else {
+            return false;
+        };
+        let req = session.req_header();
+        let allowed = ctx.retries < retry.attempts
+            && session.response_written().is_none()
+            && !session.as_ref().retry_buffer_truncated()
+            && retry.eligible(&req.method, &req.headers)
+            && ctx.remaining().is_none_or(|r| !r.is_zero())
+            && retry.take_retry();
+        if allowed {
+            ctx.retries += 1;
+            ctx.retry_backoff = Some(retry.backoff(ctx.retries));
+            if let Some(failed) = ctx.server.take() {
+                ctx.failed_servers.push(failed);
+            }
+            ctx.server_inflight = None;
+            ctx.upstream_status = None;
+            ctx.settled = false;
+        }
+        allowed
+    }
+
+    /// Counts an attempt against its server; an ejection is logged and recorded.
+    fn record_attempt(&self, pool: &Pool, server: usize, failure: bool) {
+        if let Some(eject_for) = pool.record_attempt(server, failure) {
+            let addr = &*pool.servers[server].label;
+            tracing::warn!(upstream = %pool.name, server = addr, eject_for_secs = eject_for.as_secs(), "outlier ejected");
+            self.gateway.events.record(
+                "outlier_ejection",
+                &format!("server {addr} of upstream `{}` ejected", pool.name),
+                serde_json::json!({ "upstream": &*pool.name, "server": addr, "eject_for_secs": eject_for.as_secs() }),
+            );
+        }
+    }
+
+    /// Answers with the route's fallback instead of the 503 `why` (`x-tollgate-fallback`
+    /// names it; the access log's reason too).
+    async fn fallback(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        fallback: &Fallback,
+        why: Code,
+    ) -> Result<bool> {
+        if self.gateway.closes_connections() {
+            session.set_keepalive(None);
+        }
+        let mut header = ResponseHeader::build(fallback.status, Some(4))?;
+        header.insert_header("content-type", fallback.content_type.clone())?;
+        header.insert_header("content-length", fallback.body.len())?;
+        header.insert_header("x-tollgate-fallback", why.as_str())?;
+        ctx.decorate(&mut header);
+        ctx.answered = Some(why);
+        let head_only = session.req_header().method == http::Method::HEAD;
+        session
+            .write_response_header(Box::new(header), head_only)
+            .await?;
+        if !head_only {
+            session
+                .write_response_body(Some(fallback.body.clone()), true)
+                .await?;
+        }
+        Ok(true)
+    }
+
+    /// The pool's circuit is open: the route's fallback, else 503 `circuit_open`.
+    async fn circuit_open(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        rejected: breaker::Rejected,
+    ) -> Result<bool> {
+        let retry_after = ratelimit::retry_after_secs(rejected.retry_after);
+        let policy = ctx.policy.clone();
+        let route = ctx.route.map(|i| &policy.routes[i]);
+        if let Some(fallback) = route.and_then(|r| r.fallback.as_ref()) {
+            return self
+                .fallback(session, ctx, fallback, Code::CircuitOpen)
+                .await;
+        }
+        let pool = ctx.pool.as_ref().map_or("", |p| &*p.name);
+        let problem = Problem::new(
+            Code::CircuitOpen,
+            format!("upstream `{pool}` is failing; its circuit is open"),
+        )
+        .retry_after(retry_after);
+        self.answer(session, ctx, problem).await
+    }
+}
+
+/// Whether an upstream outcome is a failure for the pool's breaker and outlier
+/// ejection; `None` when the upstream was never tried or the client went away first.
+fn attempt_failure(
+    failure_on: &breaker::FailureOn,
+    upstream_status: Option<u16>,
+    error: Option<&Error>,
+) -> Option<bool> {
+    if let Some(status) = upstream_status {
+        return Some(failure_on.status(status));
+    }
+    let error = error?;
+    if matches!(error.esource(), ErrorSource::Downstream) {
+        return None;
+    }
+    Some(match error.etype() {
+        ErrorType::ConnectTimedout
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectNoRoute
+        | ErrorType::ConnectError
+        | ErrorType::TLSHandshakeFailure
+        | ErrorType::TLSHandshakeTimedout
+        | ErrorType::InvalidCert
+        | ErrorType::SocketError
+        | ErrorType::BindError => failure_on.connect_error,
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => failure_on.timeout,
+        ErrorType::HTTPStatus(_) => return None,
+        // Resets and broken responses reach the client as 502.
+        _ => failure_on.status(502),
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            policy: self.gateway.policy.load_full(),
+            _inflight: InflightRequest::new(&self.gateway),
+            started: Instant::now(),
+            route: None,
+            client_ip: None,
+            peer_trusted: false,
+            principal: None,
+            ratelimit_headers: Vec::new(),
+            limited_by: None,
+            shadow_limited: Vec::new(),
+            request_id: None,
+            deadline: None,
+            pool: None,
+            server: None,
+            failed_servers: Vec::new(),
+            server_inflight: None,
+            upstream_sent: None,
+            upstream_duration: None,
+            upstream_status: None,
+            breaker_ticket: None,
+            bulkhead_slot: None,
+            settled: false,
+            retries: 0,
+            retry_backoff: None,
+            request_body_bytes: 0,
+            answered: None,
+        }
+    }
+
+    /// No downstream modules: Pingora adds a (disabled) response-compression module by
+    /// default, which still runs on every request and response.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let policy = ctx.policy.clone();
+        // Between kept-alive requests Pingora waits this long (whole seconds) for the
+        // next; a connection the client asked to close stays closing.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(policy.server.idle_timeout.as_secs().max(1)));
+        }
+        let req = session.req_header();
+
+        ctx.request_id = Some(match req.headers.get(&policy.server.request_id_header) {
+            Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
+            _ => forwarding::new_request_id(),
+        });
+
+        if let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            ctx.peer_trusted = policy.is_trusted(peer);
+            ctx.client_ip = Some(forwarding::client_ip(peer, &req.headers, |ip| {
+                policy.is_trusted(ip)
+            }));
+        }
+
+        if let Some(reason) = forwarding::malformed(req) {
+            return self
+                .answer(session, ctx, Problem::new(Code::BadRequest, reason))
+                .await;
+        }
+
+        let Some(route_index) = policy.route_for(req) else {
+            let detail = format!("no route matches {} {}", req.method, req.uri.path());
+            return self
+                .answer(session, ctx, Problem::new(Code::NoRoute, detail))
+                .await;
+        };
+        ctx.route = Some(route_index);
+        let route = &policy.routes[route_index];
+
+        if let Some(identity) = &policy.identity {
+            match identity.resolve(&req.headers, ctx.peer_trusted) {
+                Resolution::User(principal) => ctx.principal = Some(principal),
+                Resolution::Anonymous => {}
+                Resolution::Invalid(_) if identity.on_invalid == OnInvalid::Anonymous => {}
+                Resolution::Invalid(reason) => {
+                    let mut problem = Problem::new(Code::Unauthorized, reason);
+                    if identity.uses_bearer_tokens() {
+                        problem.headers.push((
+                            "www-authenticate",
+                            "Bearer error=\"invalid_token\"".to_string(),
+                        ));
+                    }
+                    return self.answer(session, ctx, problem).await;
+                }
+            }
+        }
+
+        if let Some(shedding) = &policy.shedding {
+            if shed::shed_level(&self.gateway.load, shedding, route.priority).is_some() {
+                route.shed.inc();
+                self.gateway.load.count_shed();
+                if let Some(fallback) = &route.fallback {
+                    return self
+                        .fallback(session, ctx, fallback, Code::Overloaded)
+                        .await;
+                }
+                let retry_after = ratelimit::retry_after_secs(shedding.retry_after);
+                let problem = Problem::new(
+                    Code::Overloaded,
+                    format!(
+                        "the gateway is shedding {} priority traffic under load",
+                        route.priority.as_str()
+                    ),
+                )
+                .retry_after(retry_after);
+                return self.answer(session, ctx, problem).await;
+            }
+        }
+
+        let limits = &policy.rate_limits;
+        if !limits.rules.is_empty() {
+            let subject = ratelimit::Subject::new(
+                &policy,
+                route_index,
+                ctx.client_ip,
+                ctx.principal.as_deref(),
+                &req.headers,
+            );
+            let outcome = limits
+                .decide(&subject, self.gateway.limit_scale(), true)
+                .await;
+            ctx.shadow_limited = outcome
+                .shadow_limited
+                .iter()
+                .map(|&i| limits.rules[i].name.clone())
+                .collect();
+            ctx.ratelimit_headers = ratelimit::headers(limits, &outcome);
+            if let Some(denied) = outcome.denied {
+                let rule = &limits.rules[denied];
+                let wait = outcome
+                    .applied
+                    .last()
+                    .map_or(Duration::ZERO, |(_, _, v)| v.retry_after);
+                let retry_after = ratelimit::retry_after_secs(wait);
+                let mut problem = Problem::new(
+                    Code::RateLimited,
+                    format!("rate limit `{}` exceeded", rule.name),
+                )
+                .retry_after(retry_after);
+                problem.extra.insert("rule".into(), (&*rule.name).into());
+                problem.headers.append(&mut ctx.ratelimit_headers);
+                ctx.limited_by = Some(rule.name.clone());
+                return self.answer(session, ctx, problem).await;
+            }
+        }
+
+        let declared_length = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next()?.trim().parse::<u64>().ok());
+        if declared_length.is_some_and(|len| len > policy.server.max_request_body) {
+            let detail = format!(
+                "the request body exceeds the limit of {} bytes",
+                policy.server.max_request_body
+            );
+            return self
+                .answer(session, ctx, Problem::new(Code::PayloadTooLarge, detail))
+                .await;
+        }
+
+        let pool = route.target.choose().clone();
+        ctx.pool = Some(pool.clone());
+        if let Some(guard) = &pool.breaker {
+            match guard.breaker.admit() {
+                Ok(ticket) => ctx.breaker_ticket = Some(ticket),
+                Err(rejected) => return self.circuit_open(session, ctx, rejected).await,
+            }
+        }
+        if let Some(bulkhead) = &pool.bulkhead {
+            match bulkhead.enter().await {
+                Ok(slot) => ctx.bulkhead_slot = Some(slot),
+                Err(full) => {
+                    let detail = match full {
+                        bulkhead::Full::QueueFull => format!(
+                            "upstream `{}` has {} requests in flight and {} waiting",
+                            pool.name, bulkhead.max_concurrent, bulkhead.queue_max
+                        ),
+                        bulkhead::Full::QueueTimeout => format!(
+                            "no slot to upstream `{}` freed up within {:?}",
+                            pool.name, bulkhead.queue_timeout
+                        ),
+                    };
+                    let mut problem = Problem::new(Code::BulkheadFull, detail);
+                    problem.headers.push(("retry-after", "1".to_string()));
+                    return self.answer(session, ctx, problem).await;
+                }
+            }
+        }
+        if let Some(retry) = &pool.retry {
+            retry.count_request();
+        }
+
+        ctx.deadline = route.timeout.map(|t| ctx.started + t);
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A chunked body has no declared length: count it as it streams.
+        ctx.request_body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.request_body_bytes > ctx.policy.server.max_request_body {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "request body over max_request_body",
+            );
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        if let Some(backoff) = ctx.retry_backoff.take() {
+            tokio::time::sleep(ctx.remaining().map_or(backoff, |r| backoff.min(r))).await;
+        }
+        if ctx.remaining().is_some_and(|r| r.is_zero()) {
+            return Error::e_explain(
+                ErrorType::ReadTimedout,
+                "route timeout passed before an upstream answered",
+            );
+        }
+        let policy = ctx.policy.clone();
+        let route = &policy.routes[ctx
+            .route
+            .expect("request_filter sets the route before proxying")];
+        let pool = ctx
+            .pool
+            .get_or_insert_with(|| route.target.choose().clone())
+            .clone();
+        let req = session.req_header();
+        let key = SelectionKey {
+            client_ip: ctx.client_ip,
+            user: ctx.principal.as_ref().map(|p| &*p.user),
+            header: match &pool.hash_on {
+                Some(HashOn::Header(name)) => req.headers.get(name).map(|v| v.as_bytes()),
+                _ => None,
+            },
+            path: req.uri.path(),
+        };
+        // A retry goes to another server when there is one, else to the same again.
+        let index = pool
+            .select(&key, &ctx.failed_servers)
+            .or_else(|| (ctx.retries > 0).then(|| pool.select(&key, &[])).flatten());
+        let Some(index) = index else {
+            return Error::e_explain(
+                ErrorType::ConnectNoRoute,
+                format!("no server of upstream `{}` left to try", pool.name),
+            );
+        };
+        ctx.server = Some(index);
+        ctx.server_inflight = Some(InflightGuard::new(&pool.servers[index].state));
+        Ok(pool.peer(index, ctx.remaining()))
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.retry_backoff.is_some() {
+            // `upstream_response_filter` already decided to retry this response.
+            e.set_retry(true);
+            return e;
+        }
+        let retry_on = ctx
+            .pool
+            .as_ref()
+            .and_then(|p| p.retry.as_ref())
+            .map(|r| &r.on);
+        if retry_on.and_then(|on| attempt_failure(on, None, Some(&e))) == Some(true) {
+            self.settle(ctx, Some(&e));
+            if self.prepare_retry(session, ctx) {
+                e.set_retry(true);
+                return e;
+            }
+        }
+        // Pingora's own rule: an idempotent request that failed on a reused (possibly
+        // stale) upstream connection may be sent once more on a fresh one.
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the server, so any method may go to another one.
+        if let Some(failed) = ctx.server.take() {
+            ctx.failed_servers.push(failed);
+            if let Some(pool) = ctx.pool.clone() {
+                self.record_attempt(&pool, failed, pool.failure_on.connect_error);
+            }
+        }
+        ctx.server_inflight = None;
+        let another_left = ctx
+            .pool
+            .as_ref()
+            .is_some_and(|p| ctx.failed_servers.len() < p.servers.len());
+        let time_left = ctx.remaining().is_none_or(|r| !r.is_zero());
+        if another_left && time_left {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let policy = &ctx.policy;
+        if let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            let scheme = if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+                "https"
+            } else {
+                "http"
+            };
+            forwarding::set_forwarded_headers(upstream, peer, ctx.peer_trusted, scheme)?;
+        }
+        if let Some(id) = &ctx.request_id {
+            upstream.insert_header(policy.server.request_id_header.clone(), id.clone())?;
+        }
+        if let Some(prefix) = ctx.route().and_then(|r| r.strip_prefix.as_deref()) {
+            if let Some(rest) = upstream.uri.path().strip_prefix(prefix) {
+                let path = if rest.starts_with('/') {
+                    rest.to_string()
+                } else {
+                    format!("/{rest}")
+                };
+                let uri = match upstream.uri.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+                let uri = uri.parse::<http::Uri>().map_err(|e| {
+                    Error::because(ErrorType::InternalError, "stripped path is not a URI", e)
+                })?;
+                upstream.set_uri(uri);
+            }
+        }
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        self.settle(ctx, None);
+        let retry_wanted = ctx
+            .pool
+            .as_ref()
+            .and_then(|p| p.retry.as_ref())
+            .is_some_and(|r| r.on.status(status));
+        if retry_wanted && self.prepare_retry(session, ctx) {
+            // Nothing of this response has reached the client: drop it and try again.
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("upstream answered {status}; retrying"),
+            );
+            e.set_retry(true);
+            return Err(e);
+        }
+        if let (Some(sent), Some(pool)) = (ctx.upstream_sent, &ctx.pool) {
+            let elapsed = sent.elapsed();
+            ctx.upstream_duration = Some(elapsed);
+            pool.upstream_duration.observe(elapsed.as_secs_f64());
+            self.gateway.load.upstream_latency.record(elapsed);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if self.gateway.closes_connections() {
+            session.set_keepalive(None);
+        }
+        let switching = response.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        if !switching {
+            for name in forwarding::hop_by_hop_fields(&response.headers) {
+                response.remove_header(&name);
+            }
+        }
+        ctx.decorate(response);
+        for (name, value) in &ctx.ratelimit_headers {
+            response.insert_header(*name, value.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        self.settle(ctx, Some(e));
+        let code = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(413), _) => Some(Code::PayloadTooLarge),
+            (ErrorType::HTTPStatus(status), _) if *status >= 500 => Some(Code::UpstreamUnavailable),
+            (ErrorType::HTTPStatus(_), _) => Some(Code::BadRequest),
+            (
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+                ErrorSource::Upstream | ErrorSource::Unset,
+            ) => Some(Code::UpstreamTimeout),
+            (_, ErrorSource::Downstream) => match e.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
+                _ => Some(Code::BadRequest),
+            },
+            (_, ErrorSource::Internal) => Some(Code::Internal),
+            _ => Some(Code::UpstreamUnavailable),
+        };
+        let Some(code) = code else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        ctx.answered = Some(code);
+        if session.response_written().is_some() {
+            // The response already started: all that is left is to cut it short.
+            return FailToProxy {
+                error_code: code.status(),
+                can_reuse_downstream: false,
+            };
+        }
+        // Pingora drops the client connection after a failed proxy attempt whatever
+        // this hook answers, so the client must be told not to reuse it.
+        session.set_keepalive(None);
+        let detail = match code {
+            Code::UpstreamTimeout => "the upstream did not answer in time".to_string(),
+            Code::UpstreamUnavailable => match &ctx.pool {
+                Some(pool) => format!("upstream `{}` could not be reached", pool.name),
+                None => "the upstream could not be reached".to_string(),
+            },
+            Code::PayloadTooLarge => format!(
+                "the request body exceeds the limit of {} bytes",
+                ctx.policy.server.max_request_body
+            ),
+            _ => e.to_string(),
+        };
+        let mut problem = Problem::new(code, detail);
+        problem.headers.push(("connection", "close".to_string()));
+        let _ = problem.send(session, |h| ctx.decorate(h)).await;
+        FailToProxy {
+            error_code: code.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        // Clients hanging up is their right, not the gateway's error.
+        matches!(error.esource(), ErrorSource::Downstream)
+            && matches!(
+                error.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            )
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        self.settle(ctx, error);
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let elapsed = ctx.started.elapsed();
+        ctx.server_inflight = None;
+        ctx.bulkhead_slot = None;
+        let route_metrics = ctx.route().map_or(&self.gateway.unmatched, |r| &*r.metrics);
+        route_metrics.count(&session.req_header().method, status);
+        route_metrics.duration.observe(elapsed.as_secs_f64());
+        if let Some(route) = ctx.route() {
+            if let Some((_, tracker)) = &route.slo {
+                tracker.record(
+                    crate::gateway::unix_now() / 60,
+                    elapsed,
+                    status >= 500 || status == 0,
+                );
+            }
+        }
+        if ctx.policy.access_log.enabled {
+            access_log::write(session, ctx, status, elapsed);
+        }
+    }
+}

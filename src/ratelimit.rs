@@ -1,0 +1,823 @@
+//! Rate limiting (SPEC §4): GCRA buckets per rule and key, narrowest key first, the
+//! first denial stops evaluation, memory bounded by `max_keys`.
+//!
+//! Why not governor's keyed limiter: it has no hard cap on keys (every unseen key is
+//! inserted), one fixed quota per limiter, and its eviction (`retain_recent`) cannot be
+//! asked to keep limited clients while dropping the rest at a cap. The spec needs all
+//! three: `max_keys`, `limit_scale` applied to existing buckets without losing their
+//! state, and eviction that never forgives a client still over its limit. GCRA keeps
+//! one timestamp per key, so the store below is small.
+
+mod shared;
+
+use crate::config::{Backend, HeadersMode, OnRedisError, When};
+use crate::metrics::Metrics;
+use crate::units::Rate;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+const SHARDS: usize = 64;
+
+/// The bucket parameters of one request's evaluation: a rate (with its burst) after
+/// `limit_scale`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quota {
+    /// Nanoseconds between two admitted requests at the sustained rate.
+    pub emission: u64,
+    pub burst: u32,
+    /// The window the policy wrote (`/min` -> 60 s), for the `w` of the headers.
+    pub window: Duration,
+    /// Requests per window after scaling, for `q`.
+    pub count: u32,
+}
+
+impl Quota {
+    pub fn new(rate: Rate, burst: u32, scale: f64) -> Quota {
+        let scale = if scale.is_finite() && scale > 0.0 {
+            scale
+        } else {
+            1.0
+        };
+        let count = ((rate.count as f64 * scale).round() as u32).max(1);
+        let burst = ((burst as f64 * scale).round() as u32).max(1);
+        let emission =
+            (rate.period.as_nanos() as f64 / (rate.count as f64 * scale)).max(1.0) as u64;
+        Quota {
+            emission,
+            burst,
+            window: rate.period,
+            count,
+        }
+    }
+
+    fn tolerance(&self) -> u64 {
+        self.emission.saturating_mul(self.burst as u64)
+    }
+}
+
+/// What one bucket said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// Requests left right now.
+    pub remaining: u32,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+    /// Until the next request would be admitted (zero when allowed).
+    pub retry_after: Duration,
+}
+
+/// One rule's buckets: key hash -> theoretical arrival time (GCRA), sharded, capped.
+pub struct Store {
+    shards: Box<[Mutex<HashMap<u64, u64>>]>,
+    keys: AtomicUsize,
+    max_keys: usize,
+}
+
+impl Store {
+    pub fn new(max_keys: usize) -> Store {
+        Store {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            keys: AtomicUsize::new(0),
+            max_keys: max_keys.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        self.shards[(key as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one request from `key`'s bucket (or, with `consume: false`, only says
+    /// whether it would be admitted).
+    pub fn check(&self, key: u64, quota: &Quota, consume: bool) -> Verdict {
+        self.check_at(key, quota, consume, crate::clock::nanos())
+    }
+
+    fn check_at(&self, key: u64, quota: &Quota, consume: bool, now: u64) -> Verdict {
+        let tolerance = quota.tolerance();
+        let mut shard = self.shard(key);
+        let stored = shard.get(&key).copied();
+        let tat = stored.unwrap_or(now).max(now);
+        let new_tat = tat + quota.emission;
+        if new_tat - now > tolerance {
+            let retry_after = Duration::from_nanos(new_tat - tolerance - now);
+            return Verdict {
+                allowed: false,
+                remaining: 0,
+                reset: Duration::from_nanos(tat - now),
+                retry_after,
+            };
+        }
+        if consume {
+            if stored.is_none() {
+                self.make_room(&mut shard, now);
+                self.keys.fetch_add(1, Ordering::Relaxed);
+            }
+            shard.insert(key, new_tat);
+        }
+        let used = if consume { new_tat - now } else { tat - now };
+        Verdict {
+            allowed: true,
+            remaining: ((tolerance - used) / quota.emission) as u32,
+            reset: Duration::from_nanos(used),
+            retry_after: Duration::ZERO,
+        }
+    }
+
+    /// Keeps the store under `max_keys` before a new key goes in: first drop the
+    /// shard's refilled buckets (they hold no state), and only if none is refilled the
+    /// one closest to refilled.
+    fn make_room(&self, shard: &mut HashMap<u64, u64>, now: u64) {
+        if self.keys.load(Ordering::Relaxed) < self.max_keys {
+            return;
+        }
+        let before = shard.len();
+        shard.retain(|_, tat| *tat > now);
+        let mut dropped = before - shard.len();
+        if dropped == 0 {
+            if let Some((&key, _)) = shard.iter().min_by_key(|(_, tat)| **tat) {
+                shard.remove(&key);
+                dropped = 1;
+            }
+        }
+        self.keys.fetch_sub(dropped, Ordering::Relaxed);
+    }
+
+    /// Drops every refilled bucket; run periodically so the cap is rarely reached.
+    pub fn evict_refilled(&self) {
+        let now = crate::clock::nanos();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let before = shard.len();
+            shard.retain(|_, tat| *tat > now);
+            self.keys.fetch_sub(before - shard.len(), Ordering::Relaxed);
+            if shard.capacity() > 4 * shard.len().max(16) {
+                shard.shrink_to_fit();
+            }
+        }
+    }
+}
+
+/// Hashes the parts of a bucket key with a per-process random seed (so clients cannot
+/// aim collisions at each other's buckets).
+pub fn key_hash(parts: &[&[u8]]) -> u64 {
+    static SEED: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    let mut hasher = SEED.get_or_init(Default::default).build_hasher();
+    for part in parts {
+        part.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// The decision counters of one rule, resolved when the policy compiles.
+pub struct RuleMetrics {
+    pub allowed: prometheus::IntCounter,
+    pub limited: prometheus::IntCounter,
+    pub shadow_limited: prometheus::IntCounter,
+}
+
+impl RuleMetrics {
+    pub fn new(metrics: &Metrics, rule: &str) -> RuleMetrics {
+        RuleMetrics {
+            allowed: metrics.ratelimit_decision(rule, "allowed"),
+            limited: metrics.ratelimit_decision(rule, "limited"),
+            shadow_limited: metrics.ratelimit_decision(rule, "shadow_limited"),
+        }
+    }
+}
+
+/// One part of a rule's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    Global,
+    Ip,
+    User,
+    UserOrIp,
+    Route,
+    Header(http::HeaderName),
+}
+
+pub struct Rule {
+    pub name: std::sync::Arc<str>,
+    key: Vec<KeyPart>,
+    /// The rate for every request, or per tier (a tier not listed uses the default
+    /// tier's rate; with neither, the rule does not apply).
+    rates: RuleRates,
+    when: When,
+    /// Route indices the rule covers; `None` is every route.
+    routes: Option<Vec<usize>>,
+    pub shadow: bool,
+    pub store: std::sync::Arc<Store>,
+    /// What identifies the bucket set across reloads: a rule keeps its state when this
+    /// is unchanged.
+    identity: String,
+    pub metrics: RuleMetrics,
+}
+
+enum RuleRates {
+    One(Rate, u32),
+    PerTier(HashMap<String, (Rate, u32)>),
+}
+
+pub struct RateLimits {
+    /// Narrowest key first (per client, then per route, then global).
+    pub rules: Vec<Rule>,
+    pub headers: HeadersMode,
+    /// Set when the buckets live in Redis; the local stores then serve only
+    /// `on_error: local`.
+    shared: Option<shared::SharedBuckets>,
+}
+
+/// What the request looks like to the rules.
+pub struct Subject<'a> {
+    pub route: usize,
+    pub route_name: &'a str,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub user: Option<&'a str>,
+    pub tier: &'a str,
+    pub headers: &'a http::HeaderMap,
+}
+
+impl<'a> Subject<'a> {
+    /// The request as the rules see it; anonymous requests are in the identity's
+    /// default tier.
+    pub fn new(
+        policy: &'a crate::policy::Policy,
+        route: usize,
+        client_ip: Option<std::net::IpAddr>,
+        principal: Option<&'a crate::identity::Principal>,
+        headers: &'a http::HeaderMap,
+    ) -> Subject<'a> {
+        let default_tier = policy
+            .identity
+            .as_ref()
+            .map_or("free", |i| &*i.default_tier);
+        Subject {
+            route,
+            route_name: &policy.routes[route].name,
+            client_ip,
+            user: principal.map(|p| &*p.user),
+            tier: principal.map_or(default_tier, |p| &*p.tier),
+            headers,
+        }
+    }
+}
+
+/// The outcome for one request: every rule that applied, and the denial if any.
+#[derive(Default)]
+pub struct Outcome {
+    /// (rule index, quota, verdict) for each applied rule, in evaluation order.
+    pub applied: Vec<(usize, Quota, Verdict)>,
+    pub denied: Option<usize>,
+    pub shadow_limited: Vec<usize>,
+}
+
+impl RateLimits {
+    /// Decides a request against the configured backend. With `consume: false`
+    /// nothing is taken (for `/explain`).
+    pub async fn decide(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
+        let Some(shared) = &self.shared else {
+            return self.evaluate(subject, scale, consume);
+        };
+        let mut applicable = Vec::new();
+        let mut checks = Vec::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            let Some((rate, burst)) = rule.rate_for(subject) else {
+                continue;
+            };
+            let Some(key) = rule.with_key(subject, |parts| {
+                shared::bucket_key(&rule.name, &rule.identity, parts)
+            }) else {
+                continue;
+            };
+            let quota = Quota::new(rate, burst, scale);
+            applicable.push((index, quota));
+            checks.push(shared::SharedCheck {
+                key,
+                quota,
+                shadow: rule.shadow,
+            });
+        }
+        if checks.is_empty() {
+            return Outcome::default();
+        }
+        match shared.check(&checks, consume).await {
+            Ok(verdicts) => self.judge(
+                applicable
+                    .into_iter()
+                    .zip(verdicts)
+                    .map(|((index, quota), verdict)| (index, quota, verdict)),
+                consume,
+            ),
+            Err(()) => match shared.on_error {
+                OnRedisError::Local => self.evaluate(subject, scale, consume),
+                OnRedisError::Allow => Outcome::default(),
+                OnRedisError::Deny => {
+                    let enforced = applicable
+                        .into_iter()
+                        .find(|(index, _)| !self.rules[*index].shadow);
+                    let unknown = |(index, quota): (usize, Quota)| {
+                        let verdict = Verdict {
+                            allowed: false,
+                            remaining: 0,
+                            reset: quota.window,
+                            retry_after: Duration::from_secs(1),
+                        };
+                        (index, quota, verdict)
+                    };
+                    self.judge(enforced.map(unknown).into_iter(), consume)
+                }
+            },
+        }
+    }
+
+    /// Evaluates the rules in order against this process's buckets; the first real
+    /// denial stops, so a client over its own limit does not also drain the shared
+    /// budgets behind it.
+    pub fn evaluate(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
+        // Lazy: a bucket is only touched if no earlier rule denied.
+        let verdicts = self.rules.iter().enumerate().filter_map(|(index, rule)| {
+            let (rate, burst) = rule.rate_for(subject)?;
+            let key = rule.with_key(subject, key_hash)?;
+            let quota = Quota::new(rate, burst, scale);
+            Some((index, quota, rule.store.check(key, &quota, consume)))
+        });
+        self.judge(verdicts, consume)
+    }
+
+    /// Turns verdicts, in evaluation order, into the outcome, counting decisions.
+    fn judge(
+        &self,
+        verdicts: impl Iterator<Item = (usize, Quota, Verdict)>,
+        consume: bool,
+    ) -> Outcome {
+        let mut outcome = Outcome::default();
+        for (index, quota, verdict) in verdicts {
+            let rule = &self.rules[index];
+            outcome.applied.push((index, quota, verdict));
+            if verdict.allowed {
+                if consume {
+                    rule.metrics.allowed.inc();
+                }
+            } else if rule.shadow {
+                if consume {
+                    rule.metrics.shadow_limited.inc();
+                }
+                outcome.shadow_limited.push(index);
+            } else {
+                if consume {
+                    rule.metrics.limited.inc();
+                }
+                outcome.denied = Some(index);
+                break;
+            }
+        }
+        outcome
+    }
+
+    pub fn evict_refilled(&self) {
+        for rule in &self.rules {
+            rule.store.evict_refilled();
+        }
+    }
+}
+
+impl Rule {
+    fn rate_for(&self, subject: &Subject<'_>) -> Option<(Rate, u32)> {
+        let applies = match self.when {
+            When::Always => true,
+            When::Anonymous => subject.user.is_none(),
+            When::Authenticated => subject.user.is_some(),
+        };
+        if !applies
+            || self
+                .routes
+                .as_ref()
+                .is_some_and(|r| !r.contains(&subject.route))
+        {
+            return None;
+        }
+        match &self.rates {
+            RuleRates::One(rate, burst) => Some((*rate, *burst)),
+            RuleRates::PerTier(tiers) => tiers.get(subject.tier).copied(),
+        }
+    }
+
+    /// Hands the parts of this request's bucket key to `make`, or returns `None` when a
+    /// part is missing (a `user` rule skips anonymous requests; a `header:` rule skips
+    /// requests without the header: they are never pooled into one empty-key bucket).
+    fn with_key<K>(&self, subject: &Subject<'_>, make: impl FnOnce(&[&[u8]]) -> K) -> Option<K> {
+        // Tagged with the family so an address never shares a bucket with a user name.
+        let mut ip_bytes = [0u8; 17];
+        let ip: Option<&[u8]> = subject.client_ip.map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => {
+                ip_bytes[0] = 4;
+                ip_bytes[1..5].copy_from_slice(&v4.octets());
+                &ip_bytes[..5]
+            }
+            std::net::IpAddr::V6(v6) => {
+                ip_bytes[0] = 6;
+                ip_bytes[1..].copy_from_slice(&v6.octets());
+                &ip_bytes[..]
+            }
+        });
+        let mut parts: [&[u8]; 6] = [b""; 6];
+        for (slot, part) in parts.iter_mut().zip(&self.key) {
+            *slot = match part {
+                KeyPart::Global => b"*",
+                KeyPart::Route => subject.route_name.as_bytes(),
+                KeyPart::User => subject.user?.as_bytes(),
+                KeyPart::Header(name) => subject.headers.get(name)?.as_bytes(),
+                KeyPart::UserOrIp if subject.user.is_some() => subject.user?.as_bytes(),
+                KeyPart::Ip | KeyPart::UserOrIp => ip?,
+            };
+        }
+        Some(make(&parts[..self.key.len()]))
+    }
+}
+
+/// How narrow a key is: per-client keys first, then per-route, then global.
+fn narrowness(key: &[KeyPart]) -> u8 {
+    if key.iter().any(|p| {
+        matches!(
+            p,
+            KeyPart::Ip | KeyPart::User | KeyPart::UserOrIp | KeyPart::Header(_)
+        )
+    }) {
+        0
+    } else if key.iter().any(|p| matches!(p, KeyPart::Route)) {
+        1
+    } else {
+        2
+    }
+}
+
+/// Compiles `rate_limits`, taking over the bucket state of every rule of `previous`
+/// whose name, key and rates are unchanged.
+pub fn compile(
+    path: &std::path::Path,
+    rules: &[crate::config::RateLimitRule],
+    settings: &crate::config::RateLimitingConfig,
+    route_names: &[&str],
+    previous: Option<&RateLimits>,
+    metrics: &Metrics,
+    errors: &mut Vec<crate::config::ConfigError>,
+) -> RateLimits {
+    use crate::config::{ConfigError, RuleKey, RuleRate};
+    let mut compiled = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for r in rules {
+        let name = r.name.value.as_str();
+        if !names.insert(name) {
+            errors.push(ConfigError::at(
+                path,
+                &r.name.referenced,
+                format!("rule name `{name}` is used twice"),
+            ));
+        }
+        let words: Vec<&str> = match &r.key.value {
+            RuleKey::One(k) => vec![k.as_str()],
+            RuleKey::Composite(ks) => ks.iter().map(String::as_str).collect(),
+        };
+        let mut key = Vec::new();
+        for word in &words {
+            let part = match *word {
+                "global" => KeyPart::Global,
+                "ip" => KeyPart::Ip,
+                "user" => KeyPart::User,
+                "user_or_ip" => KeyPart::UserOrIp,
+                "route" => KeyPart::Route,
+                other => match other
+                    .strip_prefix("header:")
+                    .map(|h| http::HeaderName::from_bytes(h.trim().as_bytes()))
+                {
+                    Some(Ok(header)) => KeyPart::Header(header),
+                    _ => {
+                        errors.push(ConfigError::at(path, &r.key.referenced, format!("key `{other}`: expected global, ip, user, user_or_ip, route or header:NAME")));
+                        continue;
+                    }
+                },
+            };
+            key.push(part);
+        }
+        if key.is_empty() || key.len() > 6 {
+            errors.push(ConfigError::at(
+                path,
+                &r.key.referenced,
+                "a key has one to six parts",
+            ));
+            continue;
+        }
+        let with_burst = |rate: crate::units::Rate| (rate, r.burst.unwrap_or(rate.count));
+        if r.burst == Some(0) {
+            errors.push(ConfigError::at(
+                path,
+                &r.rate.referenced,
+                "burst must be at least 1",
+            ));
+        }
+        let rates = match &r.rate.value {
+            RuleRate::One(rate) => RuleRates::One(*rate, with_burst(*rate).1),
+            RuleRate::PerTier(tiers) => RuleRates::PerTier(
+                tiers
+                    .iter()
+                    .map(|(t, rate)| (t.clone(), with_burst(*rate)))
+                    .collect(),
+            ),
+        };
+        let routes = r.routes.as_ref().map(|list| {
+            list.iter()
+                .filter_map(
+                    |route| match route_names.iter().position(|n| *n == route.value) {
+                        Some(index) => Some(index),
+                        None => {
+                            errors.push(ConfigError::at(
+                                path,
+                                &route.referenced,
+                                format!("unknown route `{}`", route.value),
+                            ));
+                            None
+                        }
+                    },
+                )
+                .collect()
+        });
+        let identity = format!("{:?}|{:?}|{:?}", words, r.rate.value, r.burst);
+        let store = previous
+            .and_then(|p| {
+                p.rules
+                    .iter()
+                    .find(|old| &*old.name == name && old.identity == identity)
+            })
+            .map(|old| old.store.clone())
+            .unwrap_or_else(|| std::sync::Arc::new(Store::new(settings.max_keys)));
+        compiled.push(Rule {
+            name: name.into(),
+            key,
+            rates,
+            when: r.when,
+            routes,
+            shadow: r.shadow,
+            store,
+            identity,
+            metrics: RuleMetrics::new(metrics, name),
+        });
+    }
+    compiled.sort_by_key(|rule| narrowness(&rule.key));
+    let shared = shared_backend(path, settings, previous, errors);
+    RateLimits {
+        rules: compiled,
+        headers: settings.headers,
+        shared,
+    }
+}
+
+/// The Redis backend of `rate_limiting`, reusing the previous policy's connection when
+/// the address is unchanged.
+fn shared_backend(
+    path: &std::path::Path,
+    settings: &crate::config::RateLimitingConfig,
+    previous: Option<&RateLimits>,
+    errors: &mut Vec<crate::config::ConfigError>,
+) -> Option<shared::SharedBuckets> {
+    use crate::config::ConfigError;
+    let backend = &settings.backend;
+    if backend.value != Backend::Redis {
+        return None;
+    }
+    let Some(redis) = &settings.redis else {
+        errors.push(ConfigError::at(
+            path,
+            &backend.referenced,
+            "backend: redis needs a `rate_limiting.redis` section with its `url`",
+        ));
+        return None;
+    };
+    if let Some(cluster) = &redis.cluster {
+        errors.push(ConfigError::at(path, &cluster.referenced, "redis `cluster` is not supported by this build: point `url` at the primary (or at a cluster proxy)"));
+        return None;
+    }
+    let Some(url) = &redis.url else {
+        errors.push(ConfigError::at(
+            path,
+            &backend.referenced,
+            "backend: redis needs `rate_limiting.redis.url`",
+        ));
+        return None;
+    };
+    if redis.timeout.0.is_zero() {
+        errors.push(ConfigError::at(
+            path,
+            &url.referenced,
+            "redis `timeout` must be above 0s",
+        ));
+    }
+    let reused = previous
+        .and_then(|p| p.shared.as_ref())
+        .filter(|s| s.store.url == url.value)
+        .map(|s| s.store.clone());
+    let store = match reused {
+        Some(store) => store,
+        None => match shared::RedisStore::open(&url.value) {
+            Ok(store) => store,
+            Err(message) => {
+                errors.push(ConfigError::at(path, &url.referenced, message));
+                return None;
+            }
+        },
+    };
+    Some(shared::SharedBuckets {
+        store,
+        timeout: redis.timeout.0,
+        on_error: redis.on_error,
+    })
+}
+
+/// Drops refilled buckets every few seconds, so `max_keys` is a ceiling rarely touched
+/// rather than the steady state.
+pub struct Janitor {
+    pub gateway: std::sync::Arc<crate::gateway::Gateway>,
+}
+
+const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Janitor {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut tick = tokio::time::interval(JANITOR_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            let policy = self.gateway.policy.load_full();
+            let _ = tokio::task::spawn_blocking(move || policy.rate_limits.evict_refilled()).await;
+        }
+    }
+}
+
+/// The response headers that describe an outcome (SPEC §4, draft-ietf-httpapi-
+/// ratelimit-headers structured fields, or the legacy `X-RateLimit-*` trio). Shadow
+/// rules are left out: they are not enforced, so they are not advertised.
+pub fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(&'static str, String)> {
+    let enforced: Vec<&(usize, Quota, Verdict)> = outcome
+        .applied
+        .iter()
+        .filter(|(i, _, _)| !limits.rules[*i].shadow)
+        .collect();
+    let Some(tightest) = enforced.iter().min_by_key(|(_, _, v)| v.remaining) else {
+        return Vec::new();
+    };
+    let (rule, quota, verdict) = tightest;
+    let name = &limits.rules[*rule].name;
+    let reset = whole_seconds(verdict.reset);
+    let mut out = Vec::new();
+    if matches!(limits.headers, HeadersMode::Draft | HeadersMode::Both) {
+        let policy: Vec<String> = enforced
+            .iter()
+            .map(|(i, q, _)| {
+                format!(
+                    "\"{}\";q={};w={}",
+                    limits.rules[*i].name,
+                    q.count,
+                    q.window.as_secs()
+                )
+            })
+            .collect();
+        out.push(("ratelimit-policy", policy.join(", ")));
+        out.push((
+            "ratelimit",
+            format!("\"{name}\";r={};t={reset}", verdict.remaining),
+        ));
+    }
+    if matches!(limits.headers, HeadersMode::Legacy | HeadersMode::Both) {
+        out.push(("x-ratelimit-limit", quota.count.to_string()));
+        out.push(("x-ratelimit-remaining", verdict.remaining.to_string()));
+        out.push(("x-ratelimit-reset", reset.to_string()));
+    }
+    out
+}
+
+/// Whole seconds, rounded up (what `t` and `X-RateLimit-Reset` say).
+pub fn whole_seconds(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
+/// Whole seconds, rounded up, at least 1: what `Retry-After` says.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    whole_seconds(wait).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn per_minute(count: u32) -> Rate {
+        Rate {
+            count,
+            period: Duration::from_secs(60),
+        }
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn twenty_per_minute_admits_twenty_then_one_every_three_seconds() {
+        let store = Store::new(100);
+        let quota = Quota::new(per_minute(20), 20, 1.0);
+        let t0 = 1_000 * SEC;
+        for n in 0..20 {
+            let v = store.check_at(7, &quota, true, t0);
+            assert!(v.allowed, "request {n}");
+            assert_eq!(v.remaining, 19 - n);
+        }
+        let denied = store.check_at(7, &quota, true, t0);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, Duration::from_secs(3));
+        assert!(!store.check_at(7, &quota, true, t0 + 2 * SEC).allowed);
+        assert!(store.check_at(7, &quota, true, t0 + 3 * SEC).allowed);
+        assert!(!store.check_at(7, &quota, true, t0 + 3 * SEC).allowed);
+        // Another key has its own bucket.
+        assert!(store.check_at(8, &quota, true, t0).allowed);
+        assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn peeking_consumes_nothing() {
+        let store = Store::new(100);
+        let quota = Quota::new(per_minute(2), 2, 1.0);
+        for _ in 0..5 {
+            let v = store.check_at(1, &quota, false, SEC);
+            assert!(v.allowed);
+            assert_eq!(v.remaining, 2);
+        }
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn limit_scale_multiplies_rate_and_burst() {
+        let quota = Quota::new(per_minute(20), 20, 0.5);
+        assert_eq!((quota.count, quota.burst), (10, 10));
+        assert_eq!(quota.emission, 6 * SEC);
+        let store = Store::new(100);
+        let admitted = (0..20)
+            .filter(|_| store.check_at(1, &quota, true, SEC).allowed)
+            .count();
+        assert_eq!(admitted, 10);
+        // Scaling back up applies to the same bucket state: 10 more fit in the burst.
+        let full = Quota::new(per_minute(20), 20, 1.0);
+        let admitted = (0..20)
+            .filter(|_| store.check_at(1, &full, true, SEC).allowed)
+            .count();
+        assert_eq!(
+            admitted, 0,
+            "the scaled-down bucket's debt carries over, no free burst"
+        );
+        let later = (0..20)
+            .filter(|_| store.check_at(1, &full, true, 61 * SEC).allowed)
+            .count();
+        assert_eq!(later, 20);
+    }
+
+    #[test]
+    fn the_cap_holds_and_eviction_never_forgives_the_most_limited_client() {
+        let store = Store::new(SHARDS);
+        let quota = Quota::new(per_minute(10), 10, 1.0);
+        let t0 = 1_000 * SEC;
+        // The abuser (shard 0) spends its whole burst: limited for a minute.
+        for _ in 0..10 {
+            assert!(store.check_at(0, &quota, true, t0).allowed);
+        }
+        assert!(!store.check_at(0, &quota, true, t0).allowed);
+        // A flood of new clients in the same shard, each one request (6 s of debt).
+        for i in 1..5_000u64 {
+            store.check_at(i * SHARDS as u64, &quota, true, t0 + i);
+            assert!(store.len() <= SHARDS, "{} keys", store.len());
+        }
+        let abuser_tat = t0 + 60 * SEC;
+        assert_eq!(
+            store.shard(0).get(&0),
+            Some(&abuser_tat),
+            "eviction forgave the abuser"
+        );
+        // Later the flood's buckets have refilled and go first.
+        for i in 5_000..10_000u64 {
+            store.check_at(i * SHARDS as u64, &quota, true, t0 + 7 * SEC);
+        }
+        assert_eq!(store.shard(0).get(&0), Some(&abuser_tat));
+        assert!(store.len() <= SHARDS);
+    }
+}

@@ -1,0 +1,225 @@
+//! Buckets shared by replicas (`rate_limiting.backend: redis`).
+//!
+//! One request is one round trip: a server-side script evaluates every rule that
+//! applies, in the same narrowest-first order and with the same GCRA arithmetic as the
+//! local store, stopping at the first enforced denial. Redis's own clock (`TIME`) is the
+//! only clock, so replicas with skewed clocks still agree; each bucket expires when it
+//! has refilled, so Redis holds state only for clients that are currently spending.
+//!
+//! A Redis outage must never stall traffic: every call is bounded by `timeout`, and
+//! after a failure the backend is skipped for a short while (requests go straight to
+//! `on_error`) instead of each one waiting out the timeout again.
+
+use super::{Quota, Verdict};
+use crate::config::OnRedisError;
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// After a failed call, how long requests skip Redis before it is tried again.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// GCRA over microseconds (Lua numbers are doubles: nanoseconds since the epoch would
+/// lose precision). ARGV[1] is 1 to consume, 0 to only look; then per key: emission
+/// interval, tolerance (emission × burst), shadow flag. Returns four integers per
+/// evaluated key: allowed, remaining, reset, retry after (µs).
+const GCRA_SCRIPT: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local consume = ARGV[1] == '1'
+local out = {}
+for i, key in ipairs(KEYS) do
+  local base = 1 + (i - 1) * 3
+  local emission = tonumber(ARGV[base + 1])
+  local tolerance = tonumber(ARGV[base + 2])
+  local shadow = ARGV[base + 3] == '1'
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local new_tat = tat + emission
+  if new_tat - now > tolerance then
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = tat - now
+    out[#out + 1] = new_tat - tolerance - now
+    if not shadow then return out end
+  else
+    local used = tat - now
+    if consume then
+      used = new_tat - now
+      redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil(used / 1000) + 1000)
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = math.floor((tolerance - used) / emission)
+    out[#out + 1] = used
+    out[#out + 1] = 0
+  end
+end
+return out
+"#;
+
+/// The connection to one Redis, kept across reloads while its address is unchanged.
+pub struct RedisStore {
+    pub url: String,
+    connection: redis::aio::ConnectionManager,
+    script: redis::Script,
+    /// Microseconds on the process clock until which Redis is skipped.
+    skip_until: AtomicU64,
+    reachable: AtomicBool,
+}
+
+/// The connection's background tasks need a runtime that outlives every policy (a
+/// reload may drop a policy on any thread, where dropping a runtime would panic).
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tollgate-redis")
+            .enable_all()
+            .build()
+            .expect("the Redis runtime starts")
+    })
+}
+
+impl RedisStore {
+    /// Parses the URL and prepares a connection that is made on first use (a Redis that
+    /// is down at start must not keep the gateway from starting).
+    pub fn open(url: &str) -> Result<Arc<RedisStore>, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis url `{url}`: {e}"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let _context = runtime().enter();
+        let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("redis url `{url}`: {e}"))?;
+        Ok(Arc::new(RedisStore {
+            url: url.to_string(),
+            connection,
+            script: redis::Script::new(GCRA_SCRIPT),
+            skip_until: AtomicU64::new(0),
+            reachable: AtomicBool::new(true),
+        }))
+    }
+}
+
+/// One bucket the script is asked about.
+pub struct SharedCheck {
+    pub key: String,
+    pub quota: Quota,
+    pub shadow: bool,
+}
+
+/// The Redis key of a bucket: readable up to the rule name, then a digest of the rule's
+/// definition and the key parts (so a changed rule starts fresh, and user names or
+/// header values of any length make keys of one size).
+pub fn bucket_key(rule: &str, definition: &str, parts: &[&[u8]]) -> String {
+    let mut digest = Sha256::new();
+    digest.update(definition.as_bytes());
+    for part in parts {
+        digest.update((part.len() as u32).to_be_bytes());
+        digest.update(part);
+    }
+    let digest = digest.finalize();
+    let mut key = String::with_capacity(rule.len() + 45);
+    key.push_str("tollgate:rl:");
+    key.push_str(rule);
+    key.push(':');
+    for byte in &digest[..16] {
+        key.push_str(&format!("{byte:02x}"));
+    }
+    key
+}
+
+/// The backend as one policy configures it.
+pub struct SharedBuckets {
+    pub store: Arc<RedisStore>,
+    pub timeout: Duration,
+    pub on_error: OnRedisError,
+}
+
+impl SharedBuckets {
+    /// Asks Redis about `checks` in order; the answer covers the checks up to and
+    /// including the first enforced denial. `Err` when Redis is skipped, fails or does
+    /// not answer within the timeout.
+    pub async fn check(&self, checks: &[SharedCheck], consume: bool) -> Result<Vec<Verdict>, ()> {
+        let store = &self.store;
+        if crate::clock::nanos() / 1_000 < store.skip_until.load(Ordering::Relaxed) {
+            return Err(());
+        }
+        let mut invocation = store.script.prepare_invoke();
+        invocation.arg(u8::from(consume));
+        for check in checks {
+            let emission = (check.quota.emission / 1_000).max(1);
+            invocation
+                .key(&check.key)
+                .arg(emission)
+                .arg(emission.saturating_mul(u64::from(check.quota.burst)))
+                .arg(u8::from(check.shadow));
+        }
+        let mut connection = store.connection.clone();
+        let answer = tokio::time::timeout(
+            self.timeout,
+            invocation.invoke_async::<Vec<i64>>(&mut connection),
+        )
+        .await;
+        let failure = match answer {
+            Ok(Ok(values)) if values.len() % 4 == 0 && values.len() / 4 <= checks.len() => {
+                if !store.reachable.swap(true, Ordering::Relaxed) {
+                    tracing::info!(url = %store.url, "rate-limit store reachable again");
+                }
+                let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
+                return Ok(values
+                    .chunks_exact(4)
+                    .map(|v| Verdict {
+                        allowed: v[0] == 1,
+                        remaining: v[1].clamp(0, i64::from(u32::MAX)) as u32,
+                        reset: micros(v[2]),
+                        retry_after: micros(v[3]),
+                    })
+                    .collect());
+            }
+            Ok(Ok(values)) => format!("unexpected answer of {} values", values.len()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        store.skip_until.store(
+            crate::clock::nanos() / 1_000 + BACKOFF.as_micros() as u64,
+            Ordering::Relaxed,
+        );
+        if store.reachable.swap(false, Ordering::Relaxed) {
+            tracing::warn!(url = %store.url, error = %failure, on_error = ?self.on_error,
+                "rate-limit store unreachable; skipping it for {BACKOFF:?} at a time");
+        }
+        Err(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_distinct_and_bounded() {
+        let a = bucket_key("per-ip", "def", &[b"\x04\x01\x02\x03\x04"]);
+        assert_eq!(a, bucket_key("per-ip", "def", &[b"\x04\x01\x02\x03\x04"]));
+        assert!(a.starts_with("tollgate:rl:per-ip:"));
+        assert_eq!(a.len(), "tollgate:rl:per-ip:".len() + 32);
+        assert_ne!(
+            a,
+            bucket_key("per-ip", "changed", &[b"\x04\x01\x02\x03\x04"])
+        );
+        // Part boundaries count: ("ab", "c") is not ("a", "bc").
+        assert_ne!(
+            bucket_key("r", "d", &[b"ab", b"c"]),
+            bucket_key("r", "d", &[b"a", b"bc"])
+        );
+        let long = vec![b'x'; 10_000];
+        assert_eq!(
+            bucket_key("r", "d", &[&long]).len(),
+            "tollgate:rl:r:".len() + 32
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! The route table: which route a request belongs to (first match wins).
+//!
+//! Matchers are compiled once per policy; matching borrows from the request and
+//! allocates nothing.
+
+use http::{HeaderName, HeaderValue, Method};
+use pingora::http::RequestHeader;
+use regex::Regex;
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Lower-cased host name.
+    Exact(String),
+    /// `*.example.com` kept as `.example.com`: any non-empty label(s) before it.
+    Wildcard(String),
+}
+
+#[derive(Debug)]
+pub struct RouteMatcher {
+    pub path: PathMatch,
+    /// Empty: every method.
+    pub methods: Vec<Method>,
+    pub host: Option<HostMatch>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl RouteMatcher {
+    pub fn matches(&self, req: &RequestHeader, host: Option<&str>) -> bool {
+        let path = req.uri.path();
+        let path_ok = match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Regex(r) => r.is_match(path),
+        };
+        path_ok
+            && (self.methods.is_empty() || self.methods.contains(&req.method))
+            && self
+                .host
+                .as_ref()
+                .is_none_or(|h| host.is_some_and(|host| h.matches(host)))
+            && self
+                .headers
+                .iter()
+                .all(|(name, value)| req.headers.get_all(name).iter().any(|v| v == value))
+    }
+}
+
+impl HostMatch {
+    pub fn parse(pattern: &str) -> HostMatch {
+        let pattern = pattern.to_ascii_lowercase();
+        match pattern.strip_prefix('*') {
+            Some(suffix) => HostMatch::Wildcard(suffix.to_string()),
+            None => HostMatch::Exact(pattern),
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => host.eq_ignore_ascii_case(h),
+            HostMatch::Wildcard(suffix) => {
+                host.len() > suffix.len()
+                    && host.is_char_boundary(host.len() - suffix.len())
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+}
+
+/// The request's host without port: the `Host` header, else the URI authority (HTTP/2).
+pub fn request_host(req: &RequestHeader) -> Option<&str> {
+    let raw = match req.headers.get(http::header::HOST) {
+        Some(value) => value.to_str().ok()?,
+        None => req.uri.authority()?.as_str(),
+    };
+    Some(strip_port(raw))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop what follows them.
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(name, _)| name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, path: &str, host: Option<&str>) -> RequestHeader {
+        let mut req = RequestHeader::build(method, path.as_bytes(), None).unwrap();
+        if let Some(host) = host {
+            req.insert_header("host", host).unwrap();
+        }
+        req
+    }
+
+    fn matcher(path: PathMatch) -> RouteMatcher {
+        RouteMatcher {
+            path,
+            methods: Vec::new(),
+            host: None,
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn paths() {
+        let req = request("GET", "/api/predict/7?x=1", None);
+        assert!(matcher(PathMatch::Prefix("/api/predict".into())).matches(&req, None));
+        assert!(!matcher(PathMatch::Exact("/api/predict".into())).matches(&req, None));
+        assert!(matcher(PathMatch::Exact("/api/predict/7".into())).matches(&req, None));
+        assert!(matcher(PathMatch::Regex(
+            Regex::new("^/api/predict/[0-9]+$").unwrap()
+        ))
+        .matches(&req, None));
+    }
+
+    #[test]
+    fn methods_hosts_headers() {
+        let mut m = matcher(PathMatch::Any);
+        m.methods = vec![Method::POST];
+        assert!(!m.matches(&request("GET", "/", None), None));
+        assert!(m.matches(&request("POST", "/", None), None));
+
+        let mut m = matcher(PathMatch::Any);
+        m.host = Some(HostMatch::parse("*.Example.com"));
+        let req = request("GET", "/", Some("API.example.com:8080"));
+        assert_eq!(request_host(&req), Some("API.example.com"));
+        assert!(m.matches(&req, request_host(&req)));
+        assert!(!m.matches(&req, Some("example.com")));
+        assert!(!m.matches(&req, None));
+
+        let mut m = matcher(PathMatch::Any);
+        m.headers = vec![(
+            HeaderName::from_static("x-beta"),
+            HeaderValue::from_static("1"),
+        )];
+        let mut req = request("GET", "/", None);
+        assert!(!m.matches(&req, None));
+        req.insert_header("x-beta", "1").unwrap();
+        assert!(m.matches(&req, None));
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(strip_port("example.com:80"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+}

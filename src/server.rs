@@ -1,0 +1,280 @@
+//! Process assembly and lifecycle: the Pingora server with the proxy, admin and
+//! reload services, and a shutdown that ends as soon as the last request is done.
+
+use crate::admin::Admin;
+use crate::events::EventLog;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::policy::{self, Policy};
+use crate::proxy::Proxy;
+use crate::reload::Watcher;
+use pingora::apps::http_app::HttpServer;
+use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::Stream;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownWatch};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use sha2::{Digest, Sha256};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct RunOptions {
+    pub policy_path: PathBuf,
+    /// Take the listening sockets over from a running instance (Pingora's graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// Loads the policy and runs the gateway until it is shut down.
+pub fn run(options: RunOptions) -> Result<(), String> {
+    let metrics = Metrics::new();
+    let events = Arc::new(EventLog::default());
+    let policy = policy::load(&options.policy_path, None, &metrics, &events).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        lines.join("\n")
+    })?;
+    if !options.upgrade {
+        ensure_free(&listen_addresses(&policy))?;
+    }
+    let conf = server_conf(&policy);
+    let threads = policy.server.threads;
+    let gateway = Gateway::new(policy, metrics, events);
+    let policy = gateway.policy.load_full();
+
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut http_options = HttpServerOptions::default();
+    http_options.h2c = true;
+    let mut app = pingora::proxy::http_proxy(
+        &server.configuration,
+        Proxy {
+            gateway: gateway.clone(),
+        },
+    );
+    app.server_options = Some(http_options);
+    let mut proxy = Service::new(
+        "tollgate proxy".to_string(),
+        IdleLimit {
+            inner: Arc::new(app),
+            gateway: gateway.clone(),
+        },
+    );
+    proxy.threads = Some(threads);
+    for addr in &policy.server.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    if let Some(tls) = &policy.server.tls {
+        let mut settings =
+            TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
+                .map_err(|e| format!("server.tls: {e}"))?;
+        settings.enable_h2();
+        proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+    }
+    server.add_service(proxy);
+
+    let mut admin = Service::new(
+        "tollgate admin".to_string(),
+        HttpServer::new_app(Admin {
+            gateway: gateway.clone(),
+        }),
+    );
+    admin.add_tcp(&policy.admin.listen.to_string());
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "policy watcher",
+        Watcher {
+            gateway: gateway.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "load monitor",
+        crate::shed::LoadMonitor {
+            gateway: gateway.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "health checks",
+        crate::health::HealthChecker {
+            gateway: gateway.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "rate limit janitor",
+        crate::ratelimit::Janitor {
+            gateway: gateway.clone(),
+        },
+    ));
+
+    exit_when_drained(&server, gateway.clone());
+    tracing::info!(
+        listen = ?policy.server.listen,
+        admin = %policy.admin.listen,
+        generation = policy.generation,
+        routes = policy.routes.len(),
+        "tollgate started"
+    );
+    drop(policy);
+    server.run(RunArgs::default());
+    Ok(())
+}
+
+fn listen_addresses(policy: &Policy) -> Vec<SocketAddr> {
+    let mut all = policy.server.listen.clone();
+    all.push(policy.admin.listen);
+    all.extend(policy.server.tls.as_ref().map(|t| t.listen));
+    all
+}
+
+/// Pingora retries a busy port for half a minute and then leaves a half-running
+/// process behind; an operator wants a clear error at once instead.
+fn ensure_free(addresses: &[SocketAddr]) -> Result<(), String> {
+    for addr in addresses {
+        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn server_conf(policy: &Policy) -> ServerConf {
+    let run_dir = run_dir(&policy.server.listen);
+    let keepalive: usize = policy
+        .upstreams
+        .values()
+        .map(|p| p.keepalive * p.servers.len())
+        .sum();
+    ServerConf {
+        threads: policy.server.threads,
+        // Measured faster for a proxy: no cross-thread task stealing on each wake-up.
+        work_stealing: false,
+        grace_period_seconds: Some(policy.server.shutdown_grace.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        pid_file: run_dir.join("tollgate.pid").to_string_lossy().into_owned(),
+        upgrade_sock: run_dir.join("upgrade.sock").to_string_lossy().into_owned(),
+        upstream_keepalive_pool_size: keepalive.max(1),
+        // Pingora's cap on tries per request stays at its default (16): the gateway's
+        // own limits decide (failover only while another server is left, retries per
+        // the pool's policy), and a fixed cap cannot follow pools that grow on reload.
+        ..ServerConf::default()
+    }
+}
+
+/// Closes new client connections that send no request within `server.idle_timeout`
+/// (kept-alive ones get the same limit as Pingora's keep-alive timeout, set per request
+/// in the proxy). Pingora's h2c detection waits for the 24-byte HTTP/2 preface with no
+/// deadline of its own, so without this an idle or trickling client would hold its
+/// connection (and a file descriptor) forever.
+struct IdleLimit<A> {
+    inner: Arc<A>,
+    gateway: Arc<Gateway>,
+}
+
+#[async_trait::async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for IdleLimit<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if stream.get_ssl_digest().is_none() {
+            let idle = self.gateway.policy.load().server.idle_timeout;
+            let mut preface = [0u8; 24];
+            // The peeked bytes are put back, so the inner app reads them again.
+            match tokio::time::timeout(idle, stream.try_peek(&mut preface)).await {
+                Ok(Ok(_)) => {}
+                _ => return None,
+            }
+        }
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+/// Where the pid file and the upgrade socket live: `TOLLGATE_RUN_DIR`, else a directory
+/// under the system temp dir named after the listen addresses. Two instances on
+/// different ports never collide, and an upgrade finds the instance it replaces.
+fn run_dir(listen: &[SocketAddr]) -> PathBuf {
+    let dir = match std::env::var_os("TOLLGATE_RUN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let key = format!("{listen:?}");
+            let digest = policy::hex(&Sha256::digest(key.as_bytes()));
+            std::env::temp_dir().join(format!("tollgate-{}", &digest[..12]))
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::warn!("cannot create run directory {}: {e}", dir.display());
+    }
+    dir
+}
+
+/// Pingora's graceful shutdown always sleeps its whole grace period. Here the process
+/// exits as soon as no request is in flight (or when the grace period ends, by Pingora).
+fn exit_when_drained(server: &Server, gateway: Arc<Gateway>) {
+    let mut phases = server.watch_execution_phase();
+    std::thread::Builder::new()
+        .name("drain watcher".into())
+        .spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::GracefulUpgradeTransferringFds) => gateway.start_hand_over(),
+                Ok(ExecutionPhase::GracefulTerminate | ExecutionPhase::ShutdownGracePeriod) => {
+                    gateway.start_draining();
+                    tracing::info!(
+                        inflight = gateway.inflight(),
+                        "draining: waiting for in-flight requests"
+                    );
+                    wait_until_idle(&gateway);
+                    tracing::info!("drained: exiting");
+                    std::process::exit(0);
+                }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        })
+        .expect("spawn drain watcher");
+}
+
+fn wait_until_idle(gateway: &Gateway) {
+    const STEP: Duration = Duration::from_millis(10);
+    // Idle must hold for a few steps: a keep-alive request may be in its first bytes.
+    let mut idle_steps = 0;
+    while idle_steps < 5 {
+        std::thread::sleep(STEP);
+        idle_steps = if gateway.inflight() == 0 {
+            idle_steps + 1
+        } else {
+            0
+        };
+    }
+}
+
+/// Validates a policy file for `tollgate check`; with `against`, also describes what a
+/// reload from that file would change.
+pub fn check(path: &Path, against: Option<&Path>) -> Result<Vec<String>, Vec<String>> {
+    let metrics = Metrics::new();
+    let events = Arc::new(EventLog::default());
+    let to_lines = |errors: Vec<crate::config::ConfigError>| {
+        errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+    };
+    let old = match against {
+        Some(old) => Some(policy::load(old, None, &metrics, &events).map_err(to_lines)?),
+        None => None,
+    };
+    let new = policy::load(path, old.as_ref(), &metrics, &events).map_err(to_lines)?;
+    Ok(match &old {
+        Some(old) => policy::diff(old, &new),
+        None => Vec::new(),
+    })
+}

@@ -1,0 +1,513 @@
+//! Load-based shedding (SPEC §3 `shedding`, §4 "Shedding").
+//!
+//! A background monitor turns three signals into one load ratio — in-flight requests
+//! against `max_inflight`, upstream p95 latency against `latency_target`, process CPU
+//! against the cgroup quota — each smoothed over `smoothing`, and moves through the
+//! policy's levels: up at once when the load passes a level's `above`, down one level
+//! only after the load stayed under `above - recover_below_margin` for `hold`.
+//!
+//! Recovery looks at the *offered* load: what is measured plus what the shed requests
+//! would add if they were let through (their rate × the typical upstream time, Little's
+//! law). Measured load alone drops as soon as shedding relieves it, so a gateway at
+//! 1.5× capacity would leave the level, be overloaded again, and cycle with the hold. The
+//! request path reads the level with one atomic load; at a level, routes whose
+//! priority it lists are answered with their fallback or 503 `overloaded`, and every
+//! rate limit is scaled by the level's `limit_scale`.
+
+use crate::config::Priority;
+use crate::gateway::Gateway;
+use crate::histogram::Histogram;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often the monitor samples the signals.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// `shedding` as compiled from the policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shedding {
+    pub max_inflight: usize,
+    pub latency_target: Option<Duration>,
+    pub cpu: bool,
+    pub smoothing: Duration,
+    pub levels: Vec<Level>,
+    pub margin: f64,
+    pub hold: Duration,
+    pub retry_after: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Level {
+    pub above: f64,
+    pub shed: Vec<Priority>,
+    pub limit_scale: f64,
+}
+
+impl Level {
+    /// `critical` is never shed, whatever a level lists.
+    pub fn sheds(&self, priority: Priority) -> bool {
+        priority != Priority::Critical && self.shed.contains(&priority)
+    }
+}
+
+/// The live load state, shared by the monitor, the request path and the admin API.
+#[derive(Default)]
+pub struct Load {
+    /// 0 = normal; `n` = the policy's `levels[n - 1]`.
+    level: AtomicU8,
+    ratio: AtomicU64,
+    signals: [AtomicU64; 3],
+    /// Upstream response times since the monitor's last tick.
+    pub upstream_latency: Histogram,
+    /// Requests shed so far (for the offered load).
+    shed: AtomicU64,
+    forced: Mutex<Option<Forced>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Forced {
+    level: u8,
+    until: Instant,
+}
+
+/// The smoothed signals, as load ratios; `None` when the policy does not use one.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Signals {
+    pub inflight: f64,
+    pub latency: Option<f64>,
+    pub cpu: Option<f64>,
+}
+
+impl Load {
+    /// Counts a request answered by shedding.
+    pub fn count_shed(&self) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn level(&self) -> u8 {
+        self.level.load(Ordering::Relaxed)
+    }
+
+    pub fn ratio(&self) -> f64 {
+        f64::from_bits(self.ratio.load(Ordering::Relaxed))
+    }
+
+    pub fn signals(&self) -> Signals {
+        let read = |i: usize| f64::from_bits(self.signals[i].load(Ordering::Relaxed));
+        let optional = |v: f64| (!v.is_nan()).then_some(v);
+        Signals {
+            inflight: read(0),
+            latency: optional(read(1)),
+            cpu: optional(read(2)),
+        }
+    }
+
+    /// The forced level and until when, if one is in force.
+    pub fn forced(&self) -> Option<(u8, Instant)> {
+        let forced = *self.forced.lock().unwrap_or_else(|e| e.into_inner());
+        forced
+            .filter(|f| f.until > Instant::now())
+            .map(|f| (f.level, f.until))
+    }
+
+    /// Forces `level` for `duration` (`None` returns to automatic). Takes effect at the
+    /// monitor's next tick.
+    pub fn force(&self, level: Option<(u8, Duration)>) {
+        *self.forced.lock().unwrap_or_else(|e| e.into_inner()) = level.map(|(level, d)| Forced {
+            level,
+            until: Instant::now() + d,
+        });
+    }
+}
+
+/// The level the request path should apply to `priority`, if it sheds it.
+pub fn shed_level<'a>(
+    load: &Load,
+    shedding: &'a Shedding,
+    priority: Priority,
+) -> Option<&'a Level> {
+    let level = load.level() as usize;
+    let level = shedding.levels.get(level.checked_sub(1)?)?;
+    level.sheds(priority).then_some(level)
+}
+
+/// The monitor's memory between ticks: smoothed signals, CPU counters, and since when
+/// the load has been low enough to leave the current level.
+struct Monitor {
+    smoothed: Option<Signals>,
+    /// The smoothed in-flight ratio the shed requests would add.
+    shed_extra: f64,
+    shed_seen: u64,
+    /// A recent upstream median, in seconds.
+    typical_latency: Option<f64>,
+    cpu: CpuMeter,
+    recovering_since: Option<Instant>,
+    was_forced: bool,
+}
+
+impl Monitor {
+    fn tick(&mut self, gateway: &Gateway, shedding: Option<&Shedding>, now: Instant) {
+        let load = &gateway.load;
+        let latency_counts = load.upstream_latency.drain();
+        let cpu_share = self.cpu.sample();
+        let Some(shedding) = shedding else {
+            self.smoothed = None;
+            self.recovering_since = None;
+            self.publish(gateway, 0, 0.0, Signals::default());
+            return;
+        };
+        let raw = Signals {
+            inflight: gateway.inflight() as f64 / shedding.max_inflight.max(1) as f64,
+            latency: shedding.latency_target.map(|target| {
+                crate::histogram::quantile(&latency_counts, 0.95).map_or(0.0, |p95| {
+                    p95.as_secs_f64() / target.as_secs_f64().max(1e-6)
+                })
+            }),
+            cpu: shedding.cpu.then(|| cpu_share.unwrap_or(0.0)),
+        };
+        let alpha = (TICK.as_secs_f64() / shedding.smoothing.as_secs_f64().max(TICK.as_secs_f64()))
+            .min(1.0);
+        let blend = |old: f64, new: f64| old + alpha * (new - old);
+        let smoothed = match self.smoothed {
+            None => raw,
+            Some(old) => Signals {
+                inflight: blend(old.inflight, raw.inflight),
+                latency: raw.latency.map(|n| blend(old.latency.unwrap_or(n), n)),
+                cpu: raw.cpu.map(|n| blend(old.cpu.unwrap_or(n), n)),
+            },
+        };
+        self.smoothed = Some(smoothed);
+        let ratio = smoothed
+            .inflight
+            .max(smoothed.latency.unwrap_or(0.0))
+            .max(smoothed.cpu.unwrap_or(0.0));
+
+        if let Some(p50) = crate::histogram::quantile(&latency_counts, 0.5) {
+            self.typical_latency = Some(p50.as_secs_f64());
+        }
+        let shed_now = load.shed.load(Ordering::Relaxed);
+        let shed_rate = shed_now.saturating_sub(self.shed_seen) as f64 / TICK.as_secs_f64();
+        self.shed_seen = shed_now;
+        let extra =
+            shed_rate * self.typical_latency.unwrap_or(0.0) / shedding.max_inflight.max(1) as f64;
+        self.shed_extra = blend(self.shed_extra, extra);
+        let offered = ratio.max(smoothed.inflight + self.shed_extra);
+
+        let current = load.level();
+        let level = match load.forced() {
+            Some((forced, _)) => {
+                self.recovering_since = None;
+                self.was_forced = true;
+                forced.min(shedding.levels.len() as u8)
+            }
+            // Leaving a forced level: the load decides afresh, without a hold.
+            None if std::mem::take(&mut self.was_forced) => passed_levels(shedding, ratio),
+            None => self.automatic(shedding, current, ratio, offered, now),
+        };
+        self.publish(gateway, level, ratio, smoothed);
+    }
+
+    /// Up at once to the highest level the measured load passes; down one level after
+    /// the offered load stayed under the current level's threshold minus the margin for
+    /// `hold`.
+    fn automatic(
+        &mut self,
+        shedding: &Shedding,
+        current: u8,
+        ratio: f64,
+        offered: f64,
+        now: Instant,
+    ) -> u8 {
+        let target = passed_levels(shedding, ratio);
+        let current = current.min(shedding.levels.len() as u8);
+        if target >= current {
+            self.recovering_since = None;
+            return target;
+        }
+        let threshold = shedding.levels[current as usize - 1].above - shedding.margin;
+        if offered >= threshold {
+            self.recovering_since = None;
+            return current;
+        }
+        let since = *self.recovering_since.get_or_insert(now);
+        if now.duration_since(since) >= shedding.hold {
+            self.recovering_since = None;
+            current - 1
+        } else {
+            current
+        }
+    }
+
+    fn publish(&self, gateway: &Gateway, level: u8, ratio: f64, signals: Signals) {
+        let load = &gateway.load;
+        load.ratio.store(ratio.to_bits(), Ordering::Relaxed);
+        let store = |i: usize, v: f64| load.signals[i].store(v.to_bits(), Ordering::Relaxed);
+        store(0, signals.inflight);
+        store(1, signals.latency.unwrap_or(f64::NAN));
+        store(2, signals.cpu.unwrap_or(f64::NAN));
+        gateway.metrics.load_ratio.set(ratio);
+        let previous = load.level.swap(level, Ordering::Relaxed);
+        if previous == level {
+            return;
+        }
+        let policy = gateway.policy.load();
+        let scale = policy
+            .shedding
+            .as_ref()
+            .and_then(|s| s.levels.get((level as usize).checked_sub(1)?))
+            .map_or(1.0, |l| l.limit_scale);
+        gateway.set_limit_scale(scale);
+        gateway.metrics.shedding_level.set(i64::from(level));
+        let forced = load.forced().is_some();
+        tracing::warn!(
+            from = previous,
+            to = level,
+            ratio,
+            forced,
+            limit_scale = scale,
+            "shedding level"
+        );
+        gateway.events.record(
+            "shedding",
+            &format!("shedding level {previous} -> {level}"),
+            serde_json::json!({ "from": previous, "to": level, "ratio": ratio, "forced": forced, "limit_scale": scale }),
+        );
+    }
+}
+
+/// The highest level whose threshold `ratio` passes.
+fn passed_levels(shedding: &Shedding, ratio: f64) -> u8 {
+    shedding
+        .levels
+        .iter()
+        .take_while(|l| ratio > l.above)
+        .count() as u8
+}
+
+/// Process CPU time against the CPUs this process may use: the cgroup v2 quota
+/// (`cpu.max`), else v1 (`cfs_quota_us / cfs_period_us`), else the host's CPUs.
+struct CpuMeter {
+    last: Option<(Instant, f64)>,
+    cpus: f64,
+}
+
+impl CpuMeter {
+    fn new() -> CpuMeter {
+        CpuMeter {
+            last: None,
+            cpus: cgroup_cpus().unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+            }),
+        }
+    }
+
+    /// Share of the allowed CPU used since the last sample.
+    fn sample(&mut self) -> Option<f64> {
+        let now = Instant::now();
+        let used = process_cpu_seconds()?;
+        let share = self.last.map(|(then, before)| {
+            let wall = now.duration_since(then).as_secs_f64().max(1e-3);
+            (used - before) / wall / self.cpus
+        });
+        self.last = Some((now, used));
+        share
+    }
+}
+
+/// User + system CPU seconds of this process (`/proc/self/stat`, in USER_HZ = 100).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) start after ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+fn cgroup_cpus() -> Option<f64> {
+    if let Ok(max) = std::fs::read_to_string("/sys/fs/cgroup/cpu.max") {
+        let mut parts = max.split_whitespace();
+        let (quota, period) = (parts.next()?, parts.next()?);
+        if quota == "max" {
+            return None;
+        }
+        return Some(quota.parse::<f64>().ok()? / period.parse::<f64>().ok()?);
+    }
+    let read = |f: &str| -> Option<f64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let quota = read("cpu.cfs_quota_us")?;
+    (quota > 0.0).then(|| quota / read("cpu.cfs_period_us").unwrap_or(100_000.0))
+}
+
+pub struct LoadMonitor {
+    pub gateway: Arc<Gateway>,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for LoadMonitor {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut monitor = Monitor {
+            smoothed: None,
+            shed_extra: 0.0,
+            shed_seen: 0,
+            typical_latency: None,
+            cpu: CpuMeter::new(),
+            recovering_since: None,
+            was_forced: false,
+        };
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            let policy = self.gateway.policy.load_full();
+            monitor.tick(&self.gateway, policy.shedding.as_ref(), Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shedding() -> Shedding {
+        Shedding {
+            max_inflight: 10,
+            latency_target: None,
+            cpu: false,
+            smoothing: TICK,
+            levels: vec![
+                Level {
+                    above: 0.8,
+                    shed: vec![Priority::Low],
+                    limit_scale: 0.5,
+                },
+                Level {
+                    above: 0.95,
+                    shed: vec![
+                        Priority::Low,
+                        Priority::Normal,
+                        Priority::High,
+                        Priority::Critical,
+                    ],
+                    limit_scale: 0.25,
+                },
+            ],
+            margin: 0.05,
+            hold: Duration::from_secs(10),
+            retry_after: Duration::from_secs(5),
+        }
+    }
+
+    fn monitor() -> Monitor {
+        Monitor {
+            smoothed: None,
+            shed_extra: 0.0,
+            shed_seen: 0,
+            typical_latency: None,
+            cpu: CpuMeter::new(),
+            recovering_since: None,
+            was_forced: false,
+        }
+    }
+
+    #[test]
+    fn rises_at_once_and_recovers_only_after_hold_below_the_margin() {
+        let s = shedding();
+        let mut m = monitor();
+        let t0 = Instant::now();
+        assert_eq!(m.automatic(&s, 0, 0.5, 0.5, t0), 0);
+        assert_eq!(
+            m.automatic(&s, 0, 0.97, 0.97, t0),
+            2,
+            "straight to the highest passed"
+        );
+        // Hovering just under 95 % (inside the margin) never leaves level 2.
+        for n in 0..100 {
+            let ratio = if n % 2 == 0 { 0.94 } else { 0.96 };
+            assert_eq!(
+                m.automatic(&s, 2, ratio, ratio, t0 + Duration::from_secs(n)),
+                2
+            );
+        }
+        // Under 90 %: one level down after 10 s, not before.
+        let t1 = t0 + Duration::from_secs(200);
+        assert_eq!(m.automatic(&s, 2, 0.85, 0.85, t1), 2);
+        assert_eq!(
+            m.automatic(&s, 2, 0.85, 0.85, t1 + Duration::from_secs(9)),
+            2
+        );
+        assert_eq!(
+            m.automatic(&s, 2, 0.85, 0.85, t1 + Duration::from_secs(10)),
+            1
+        );
+        // A bounce above the threshold restarts the hold.
+        let t2 = t1 + Duration::from_secs(20);
+        assert_eq!(m.automatic(&s, 1, 0.5, 0.5, t2), 1);
+        assert_eq!(
+            m.automatic(&s, 1, 0.78, 0.78, t2 + Duration::from_secs(5)),
+            1
+        );
+        assert_eq!(
+            m.automatic(&s, 1, 0.5, 0.5, t2 + Duration::from_secs(11)),
+            1
+        );
+        assert_eq!(
+            m.automatic(&s, 1, 0.5, 0.5, t2 + Duration::from_secs(21)),
+            0
+        );
+    }
+
+    #[test]
+    fn recovery_waits_for_the_offered_load_not_the_relieved_one() {
+        let s = shedding();
+        let mut m = monitor();
+        let t0 = Instant::now();
+        assert_eq!(m.automatic(&s, 0, 0.85, 0.85, t0), 1);
+        // Shedding brought the measured load to 60 %, but the shed traffic would put it
+        // back at 90 %: the level stays, however long.
+        for n in 1..60 {
+            assert_eq!(m.automatic(&s, 1, 0.6, 0.9, t0 + Duration::from_secs(n)), 1);
+        }
+        // The offered load itself dropped: down after the hold.
+        let t1 = t0 + Duration::from_secs(100);
+        assert_eq!(m.automatic(&s, 1, 0.6, 0.6, t1), 1);
+        assert_eq!(
+            m.automatic(&s, 1, 0.6, 0.6, t1 + Duration::from_secs(10)),
+            0
+        );
+    }
+
+    #[test]
+    fn critical_is_never_shed() {
+        let s = shedding();
+        let load = Load::default();
+        load.level.store(2, Ordering::Relaxed);
+        assert!(shed_level(&load, &s, Priority::High).is_some());
+        assert!(shed_level(&load, &s, Priority::Critical).is_none());
+        load.level.store(1, Ordering::Relaxed);
+        assert!(shed_level(&load, &s, Priority::Normal).is_none());
+        assert_eq!(
+            shed_level(&load, &s, Priority::Low).unwrap().limit_scale,
+            0.5
+        );
+    }
+
+    #[test]
+    fn cpu_time_is_readable() {
+        assert!(process_cpu_seconds().is_some());
+        let mut meter = CpuMeter::new();
+        assert!(meter.sample().is_none(), "the first sample has no interval");
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {}
+        assert!(meter.sample().unwrap() > 0.0);
+    }
+}

@@ -1,0 +1,430 @@
+//! Black-box harness: the real `tollgate` binary on ephemeral ports, in-process demo
+//! upstream servers on real sockets, and small HTTP helpers.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+pub use tollgate_upstreams::{Handle as Upstream, Knobs};
+
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime")
+    })
+}
+
+/// A demo upstream on a free loopback port, named `name` in its answers.
+pub fn upstream(name: &str) -> Upstream {
+    runtime()
+        .block_on(tollgate_upstreams::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            name,
+            Knobs::default(),
+        ))
+        .expect("upstream binds")
+}
+
+/// A demo upstream on `addr` (e.g. to restart one that was stopped), once the address
+/// is free again.
+pub fn upstream_at(addr: SocketAddr, name: &str) -> Upstream {
+    let mut started = None;
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            started = runtime()
+                .block_on(tollgate_upstreams::serve(addr, name, Knobs::default()))
+                .ok();
+            started.is_some()
+        }),
+        "{addr} did not become free"
+    );
+    started.expect("bound")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An address that refuses connections for the rest of the test process: the
+/// port stays bound but never listens, so no parallel test can take it over
+/// (a released port can be handed to the next `bind(0)`).
+pub fn closed_addr() -> String {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    std::mem::forget(socket);
+    addr.to_string()
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Tollgate {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+    pub policy: PathBuf,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    pub client: reqwest::blocking::Client,
+}
+
+/// The `server:`/`admin:` head every test policy starts with; `{extra}` lets a test add
+/// server settings.
+pub fn head(port: u16, admin_port: u16, server_extra: &str) -> String {
+    format!(
+        "version: 1\nserver:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 2\n  shutdown_grace: 10s\n{server_extra}admin:\n  listen: \"127.0.0.1:{admin_port}\"\n  token_env: TEST_ADMIN_TOKEN\n"
+    )
+}
+
+/// One pool named `app` over `servers`, and one catch-all route `all` to it.
+pub fn simple_policy(servers: &[String]) -> String {
+    let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "upstreams:\n  app:\n    servers: [{}]\n    timeouts: {{ connect: 1s, read: 5s }}\nroutes:\n  - name: all\n    match: {{ path_prefix: / }}\n    upstream: app\n",
+        list.join(", ")
+    )
+}
+
+impl Tollgate {
+    /// Starts the gateway with `head(...)` + `body` and waits until it serves.
+    pub fn start(body: &str) -> Tollgate {
+        Self::start_with(body, "", &[])
+    }
+
+    pub fn start_with(body: &str, server_extra: &str, env: &[(&str, &str)]) -> Tollgate {
+        let (port, admin_port) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("gateway.yaml");
+        std::fs::write(
+            &policy,
+            format!("{}{body}", head(port, admin_port, server_extra)),
+        )
+        .unwrap();
+        let mut gateway = Self::spawn(dir, policy, port, admin_port, env);
+        let ready = wait_for(Duration::from_secs(20), || {
+            gateway
+                .admin_get("/healthz")
+                .is_ok_and(|r| r.status() == 200)
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if !ready {
+            let status = gateway.child.try_wait();
+            panic!(
+                "tollgate did not start ({status:?}); stderr:\n{}\nstdout:\n{}",
+                gateway.stderr().join("\n"),
+                gateway.stdout().join("\n")
+            );
+        }
+        gateway
+    }
+
+    /// Spawns the binary without waiting for it.
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        policy: PathBuf,
+        port: u16,
+        admin_port: u16,
+        env: &[(&str, &str)],
+    ) -> Tollgate {
+        Self::spawn_with_args(dir, policy, port, admin_port, env, &[])
+    }
+
+    /// A second process that takes this one's listening sockets over (`--upgrade`); it
+    /// shares the policy and the run directory, where the hand-over socket lives.
+    pub fn spawn_upgrade(&self) -> Tollgate {
+        let run_dir = self.dir.path().to_str().unwrap().to_string();
+        Self::spawn_with_args(
+            tempfile::tempdir().unwrap(),
+            self.policy.clone(),
+            self.port,
+            self.admin_port,
+            &[("TOLLGATE_RUN_DIR", &run_dir)],
+            &["--upgrade"],
+        )
+    }
+
+    fn spawn_with_args(
+        dir: tempfile::TempDir,
+        policy: PathBuf,
+        port: u16,
+        admin_port: u16,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Tollgate {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        command
+            .args(["run", "-c"])
+            .arg(&policy)
+            .args(args)
+            .env("TOLLGATE_LOG", "info")
+            .env("TOLLGATE_LOG_FORMAT", "json")
+            .env("TOLLGATE_RUN_DIR", dir.path())
+            .env_remove("TEST_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn tollgate");
+        let stdout = collect_lines(child.stdout.take().unwrap());
+        let stderr = collect_lines(child.stderr.take().unwrap());
+        Tollgate {
+            child,
+            port,
+            admin_port,
+            dir,
+            policy,
+            stdout,
+            stderr,
+            client: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .expect("gateway answers")
+    }
+
+    pub fn admin_get(&self, path: &str) -> reqwest::Result<reqwest::blocking::Response> {
+        self.client.get(self.admin_url(path)).send()
+    }
+
+    pub fn admin_json(&self, path: &str) -> Value {
+        self.admin_get(path)
+            .expect("admin answers")
+            .json()
+            .expect("admin JSON")
+    }
+
+    pub fn admin_post(&self, path: &str, token: Option<&str>) -> reqwest::blocking::Response {
+        let mut req = self.client.post(self.admin_url(path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        req.send().expect("admin answers")
+    }
+
+    pub fn admin_put_json(&self, path: &str, body: &Value) -> reqwest::blocking::Response {
+        self.client
+            .put(self.admin_url(path))
+            .json(body)
+            .send()
+            .expect("admin answers")
+    }
+
+    pub fn admin_post_json(&self, path: &str, body: &Value) -> reqwest::blocking::Response {
+        self.client
+            .post(self.admin_url(path))
+            .json(body)
+            .send()
+            .expect("admin answers")
+    }
+
+    /// The value of one sample in `/metrics`, e.g. `tollgate_config_reloads_total{result="success"}`.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let text = self.admin_get("/metrics").ok()?.text().ok()?;
+        text.lines()
+            .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// Waits until no request is in flight. A request's counters, histograms and SLO
+    /// window are written in Pingora's logging phase, after its response reached the
+    /// client, and its in-flight count drops only after that phase.
+    pub fn wait_idle(&self) {
+        assert!(
+            wait_for(Duration::from_secs(5), || self
+                .metric("tollgate_inflight_requests")
+                == Some(0.0)),
+            "requests still in flight"
+        );
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.admin_json("/status")["generation"].as_u64().unwrap()
+    }
+
+    /// Writes the policy file in place (the body after the standard head).
+    pub fn write_policy(&self, body: &str) {
+        std::fs::write(
+            &self.policy,
+            format!("{}{body}", head(self.port, self.admin_port, "")),
+        )
+        .unwrap();
+    }
+
+    pub fn policy_text(&self, body: &str) -> String {
+        format!("{}{body}", head(self.port, self.admin_port, ""))
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Access log entries written so far.
+    pub fn access_log(&self) -> Vec<Value> {
+        self.stdout()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["type"] == "access")
+            .collect()
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect_lines(stream: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// Sends raw bytes on a fresh connection and returns everything read until the server
+/// closes or goes quiet for a moment.
+pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of the first response in raw HTTP/1 text.
+pub fn raw_status(response: &str) -> Option<u16> {
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+/// A throwaway `redis-server` on a loopback port, killed when dropped.
+pub struct RedisServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_on(free_port())
+    }
+
+    /// Starts on `port` (e.g. the port of one that was stopped, to bring it back).
+    pub fn start_on(port: u16) -> RedisServer {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/setup installs it)");
+        let server = RedisServer { child, port };
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }),
+            "redis-server listens on {port}"
+        );
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and waits until its port refuses connections.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,117 @@
+//! The live dashboard (SPEC §5 `GET /`): rendered by headless Chromium against a running
+//! gateway, it must show live values from `/status`, not a static page.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::process::Command;
+use std::time::Duration;
+
+/// The page's DOM after its scripts ran for `budget_ms` of virtual time.
+fn rendered(url: &str, budget_ms: u32) -> String {
+    // A fresh profile, and no background traffic: this network is closed, and Chromium
+    // would otherwise keep trying Google's hosts at every start.
+    let profile = tempfile::tempdir().unwrap();
+    let output = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", profile.path().display()),
+            &format!("--virtual-time-budget={budget_ms}"),
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .expect("chromium is installed (.ci/setup installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn the_dashboard_renders_live_state_in_a_browser() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&format!(
+        "upstreams:
+  app:
+    servers: [\"{}\"]
+    circuit_breaker: {{ consecutive_failures: 1, open_for: 1m }}
+    max_concurrent: 20
+routes:
+  - name: predict
+    match: {{ path_prefix: /api/predict }}
+    upstream: app
+  - name: suggest
+    match: {{ path_prefix: /api/suggest }}
+    upstream: app
+    priority: low
+rate_limits:
+  - name: per-ip
+    key: ip
+    rate: 100/min
+  - name: burst-detect
+    key: ip
+    rate: 50/10s
+    shadow: true
+shedding:
+  levels:
+    - {{ above: 80%, shed: [low], limit_scale: 0.5 }}
+    - {{ above: 95%, shed: [low, normal, high] }}
+",
+        app.addr
+    ));
+    assert_eq!(gw.get("/api/predict").status(), 200);
+    assert_eq!(
+        gw.admin_put_json("/shedding", &json!({ "level": 1, "for": "5m" }))
+            .status(),
+        200
+    );
+    assert!(wait_for(Duration::from_secs(3), || {
+        gw.admin_json("/status")["load"]["level"] == 1
+    }));
+
+    let dom = rendered(&gw.admin_url("/"), 4_000);
+    assert!(dom.contains("<b id=\"generation\">1</b>"), "{dom}");
+    assert!(
+        dom.contains(">live<"),
+        "the page did not reach /status: {dom}"
+    );
+    assert!(
+        dom.contains("<td>predict</td><td>normal</td>")
+            && dom.contains("<td>suggest</td><td>low</td>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<td>per-ip</td><td>1</td><td>enforced</td>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("level 1 of 2") && dom.contains("forced, "),
+        "{dom}"
+    );
+    assert!(dom.contains(">closed<"), "breaker state shown");
+    assert!(dom.contains(&app.addr.to_string()));
+    assert!(dom.contains("0/20, 0 waiting"), "bulkhead shown");
+
+    // Live: a change in the gateway shows up on the next render.
+    app.knobs
+        .force_status
+        .store(503, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(gw.get("/api/predict").status(), 503);
+    let dom = rendered(&gw.admin_url("/"), 4_000);
+    assert!(
+        dom.contains("badge bad\">open<"),
+        "open breaker not shown: {dom}"
+    );
+}

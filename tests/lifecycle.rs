@@ -1,0 +1,293 @@
+//! The process from outside: `tollgate check`, start-up errors, graceful shutdown, the
+//! admin endpoints, metrics and the access log.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn tollgate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_accepts_the_bundled_policy() {
+    let bundled = concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.yaml");
+    let out = tollgate(&["check", bundled]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_reports_typos_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let text = format!(
+        "{}{}",
+        head(8080, 9901, ""),
+        simple_policy(&["127.0.0.1:3000".into()])
+    )
+    .replace("    servers:", "    severs:");
+    std::fs::write(&path, text).unwrap();
+    let out = tollgate(&["check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("{}:11:5: unknown field `severs`", path.display());
+    assert!(stderr.starts_with(&expected), "{stderr}");
+}
+
+#[test]
+fn check_against_prints_what_a_reload_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old.yaml"), dir.path().join("new.yaml"));
+    let policy = |servers: &[String]| format!("{}{}", head(8080, 9901, ""), simple_policy(servers));
+    std::fs::write(&old, policy(&["127.0.0.1:3000".into()])).unwrap();
+    let mut changed = policy(&["127.0.0.1:3001".into()]);
+    changed.push_str("  - name: extra\n    match: { path: /extra }\n    upstream: app\n");
+    std::fs::write(&new, changed).unwrap();
+    let out = tollgate(&[
+        "check",
+        new.to_str().unwrap(),
+        "--against",
+        old.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("route `extra` added"), "{stdout}");
+    assert!(stdout.contains("upstream `app` changed"), "{stdout}");
+    assert!(!stdout.contains("route `all`"), "{stdout}");
+}
+
+#[test]
+fn a_busy_port_is_a_clear_start_up_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}{}",
+            head(port, free_port(), ""),
+            simple_policy(&["127.0.0.1:3000".into()])
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["run", "-c", path.to_str().unwrap()])
+        .env("TOLLGATE_RUN_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigterm_finishes_the_in_flight_request_then_exits_zero() {
+    let slow = upstream("slow");
+    slow.knobs.latency_ms.store(1500, Ordering::Relaxed);
+    let mut gw = Tollgate::start(&simple_policy(&[slow.addr.to_string()]));
+    let url = gw.url("/health");
+    let in_flight =
+        std::thread::spawn(move || reqwest::blocking::get(url).map(|r| r.status().as_u16()));
+    assert!(wait_for(Duration::from_secs(5), || slow.requests() == 1));
+    let started = Instant::now();
+    gw.signal("TERM");
+    assert_eq!(
+        in_flight.join().unwrap().unwrap(),
+        200,
+        "the in-flight request completes"
+    );
+    let status = gw
+        .wait_exit(Duration::from_secs(8))
+        .expect("exits well before the 10s grace period");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn sigterm_on_an_idle_gateway_exits_at_once() {
+    let app = upstream("app");
+    let mut gw = Tollgate::start(&simple_policy(&[app.addr.to_string()]));
+    let started = Instant::now();
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert!(status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn admin_endpoints_report_state() {
+    let app = upstream("app");
+    let body = format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: predict\n    match: {{ path_prefix: /api/predict }}\n    upstream: app\n    slo: {{ availability: 99.9%, p95: 500ms }}\n  - name: broken\n    match: {{ path: /broken }}\n    upstream: app\n",
+        app.addr
+    );
+    let gw = Tollgate::start(&body);
+    for _ in 0..5 {
+        assert_eq!(gw.get("/api/predict").status(), 200);
+    }
+    assert_eq!(gw.get("/api/predict?status=503").status(), 503);
+    assert_eq!(gw.get("/broken").status(), 404);
+    gw.wait_idle();
+
+    assert_eq!(gw.admin_get("/healthz").unwrap().text().unwrap(), "ok\n");
+    assert_eq!(gw.admin_get("/livez").unwrap().status(), 200);
+    assert_eq!(gw.admin_get("/readyz").unwrap().status(), 200);
+    assert_eq!(gw.admin_get("/nope").unwrap().status(), 404);
+
+    let status = gw.admin_json("/status");
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["sha256"].as_str().unwrap().len(), 64);
+    assert!(status["loaded_at"].as_str().unwrap().ends_with('Z'));
+    let server = &status["upstreams"]["app"]["servers"][0];
+    assert_eq!(server["addr"], app.addr.to_string());
+    assert_eq!(server["inflight"], 0);
+
+    let slo = gw.admin_json("/slo");
+    let five = &slo["routes"]["predict"]["last_5m"];
+    assert_eq!(five["requests"], 6);
+    assert_eq!(five["errors"], 1);
+    assert_eq!(five["met"]["availability"], false);
+    assert!(five["p95_seconds"].as_f64().unwrap() > 0.0);
+    assert!(
+        slo["routes"].get("broken").is_none(),
+        "only routes with an slo are reported"
+    );
+
+    assert_eq!(
+        gw.metric("tollgate_requests_total{code=\"200\",method=\"GET\",route=\"predict\"}"),
+        Some(5.0)
+    );
+    assert_eq!(
+        gw.metric("tollgate_requests_total{code=\"503\",method=\"GET\",route=\"predict\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        gw.metric("tollgate_request_duration_seconds_count{route=\"predict\"}"),
+        Some(6.0)
+    );
+    assert_eq!(
+        gw.metric("tollgate_upstream_request_duration_seconds_count{upstream=\"app\"}"),
+        Some(7.0)
+    );
+    assert_eq!(gw.get("/nowhere").status(), 404);
+    gw.wait_idle();
+    assert_eq!(
+        gw.metric("tollgate_requests_total{code=\"404\",method=\"GET\",route=\"_unmatched\"}"),
+        Some(1.0)
+    );
+    assert_eq!(gw.metric("tollgate_config_generation"), Some(1.0));
+}
+
+#[test]
+fn access_log_has_one_json_line_per_request_with_redaction() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&simple_policy(&[app.addr.to_string()]));
+    let response = gw
+        .client
+        .get(gw.url("/api/search?q=x"))
+        .header("authorization", "Bearer top-secret")
+        .header("user-agent", "tests")
+        .send()
+        .unwrap();
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(wait_for(Duration::from_secs(5), || gw
+        .access_log()
+        .iter()
+        .any(|l| l["request_id"] == id.as_str())));
+    let line: Value = gw
+        .access_log()
+        .into_iter()
+        .find(|l| l["request_id"] == id.as_str())
+        .unwrap();
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["route"], "all");
+    assert_eq!(line["upstream"], "app");
+    assert_eq!(line["upstream_addr"], app.addr.to_string());
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/api/search");
+    assert_eq!(line["client_ip"], "127.0.0.1");
+    assert!(line["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(line["bytes_sent"].as_u64().unwrap() > 0);
+    assert_eq!(line["request_headers"]["authorization"], "[redacted]");
+    assert_eq!(line["request_headers"]["user-agent"], "tests");
+    assert!(!gw.stdout().iter().any(|l| l.contains("top-secret")));
+}
+
+#[test]
+fn graceful_upgrade_hands_the_sockets_over_without_failed_requests() {
+    let app = upstream("app");
+    let mut old = Tollgate::start(&simple_policy(&[app.addr.to_string()]));
+    let mut new = old.spawn_upgrade();
+    // The new process waits for the sockets; the old one sends them on SIGQUIT.
+    std::thread::sleep(Duration::from_millis(300));
+    old.signal("QUIT");
+    let client = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut served = 0;
+    while old.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the old process did not hand over and exit"
+        );
+        let response = client
+            .get(old.url("/health"))
+            .send()
+            .expect("no request fails during the hand-over");
+        assert_eq!(response.status(), 200);
+        served += 1;
+    }
+    assert!(old.child.try_wait().unwrap().unwrap().success());
+    assert!(served > 0);
+    assert_eq!(
+        client.get(new.url("/health")).send().unwrap().status(),
+        200,
+        "the new process serves"
+    );
+    assert_eq!(new.admin_get("/healthz").unwrap().status(), 200);
+    assert!(new.wait_exit(Duration::ZERO).is_none());
+}
+
+#[test]
+fn probe_is_a_healthcheck_without_curl() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&simple_policy(&[app.addr.to_string()]));
+    let ok = tollgate(&["probe", &gw.admin_url("/healthz")]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let missing = tollgate(&["probe", &gw.admin_url("/nope")]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("status 404"));
+    let closed = tollgate(&["probe", &format!("http://{}/healthz", closed_addr())]);
+    assert_eq!(closed.status.code(), Some(1));
+}

@@ -1,0 +1,376 @@
+//! The request pipeline through real sockets: routing, forwarding headers, request
+//! ids, hop-by-hop fields, body limits, malformed requests and the gateway's own
+//! problem+json answers.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+fn routes_policy(app: &Upstream, other: &Upstream) -> String {
+    format!(
+        "upstreams:
+  app:
+    servers: [\"{app}\"]
+  other:
+    servers: [\"{other}\"]
+routes:
+  - name: exact
+    match: {{ path: /exact }}
+    upstream: other
+  - name: regex
+    match: {{ path_regex: \"^/items/[0-9]+$\" }}
+    upstream: other
+  - name: beta
+    match: {{ path_prefix: /echo, headers: {{ x-beta: \"1\" }} }}
+    upstream: other
+  - name: hosted
+    match: {{ path_prefix: /echo, host: \"*.example.com\" }}
+    upstream: other
+  - name: post-only
+    match: {{ path_prefix: /submit, methods: [POST] }}
+    upstream: app
+  - name: stripped
+    match: {{ path_prefix: /svc/ }}
+    upstream: app
+    strip_prefix: true
+  - name: echo
+    match: {{ path_prefix: /echo }}
+    upstream: app
+",
+        app = app.addr,
+        other = other.addr
+    )
+}
+
+fn served_by(response: reqwest::blocking::Response) -> String {
+    let doc: Value = response.json().unwrap();
+    doc["server"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn routes_match_first_by_path_method_host_and_header() {
+    let (app, other) = (upstream("app"), upstream("other"));
+    let gw = Tollgate::start(&routes_policy(&app, &other));
+    let client = &gw.client;
+
+    assert_eq!(served_by(gw.get("/exact")), "other");
+    assert_eq!(
+        gw.get("/exact/more").status(),
+        404,
+        "exact does not match longer paths"
+    );
+    assert_eq!(served_by(gw.get("/items/42")), "other");
+    assert_eq!(gw.get("/items/abc").status(), 404);
+    assert_eq!(served_by(gw.get("/echo")), "app");
+    let beta = client
+        .get(gw.url("/echo"))
+        .header("x-beta", "1")
+        .send()
+        .unwrap();
+    assert_eq!(served_by(beta), "other");
+    let hosted = client
+        .get(gw.url("/echo"))
+        .header("host", "api.example.com")
+        .send()
+        .unwrap();
+    assert_eq!(served_by(hosted), "other");
+    let bare = client
+        .get(gw.url("/echo"))
+        .header("host", "example.com")
+        .send()
+        .unwrap();
+    assert_eq!(
+        served_by(bare),
+        "app",
+        "*.example.com does not match the bare domain"
+    );
+    assert_eq!(
+        gw.get("/submit").status(),
+        404,
+        "GET does not match a POST-only route"
+    );
+    assert_eq!(
+        client.post(gw.url("/submit")).send().unwrap().status(),
+        404,
+        "upstream 404: /submit is not an endpoint of the demo app"
+    );
+
+    let stripped: Value = gw.get("/svc/echo/x?q=1").json().unwrap();
+    assert_eq!(stripped["path"], "/echo/x");
+    assert_eq!(stripped["query"], "q=1");
+}
+
+#[test]
+fn no_route_is_problem_json_and_keeps_the_connection() {
+    let (app, other) = (upstream("app"), upstream("other"));
+    let gw = Tollgate::start(&routes_policy(&app, &other));
+    let mut stream = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{text}"
+        );
+        let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["error"], "no_route");
+        assert_eq!(body["status"], 404);
+        assert!(
+            body["type"].is_string() && body["title"].is_string() && body["detail"].is_string()
+        );
+    }
+    assert_eq!(app.requests() + other.requests(), 0);
+}
+
+#[test]
+fn forwarding_headers_request_ids_and_hop_by_hop() {
+    let (app, other) = (upstream("app"), upstream("other"));
+    let body = routes_policy(&app, &other);
+    let gw = Tollgate::start_with(
+        &body,
+        "  response_headers: { x-frame-options: DENY }\n",
+        &[],
+    );
+
+    // An untrusted client cannot plant X-Forwarded-* values or hop-by-hop fields.
+    let response = gw
+        .client
+        .get(gw.url("/echo"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "gopher")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("te", "trailers")
+        .header("proxy-connection", "keep-alive")
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(id.len(), 32);
+    let seen: Value = response.json().unwrap();
+    let headers = &seen["headers"];
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(
+        headers["x-forwarded-host"],
+        format!("127.0.0.1:{}", gw.port)
+    );
+    assert_eq!(
+        headers["x-request-id"],
+        id.as_str(),
+        "the generated id goes upstream too"
+    );
+    for hop in ["x-private", "te", "proxy-connection"] {
+        assert!(
+            headers.get(hop).is_none(),
+            "{hop} reached the upstream: {headers}"
+        );
+    }
+
+    // A client's own request id is propagated both ways.
+    let response = gw
+        .client
+        .get(gw.url("/echo"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    let seen: Value = response.json().unwrap();
+    assert_eq!(seen["headers"]["x-request-id"], "abc-123");
+
+    // Hop-by-hop fields of the upstream's answer stay on the upstream hop.
+    let response = gw
+        .get("/echo?set_header=keep-alive:timeout%3D5&set_header=connection:x-upstream-private&set_header=x-upstream-private:1&set_header=x-visible:yes");
+    assert_eq!(response.headers()["x-visible"], "yes");
+    assert!(response.headers().get("x-upstream-private").is_none());
+    assert!(response.headers().get("keep-alive").is_none());
+}
+
+#[test]
+fn trusted_proxy_chain_is_extended() {
+    let app = upstream("app");
+    let gw = Tollgate::start_with(
+        &simple_policy(&[app.addr.to_string()]),
+        "  trusted_proxies: [\"127.0.0.0/8\"]\n",
+        &[],
+    );
+    let seen: Value = gw
+        .client
+        .get(gw.url("/echo"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    let log = gw.access_log();
+    assert!(
+        wait_for(Duration::from_secs(5), || gw
+            .access_log()
+            .iter()
+            .any(|l| l["client_ip"] == "203.0.113.7")),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn request_body_over_the_limit_is_413_and_never_reaches_upstream() {
+    let app = upstream("app");
+    let gw = Tollgate::start_with(
+        &simple_policy(&[app.addr.to_string()]),
+        "  max_request_body: 1KiB\n",
+        &[],
+    );
+    let response = gw
+        .client
+        .post(gw.url("/echo"))
+        .body(vec![b'x'; 2048])
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let doc: Value = response.json().unwrap();
+    assert_eq!(doc["error"], "payload_too_large");
+    assert_eq!(app.requests(), 0);
+
+    let ok = gw
+        .client
+        .post(gw.url("/echo"))
+        .body(vec![b'x'; 1024])
+        .send()
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.json::<Value>().unwrap()["body_bytes"], 1024);
+
+    // Chunked: no declared length, so the count stops it mid-stream; the upstream never
+    // receives a complete request.
+    let before = app.requests();
+    let mut chunked =
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"200\r\n");
+        chunked.extend_from_slice(&[b'y'; 512]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_request(([127, 0, 0, 1], gw.port).into(), &chunked);
+    assert_eq!(raw_status(&answer), Some(413), "{answer}");
+    assert_eq!(
+        app.requests(),
+        before,
+        "the upstream answered a truncated body"
+    );
+}
+
+#[test]
+fn malformed_requests_get_400_and_never_reach_upstream() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&simple_policy(&[app.addr.to_string()]));
+    let addr = ([127, 0, 0, 1], gw.port).into();
+    let cases: [&[u8]; 7] = [
+        // (At least 24 bytes: with h2c on, Pingora waits for a possible HTTP/2 preface.)
+        b"GET /echo/no-host HTTP/1.1\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Bad : 1\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n  b\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nBad\x01Name: 1\r\n\r\n",
+    ];
+    for case in cases {
+        let answer = raw_request(addr, case);
+        assert_eq!(
+            raw_status(&answer),
+            Some(400),
+            "{:?} -> {answer}",
+            String::from_utf8_lossy(case)
+        );
+    }
+    assert_eq!(app.requests(), 0);
+    let fine = raw_request(
+        addr,
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(raw_status(&fine), Some(200), "{fine}");
+}
+
+#[test]
+fn h2c_prior_knowledge_is_served() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&simple_policy(&[app.addr.to_string()]));
+    let client = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client.get(gw.url("/api/predict")).send().unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+}
+
+#[test]
+fn idle_and_trickling_clients_are_disconnected() {
+    let app = upstream("app");
+    let gw = Tollgate::start_with(
+        &simple_policy(&[app.addr.to_string()]),
+        "  idle_timeout: 300ms\n",
+        &[],
+    );
+    let closed_within = |mut stream: TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        (n, started.elapsed())
+    };
+    // Connects and says nothing.
+    let silent = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    let (n, elapsed) = closed_within(silent);
+    assert_eq!(n, 0);
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+
+    // Sends a few bytes and stalls.
+    let mut trickle = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    trickle.write_all(b"GET / HT").unwrap();
+    let (n, elapsed) = closed_within(trickle);
+    assert_eq!(n, 0);
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+
+    // A kept-alive connection is served, then closed once idle.
+    let mut kept = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = kept.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (n, elapsed) = closed_within(kept);
+    assert_eq!(n, 0, "the idle keep-alive connection stayed open");
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+
+    // Requests in time are unaffected.
+    assert_eq!(gw.get("/health").status(), 200);
+}

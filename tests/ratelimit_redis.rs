@@ -1,0 +1,210 @@
+//! `rate_limiting.backend: redis` (SPEC §4) against a real `redis-server`: replicas
+//! share one budget, and a dead or silent Redis falls back per `on_error` within
+//! `timeout`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn policy(app: &Upstream, rule: &str, redis: &str) -> String {
+    format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\nrate_limits:\n{rule}rate_limiting:\n  backend: redis\n  redis: {{ {redis} }}\n",
+        app.addr
+    )
+}
+
+const TRUST_LOOPBACK: &str = "  trusted_proxies: [\"127.0.0.0/8\"]\n";
+
+fn from(gw: &Tollgate, ip: &str) -> reqwest::blocking::Response {
+    gw.client
+        .get(gw.url("/health"))
+        .header("x-forwarded-for", ip)
+        .send()
+        .unwrap()
+}
+
+/// The `r` of the `RateLimit` header.
+fn remaining(response: &reqwest::blocking::Response) -> Option<u32> {
+    let header = response.headers().get("ratelimit")?.to_str().ok()?;
+    header.split(";r=").nth(1)?.split(';').next()?.parse().ok()
+}
+
+#[test]
+fn three_replicas_share_one_budget() {
+    let redis = RedisServer::start();
+    let app = upstream("app");
+    let body = policy(
+        &app,
+        "  - name: shared\n    key: global\n    rate: 10/min\n",
+        &format!("url: \"{}\", timeout: 2s, on_error: deny", redis.url()),
+    );
+    let replicas: Vec<Tollgate> = (0..3).map(|_| Tollgate::start(&body)).collect();
+
+    let mut admitted = Vec::new();
+    for n in 0..30 {
+        let gw = &replicas[n % 3];
+        let response = gw.get("/health");
+        match response.status().as_u16() {
+            200 => admitted.push((n % 3, remaining(&response))),
+            429 => {
+                let doc: Value = response.json().unwrap();
+                assert_eq!(doc["rule"], "shared");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        admitted.len(),
+        10,
+        "three replicas admit what one would: {admitted:?}"
+    );
+    // The quota each replica reports counts the others' requests too.
+    let reported: Vec<Option<u32>> = admitted.iter().map(|(_, r)| *r).collect();
+    assert_eq!(reported, (0..10).rev().map(Some).collect::<Vec<_>>());
+    assert!(
+        (0..3).all(|g| admitted.iter().any(|(by, _)| *by == g)),
+        "every replica admitted some: {admitted:?}"
+    );
+    assert_eq!(app.requests(), 10);
+    // `/explain` on any replica reads the shared bucket.
+    let report: Value = replicas[1]
+        .admin_post_json("/explain", &serde_json::json!({ "path": "/health" }))
+        .json()
+        .unwrap();
+    assert_eq!(report["decision"]["rule"], "shared");
+    assert_eq!(report["rate_limits"]["rules"][0]["remaining"], 0);
+    assert_eq!(
+        replicas[0]
+            .metric("tollgate_ratelimit_decisions_total{decision=\"limited\",rule=\"shared\"}"),
+        Some(6.0),
+        "replica 0 saw requests 0, 3, .., 27 and admitted the first four"
+    );
+}
+
+#[test]
+fn killed_redis_falls_back_per_on_error_within_the_timeout() {
+    let mut redis = RedisServer::start();
+    let app = upstream("app");
+    let rule = "  - name: per-ip\n    key: ip\n    rate: 2/min\n";
+    let start = |on_error: &str| {
+        Tollgate::start_with(
+            &policy(
+                &app,
+                rule,
+                &format!(
+                    "url: \"{}\", timeout: 300ms, on_error: {on_error}",
+                    redis.url()
+                ),
+            ),
+            TRUST_LOOPBACK,
+            &[],
+        )
+    };
+    let (local, allow, deny) = (start("local"), start("allow"), start("deny"));
+    // With Redis up the three share the client's two requests.
+    assert_eq!(from(&local, "203.0.113.9").status(), 200);
+    assert_eq!(from(&allow, "203.0.113.9").status(), 200);
+    let third = from(&deny, "203.0.113.9");
+    assert_eq!(third.status(), 429);
+
+    redis.kill();
+    let timed = |gw: &Tollgate| {
+        let started = Instant::now();
+        let response = from(gw, "203.0.113.9");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_millis(300 + 500),
+            "a dead Redis delayed a request by {elapsed:?}"
+        );
+        response
+    };
+    // local: this replica's own buckets, which have not seen the client yet.
+    let local_statuses: Vec<u16> = (0..3).map(|_| timed(&local).status().as_u16()).collect();
+    assert_eq!(local_statuses, [200, 200, 429]);
+    // allow: admitted, without quota headers it cannot know.
+    for _ in 0..4 {
+        let response = timed(&allow);
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().get("ratelimit").is_none());
+    }
+    // deny: refused, naming the rule it could not check.
+    let denied = timed(&deny);
+    assert_eq!(denied.status(), 429);
+    assert_eq!(denied.headers()["retry-after"], "1");
+    let doc: Value = denied.json().unwrap();
+    assert_eq!(doc["rule"], "per-ip");
+
+    // Redis back on the same port: the shared buckets are used again (the client's
+    // earlier requests are gone with the old server's memory).
+    let _redis = RedisServer::start_on(redis.port);
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            remaining(&from(&allow, "203.0.113.10")).is_some()
+        }),
+        "the gateway did not go back to Redis"
+    );
+}
+
+#[test]
+fn a_silent_redis_costs_at_most_the_timeout() {
+    // Accepts connections (the kernel does) and never answers a command.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = upstream("app");
+    let gw = Tollgate::start_with(
+        &policy(
+            &app,
+            "  - name: per-ip\n    key: ip\n    rate: 3/min\n",
+            &format!(
+                "url: \"redis://{}\", timeout: 200ms, on_error: local",
+                silent.local_addr().unwrap()
+            ),
+        ),
+        TRUST_LOOPBACK,
+        &[],
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let started = Instant::now();
+        statuses.push(from(&gw, "192.0.2.7").status().as_u16());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_millis(200 + 500),
+            "a silent Redis delayed a request by {elapsed:?}"
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    assert!(gw
+        .stdout()
+        .iter()
+        .any(|l| l.contains("rate-limit store unreachable")));
+}
+
+#[test]
+fn redis_backend_without_an_address_is_refused_with_its_location() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\n",
+        app.addr
+    ));
+    gw.write_policy(&format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\nrate_limiting:\n  backend: redis\n",
+        app.addr
+    ));
+    let response = gw.admin_post("/reload", None);
+    assert_eq!(response.status(), 400);
+    let doc: Value = response.json().unwrap();
+    let error = doc["errors"][0].as_str().unwrap();
+    assert!(
+        error.contains("gateway.yaml:") && error.contains("rate_limiting.redis"),
+        "{error}"
+    );
+    gw.write_policy(&format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\nrate_limiting:\n  backend: redis\n  redis: {{ url: \"http://nope\" }}\n",
+        app.addr
+    ));
+    let response = gw.admin_post("/reload", None);
+    assert_eq!(response.status(), 400);
+    assert_eq!(gw.get("/health").status(), 200, "the old policy serves on");
+}

@@ -1,0 +1,168 @@
+//! TLS on both sides: the HTTPS listener (HTTP/2 by ALPN) and verified TLS to upstreams
+//! with a policy-named CA. Certificates come from the openssl command line.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+/// A CA and a `localhost` leaf it signed, written into `dir`.
+fn make_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tollgate test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "tls.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+#[test]
+fn https_listener_and_verified_tls_upstreams() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let app = upstream("app");
+    let tls_port = free_port();
+    let tls_section = format!(
+        "  tls: {{ listen: \"127.0.0.1:{tls_port}\", cert: \"{}\", key: \"{}\" }}\n",
+        certs.path().join("tls.crt").display(),
+        certs.path().join("tls.key").display()
+    );
+    let _edge = Tollgate::start_with(&simple_policy(&[app.addr.to_string()]), &tls_section, &[]);
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+    }));
+
+    // HTTPS with HTTP/2 negotiated by ALPN, and HTTP/1.1 on the same listener.
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                flag,
+                "--cacert",
+            ])
+            .arg(certs.path().join("ca.pem"))
+            .arg(format!("https://localhost:{tls_port}/api/predict"))
+            .args(["--resolve", &format!("localhost:{tls_port}:127.0.0.1")])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{version} 200"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A gateway in front, speaking verified TLS to the first one with the policy's CA.
+    let ca = certs.path().join("ca.pem");
+    let front = Tollgate::start(&format!(
+        "upstreams:
+  edge:
+    servers: [\"127.0.0.1:{tls_port}\"]
+    tls: {{ sni: localhost, ca: \"{ca}\" }}
+  unverifiable:
+    servers: [\"127.0.0.1:{tls_port}\"]
+    tls: true
+routes:
+  - name: verified
+    match: {{ path_prefix: /api/ }}
+    upstream: edge
+  - name: unverified
+    match: {{ path_prefix: /other/ }}
+    upstream: unverifiable
+",
+        ca = ca.display()
+    ));
+    let response = front.get("/api/predict");
+    assert_eq!(response.status(), 200);
+    let doc: serde_json::Value = response.json().unwrap();
+    assert_eq!(doc["server"], "app");
+    assert_eq!(
+        front.get("/other/x").status(),
+        502,
+        "a certificate no trusted CA signed is refused"
+    );
+}
+
+#[test]
+fn a_bad_ca_file_is_a_located_policy_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+    let policy = dir.path().join("gateway.yaml");
+    let text = format!(
+        "{}upstreams:\n  app:\n    servers: [\"127.0.0.1:1\"]\n    tls: {{ ca: ca.pem }}\nroutes:\n  - name: all\n    upstream: app\n",
+        head(8080, 9901, "")
+    );
+    std::fs::write(&policy, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("check")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":12:") && stderr.contains("tls.ca `ca.pem`: no certificate"),
+        "{stderr}"
+    );
+}
