@@ -95,11 +95,18 @@ impl Admin {
             },
             (Method::GET, "/healthz" | "/livez") => Reply::text(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => self.readiness(),
-            (Method::GET, "/metrics") => Reply {
-                status: StatusCode::OK,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: self.gateway.metrics.encode(),
-            },
+            (Method::GET, "/metrics") => {
+                let metrics = &self.gateway.metrics;
+                metrics
+                    .cache_entries
+                    .set(self.gateway.cache.entries() as i64);
+                metrics.cache_bytes.set(self.gateway.cache.bytes() as i64);
+                Reply {
+                    status: StatusCode::OK,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: metrics.encode(),
+                }
+            }
             (Method::GET, "/status") => Reply::json(StatusCode::OK, &self.status()),
             (Method::GET, "/events") => Reply::json(
                 StatusCode::OK,
@@ -109,10 +116,11 @@ impl Admin {
             (Method::POST, "/reload") => self.reload().await,
             (Method::POST, "/explain") => self.explain(session).await,
             (Method::PUT, "/shedding") => self.force_shedding(session).await,
+            (Method::POST, "/cache/purge") => self.purge(session).await,
             (
                 _,
                 "/healthz" | "/livez" | "/readyz" | "/metrics" | "/status" | "/events" | "/slo"
-                | "/reload" | "/explain" | "/shedding",
+                | "/reload" | "/explain" | "/shedding" | "/cache/purge",
             ) => Reply::problem(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -185,6 +193,66 @@ impl Admin {
                 "takes_effect_within_ms": crate::shed::TICK.as_millis() as u64,
             }),
         )
+    }
+
+    /// `POST /cache/purge`: `{"path": "/x"}`, `{"prefix": "/api/"}`, `{"tag": "t"}` or
+    /// `{"all": true}`; answers how many entries went.
+    async fn purge(&self, session: &mut ServerSession) -> Reply {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Purge {
+            path: Option<String>,
+            prefix: Option<String>,
+            tag: Option<String>,
+            #[serde(default)]
+            all: bool,
+        }
+        let body = match read_body(session).await {
+            Ok(body) => body,
+            Err(reply) => return reply,
+        };
+        let usage = "expected one of {\"path\": \"/x\"}, {\"prefix\": \"/api/\"}, {\"tag\": \"t\"}, {\"all\": true}";
+        let bad = |detail: String| {
+            Reply::problem(StatusCode::BAD_REQUEST, "bad_request", &detail, Value::Null)
+        };
+        let purge: Purge = match serde_json::from_slice(&body) {
+            Ok(purge) => purge,
+            Err(e) => return bad(format!("{usage}: {e}")),
+        };
+        let selector = match purge {
+            Purge {
+                path: Some(path),
+                prefix: None,
+                tag: None,
+                all: false,
+            } if path.starts_with('/') => crate::cache::Selector::Path(path),
+            Purge {
+                path: None,
+                prefix: Some(prefix),
+                tag: None,
+                all: false,
+            } if prefix.starts_with('/') => crate::cache::Selector::Prefix(prefix),
+            Purge {
+                path: None,
+                prefix: None,
+                tag: Some(tag),
+                all: false,
+            } if !tag.is_empty() => crate::cache::Selector::Tag(tag),
+            Purge {
+                path: None,
+                prefix: None,
+                tag: None,
+                all: true,
+            } => crate::cache::Selector::All,
+            _ => return bad(format!("{usage} (paths and prefixes start with /)")),
+        };
+        let purged = self.gateway.cache.purge(&selector);
+        self.gateway.events.record(
+            "cache_purge",
+            &format!("{purged} cache entries purged ({selector:?})"),
+            json!({ "purged": purged }),
+        );
+        Reply::json(StatusCode::OK, &json!({ "purged": purged }))
     }
 
     async fn explain(&self, session: &mut ServerSession) -> Reply {
@@ -333,6 +401,13 @@ impl Admin {
             "draining": self.gateway.is_draining(),
             "routes": routes,
             "upstreams": upstreams,
+            "cache": {
+                "entries": self.gateway.cache.entries(),
+                "bytes": self.gateway.cache.bytes(),
+                "hit_ratio": self.gateway.cache.hit_ratio(),
+                "max_size": policy.cache.max_size,
+                "max_entries": policy.cache.max_entries,
+            },
         })
     }
 

@@ -119,6 +119,12 @@ impl Breaker {
         State::from_u8(self.state.load(Ordering::Acquire))
     }
 
+    /// Whether a request now would be turned away without a trial: the circuit is open
+    /// and its open period has not run out.
+    pub fn rejects_now(&self) -> bool {
+        self.state() == State::Open && crate::clock::millis() < self.lock().open_until
+    }
+
     pub fn admit(self: &Arc<Self>) -> Result<Ticket, Rejected> {
         self.admit_at(crate::clock::millis())
     }

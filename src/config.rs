@@ -33,6 +33,95 @@ pub struct Config {
     pub shedding: Option<SheddingConfig>,
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// SPEC §3 `cache`: the bounds of the response cache shared by every caching route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub max_size: Size,
+    pub max_entries: Spanned<u64>,
+    pub max_object: Size,
+    pub tag_header: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: Size(256 << 20),
+            max_entries: Spanned::new(
+                10_000,
+                serde_saphyr::Location::UNKNOWN,
+                serde_saphyr::Location::UNKNOWN,
+            ),
+            max_object: Size(8 << 20),
+            tag_header: "cache-tag".into(),
+        }
+    }
+}
+
+/// SPEC §3 `routes[].cache`: `false` (or absent) turns caching off for the route, a
+/// map turns it on with these settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteCacheConfig {
+    pub ttl: Duration,
+    pub force_ttl: bool,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub per_user: bool,
+    pub vary: Vec<Spanned<String>>,
+    pub methods: Vec<Spanned<String>>,
+    pub statuses: Vec<Spanned<u16>>,
+    pub warm: Vec<Spanned<String>>,
+}
+
+impl Default for RouteCacheConfig {
+    fn default() -> Self {
+        let unknown = serde_saphyr::Location::UNKNOWN;
+        RouteCacheConfig {
+            ttl: Duration::from_secs(300),
+            force_ttl: false,
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(600),
+            per_user: false,
+            vary: Vec::new(),
+            methods: ["GET", "HEAD"]
+                .map(|m| Spanned::new(m.to_string(), unknown, unknown))
+                .into(),
+            statuses: [200, 203, 204, 301, 404, 410]
+                .map(|s| Spanned::new(s, unknown, unknown))
+                .into(),
+            warm: Vec::new(),
+        }
+    }
+}
+
+/// `cache: false` and an absent key both mean no caching; `cache: true` caches with
+/// the defaults. A map is read field by field so a misspelt key is reported where it is.
+fn route_cache<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<RouteCacheConfig>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Option<RouteCacheConfig>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("false, true, or a map of cache settings")
+        }
+        fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<Self::Value, E> {
+            Ok(on.then(RouteCacheConfig::default))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            RouteCacheConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                .map(Some)
+        }
+    }
+    deserializer.deserialize_any(Visitor)
 }
 
 /// SPEC §3 `shedding`: the load signal and the levels it moves through.
@@ -528,6 +617,8 @@ pub struct RouteConfig {
     pub fallback: Option<FallbackConfig>,
     #[serde(default)]
     pub priority: Priority,
+    #[serde(default, deserialize_with = "route_cache")]
+    pub cache: Option<RouteCacheConfig>,
 }
 
 /// What a route answers instead of 503 when its pool's circuit is open.

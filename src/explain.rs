@@ -157,7 +157,7 @@ pub async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, String> {
     );
     report.insert(
         "cache".into(),
-        json!({ "would_use": false, "reason": "response caching is not configured" }),
+        cache_verdict(gateway, route, &req, principal.as_deref()),
     );
     let load = &gateway.load;
     let shed = policy
@@ -223,4 +223,36 @@ pub async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, String> {
 fn decided(mut report: serde_json::Map<String, Value>, decision: Value) -> Value {
     report.insert("decision".into(), decision);
     Value::Object(report)
+}
+
+/// Whether the cache would answer: `hit` (fresh entry, with its age), `stale` (within
+/// its stale-while-revalidate window), `miss`, or why the request bypasses it.
+fn cache_verdict(
+    gateway: &Gateway,
+    route: &crate::policy::Route,
+    req: &pingora::http::RequestHeader,
+    principal: Option<&crate::identity::Principal>,
+) -> Value {
+    let Some(cache) = &route.cache else {
+        return json!({ "would_use": false, "reason": format!("route `{}` does not cache", route.name) });
+    };
+    if let Some(reason) = crate::cache::request_bypass(cache, req) {
+        return json!({ "would_use": false, "result": "bypass", "reason": reason });
+    }
+    let user = principal.map(|p| &*p.user);
+    let key = crate::cache::key(cache, &route.name, req, false, user);
+    match gateway.cache.peek(key, req) {
+        None => json!({ "would_use": true, "result": "miss" }),
+        Some(meta) => {
+            let now = std::time::SystemTime::now();
+            let result = if meta.is_fresh(now) && !crate::cache::request_wants_revalidation(req) {
+                "hit"
+            } else if meta.serve_stale_while_revalidate(now) {
+                "stale"
+            } else {
+                "miss"
+            };
+            json!({ "would_use": true, "result": result, "age_seconds": meta.age().as_secs() })
+        }
+    }
 }

@@ -19,6 +19,8 @@ pub struct Gateway {
     pub load: crate::shed::Load,
     /// Counts requests no route matched, under route `_unmatched`.
     pub unmatched: RouteMetrics,
+    /// The response cache's storage, shared by every caching route and generation.
+    pub cache: &'static crate::cache::Store,
     inflight: AtomicUsize,
     /// The factor every rate limit is multiplied by (f64 bits); 1.0 unless load
     /// shedding lowers it.
@@ -37,6 +39,7 @@ impl Gateway {
         let seen = Some(policy.sha256.clone());
         Arc::new(Gateway {
             unmatched: metrics.route("_unmatched"),
+            cache: crate::cache::Store::new(policy.cache.clone()),
             policy_path: policy.source.clone(),
             policy: ArcSwap::from_pointee(policy),
             metrics,

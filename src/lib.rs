@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod admin;
 pub mod breaker;
 pub mod bulkhead;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod demo;

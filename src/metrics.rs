@@ -42,6 +42,9 @@ pub struct Metrics {
     pub load_ratio: Gauge,
     pub shedding_level: IntGauge,
     shed_requests: IntCounterVec,
+    cache_requests: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -159,6 +162,21 @@ impl Metrics {
             &["route", "priority"],
         )
         .expect("valid metric");
+        let cache_requests = IntCounterVec::new(
+            Opts::new(
+                "tollgate_cache_requests_total",
+                "Requests on caching routes, by route and result: hit, miss, stale or bypass",
+            ),
+            &["route", "result"],
+        )
+        .expect("valid metric");
+        let cache_entries = IntGauge::new("tollgate_cache_entries", "Responses held in the cache")
+            .expect("valid metric");
+        let cache_bytes = IntGauge::new(
+            "tollgate_cache_bytes",
+            "Bytes held in the cache: bodies, headers and bookkeeping",
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; labelled with the version"),
             &["version"],
@@ -185,6 +203,9 @@ impl Metrics {
             Box::new(load_ratio.clone()),
             Box::new(shedding_level.clone()),
             Box::new(shed_requests.clone()),
+            Box::new(cache_requests.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(cache_bytes.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -213,7 +234,14 @@ impl Metrics {
             load_ratio,
             shedding_level,
             shed_requests,
+            cache_requests,
+            cache_entries,
+            cache_bytes,
         }
+    }
+
+    pub fn cache_requests(&self, route: &str, result: &str) -> IntCounter {
+        self.cache_requests.with_label_values(&[route, result])
     }
 
     pub fn shed_requests(&self, route: &str, priority: &str) -> IntCounter {
@@ -276,6 +304,11 @@ impl Metrics {
         }
         for route in routes {
             let _ = self.request_duration.remove_label_values(&[route.as_str()]);
+            for result in ["hit", "miss", "stale", "bypass"] {
+                let _ = self
+                    .cache_requests
+                    .remove_label_values(&[route.as_str(), result]);
+            }
             for priority in ["critical", "high", "normal", "low"] {
                 let _ = self
                     .shed_requests

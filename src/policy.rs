@@ -40,6 +40,7 @@ pub struct Policy {
     pub identity: Option<crate::identity::Identity>,
     pub rate_limits: crate::ratelimit::RateLimits,
     pub shedding: Option<crate::shed::Shedding>,
+    pub cache: crate::cache::Settings,
     /// Other files the policy reads (API keys, JWT keys): a change to one is a change
     /// to the policy, for the watcher and the generation.
     pub read_files: Vec<PathBuf>,
@@ -91,6 +92,7 @@ pub struct Route {
     pub priority: Priority,
     /// Counts this route's shed requests.
     pub shed: prometheus::IntCounter,
+    pub cache: Option<crate::cache::RouteCache>,
 }
 
 pub struct Fallback {
@@ -273,6 +275,7 @@ impl Compiler<'_> {
             &mut self.errors,
         );
         let shedding = config.shedding.as_ref().and_then(|s| self.shedding(s));
+        let cache = crate::cache::compile_settings(self.path, &config.cache, &mut self.errors);
         let access_log = AccessLog {
             enabled: config.access_log.enabled,
             redact: config
@@ -304,6 +307,7 @@ impl Compiler<'_> {
             identity,
             rate_limits,
             shedding,
+            cache: cache.expect("no errors means the section compiled"),
             read_files: self.read_files,
             config,
         })
@@ -612,6 +616,9 @@ impl Compiler<'_> {
                 .map(|old| old.metrics.clone())
                 .unwrap_or_else(|| Arc::new(self.metrics.route(name)));
             let fallback = r.fallback.as_ref().and_then(|f| self.fallback(f));
+            let cache = r.cache.as_ref().and_then(|c| {
+                crate::cache::compile_route(self.path, name, c, self.metrics, &mut self.errors)
+            });
             if let (Some(matcher), Some(target)) = (matcher, target) {
                 compiled.push(Route {
                     name: name.as_str().into(),
@@ -624,6 +631,7 @@ impl Compiler<'_> {
                     fallback,
                     priority: r.priority,
                     shed: self.metrics.shed_requests(name, r.priority.as_str()),
+                    cache,
                 });
             }
         }

@@ -17,6 +17,7 @@
 use crate::access_log;
 use crate::breaker;
 use crate::bulkhead;
+use crate::cache;
 use crate::config::OnInvalid;
 use crate::forwarding;
 use crate::gateway::{Gateway, InflightRequest};
@@ -29,13 +30,17 @@ use crate::upstream::{HashOn, InflightGuard, Pool, SelectionKey};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderValue;
+use pingora::cache::key::HashBinary;
+use pingora::cache::{
+    CacheKey, CacheMeta, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
+};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub struct Proxy {
     pub gateway: Arc<Gateway>,
@@ -78,6 +83,9 @@ pub struct RequestCtx {
     request_body_bytes: u64,
     /// Set when the gateway answered itself: the error code, for logs and metrics.
     pub answered: Option<Code>,
+    /// What the cache did, once known; a caching route's requests without one were
+    /// answered by the gateway before the cache (BYPASS).
+    pub cache_outcome: Option<cache::Outcome>,
 }
 
 impl RequestCtx {
@@ -97,6 +105,11 @@ impl RequestCtx {
         }
         if let Some(id) = &self.request_id {
             let _ = header.insert_header(self.policy.server.request_id_header.clone(), id.clone());
+        }
+        if self.route().is_some_and(|r| r.cache.is_some())
+            && !header.headers.contains_key("x-cache")
+        {
+            let _ = header.insert_header("x-cache", cache::Outcome::Bypass.header());
         }
     }
 }
@@ -209,6 +222,45 @@ impl Proxy {
         Ok(true)
     }
 
+    /// The pool's circuit breaker and bulkhead; `Ok(true)` when the request was
+    /// answered here instead of going upstream.
+    async fn admit_upstream(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(pool) = ctx.pool.clone() else {
+            return Ok(false);
+        };
+        if let Some(guard) = &pool.breaker {
+            match guard.breaker.admit() {
+                Ok(ticket) => ctx.breaker_ticket = Some(ticket),
+                Err(rejected) => return self.circuit_open(session, ctx, rejected).await,
+            }
+        }
+        if let Some(bulkhead) = &pool.bulkhead {
+            match bulkhead.enter().await {
+                Ok(slot) => ctx.bulkhead_slot = Some(slot),
+                Err(full) => {
+                    let detail = match full {
+                        bulkhead::Full::QueueFull => format!(
+                            "upstream `{}` has {} requests in flight and {} waiting",
+                            pool.name, bulkhead.max_concurrent, bulkhead.queue_max
+                        ),
+                        bulkhead::Full::QueueTimeout => format!(
+                            "no slot to upstream `{}` freed up within {:?}",
+                            pool.name, bulkhead.queue_timeout
+                        ),
+                    };
+                    let mut problem = Problem::new(Code::BulkheadFull, detail);
+                    problem.headers.push(("retry-after", "1".to_string()));
+                    return self.answer(session, ctx, problem).await;
+                }
+            }
+        }
+        if let Some(retry) = &pool.retry {
+            retry.count_request();
+        }
+
+        Ok(false)
+    }
+
     /// The pool's circuit is open: the route's fallback, else 503 `circuit_open`.
     async fn circuit_open(
         &self,
@@ -297,6 +349,7 @@ impl ProxyHttp for Proxy {
             retry_backoff: None,
             request_body_bytes: 0,
             answered: None,
+            cache_outcome: None,
         }
     }
 
@@ -436,40 +489,126 @@ impl ProxyHttp for Proxy {
                 .await;
         }
 
-        let pool = route.target.choose().clone();
-        ctx.pool = Some(pool.clone());
-        if let Some(guard) = &pool.breaker {
-            match guard.breaker.admit() {
-                Ok(ticket) => ctx.breaker_ticket = Some(ticket),
-                Err(rejected) => return self.circuit_open(session, ctx, rejected).await,
-            }
-        }
-        if let Some(bulkhead) = &pool.bulkhead {
-            match bulkhead.enter().await {
-                Ok(slot) => ctx.bulkhead_slot = Some(slot),
-                Err(full) => {
-                    let detail = match full {
-                        bulkhead::Full::QueueFull => format!(
-                            "upstream `{}` has {} requests in flight and {} waiting",
-                            pool.name, bulkhead.max_concurrent, bulkhead.queue_max
-                        ),
-                        bulkhead::Full::QueueTimeout => format!(
-                            "no slot to upstream `{}` freed up within {:?}",
-                            pool.name, bulkhead.queue_timeout
-                        ),
-                    };
-                    let mut problem = Problem::new(Code::BulkheadFull, detail);
-                    problem.headers.push(("retry-after", "1".to_string()));
-                    return self.answer(session, ctx, problem).await;
-                }
-            }
-        }
-        if let Some(retry) = &pool.retry {
-            retry.count_request();
-        }
-
+        ctx.pool = Some(route.target.choose().clone());
         ctx.deadline = route.timeout.map(|t| ctx.started + t);
         Ok(false)
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let policy = ctx.policy.clone();
+        let Some(cache) = ctx.route.and_then(|i| policy.routes[i].cache.as_ref()) else {
+            return Ok(());
+        };
+        if cache::request_bypass(cache, session.req_header()).is_some() {
+            ctx.cache_outcome = Some(cache::Outcome::Bypass);
+            return Ok(());
+        }
+        let store = self.gateway.cache;
+        session.cache.enable(
+            store,
+            None,
+            None,
+            Some(store.lock()),
+            Some(cache::lock_options()),
+        );
+        session
+            .cache
+            .set_max_file_size_bytes(policy.cache.max_object);
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
+        let route = ctx
+            .route()
+            .expect("the cache is enabled only on a matched route");
+        let cache = route
+            .cache
+            .as_ref()
+            .expect("the cache is enabled only on caching routes");
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let user = ctx.principal.as_ref().map(|p| &*p.user);
+        Ok(cache::key(
+            cache,
+            &route.name,
+            session.req_header(),
+            tls,
+            user,
+        ))
+    }
+
+    /// A client's `no-cache` forces revalidation; an entry past its freshness but
+    /// within `stale_if_error` stands in while the pool's circuit is open (the breaker's
+    /// chain: fallback, else stale entry, else 503 — a stale entry beats the fallback).
+    async fn cache_hit_filter(
+        &self,
+        session: &mut Session,
+        meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<ForcedFreshness>> {
+        if cache::request_wants_revalidation(session.req_header()) {
+            return Ok(Some(ForcedFreshness::ForceExpired));
+        }
+        let circuit_open = ctx
+            .pool
+            .as_ref()
+            .and_then(|p| p.breaker.as_ref())
+            .is_some_and(|g| g.breaker.rejects_now());
+        if !is_fresh && circuit_open && meta.serve_stale_if_error(SystemTime::now()) {
+            ctx.cache_outcome = Some(cache::Outcome::Stale);
+            return Ok(Some(ForcedFreshness::ForceFresh));
+        }
+        Ok(None)
+    }
+
+    /// Runs only when the request goes upstream (not for a cache hit): the pool's
+    /// circuit breaker (fallback or 503 `circuit_open`) and bulkhead (503
+    /// `bulkhead_full`).
+    async fn proxy_upstream_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        Ok(!self.admit_upstream(session, ctx).await?)
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<RespCacheable> {
+        let Some(cache) = ctx.route().and_then(|r| r.cache.as_ref()) else {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::NeverEnabled));
+        };
+        let authorized = !cache.per_user
+            && session
+                .req_header()
+                .headers
+                .contains_key(http::header::AUTHORIZATION);
+        Ok(cache::cacheability(cache, resp, authorized))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        cache::variance(meta, req)
+    }
+
+    /// RFC 5861: during revalidation (`error` is `None`) the entry's own
+    /// stale-while-revalidate window decides, which Pingora checks; on an upstream
+    /// failure, timeout or 5xx its stale-if-error window.
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
+        error.is_none_or(cache::error_allows_stale)
     }
 
     async fn request_body_filter(
@@ -690,6 +829,28 @@ impl ProxyHttp for Proxy {
                 response.remove_header(&name);
             }
         }
+        if ctx.route().is_some_and(|r| r.cache.is_some()) {
+            let req = session.req_header();
+            // RFC 9111 §4.4: a successful unsafe request invalidates the stored
+            // responses for its URI, before its client can ask again.
+            let unsafe_method = !matches!(
+                req.method,
+                http::Method::GET
+                    | http::Method::HEAD
+                    | http::Method::OPTIONS
+                    | http::Method::TRACE
+            );
+            if unsafe_method && (200..400).contains(&response.status.as_u16()) {
+                let uri = req.uri.path_and_query().map_or("/", |p| p.as_str());
+                self.gateway
+                    .cache
+                    .purge(&cache::Selector::Path(uri.to_string()));
+            }
+            let outcome = *ctx
+                .cache_outcome
+                .get_or_insert_with(|| cache::Outcome::of(session.cache.phase()));
+            response.insert_header("x-cache", outcome.header())?;
+        }
         ctx.decorate(response);
         for (name, value) in &ctx.ratelimit_headers {
             response.insert_header(*name, value.as_str())?;
@@ -776,6 +937,11 @@ impl ProxyHttp for Proxy {
         route_metrics.count(&session.req_header().method, status);
         route_metrics.duration.observe(elapsed.as_secs_f64());
         if let Some(route) = ctx.route() {
+            if let Some(cache) = &route.cache {
+                let outcome = ctx.cache_outcome.unwrap_or(cache::Outcome::Bypass);
+                cache.requests[outcome as usize].inc();
+                self.gateway.cache.record(outcome);
+            }
             if let Some((_, tracker)) = &route.slo {
                 tracker.record(
                     crate::gateway::unix_now() / 60,

@@ -141,6 +141,7 @@ pub fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec<Config
                 .collect();
             let generation = new.generation;
             metrics.config_generation.set(generation as i64);
+            gateway.cache.configure(&new.cache);
             gateway.policy.store(Arc::new(new));
             metrics.forget(&gone_routes, &gone_pools, &gone_rules, &gone_servers);
             for change in changes.iter().filter(|c| c.contains("after a restart")) {

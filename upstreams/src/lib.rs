@@ -2,7 +2,7 @@
 //! tollgate policy, and knobs to make it slow, failing or cacheable.
 //!
 //! Knobs come from three places, the most specific winning: query parameters of one
-//! request (`?latency_ms=200&status=503&cache_control=max-age%3D60&set_header=x-a:1`), the server's
+//! request (`?latency_ms=200&status=503&cache_control=max-age%3D60&set_header=x-a:1&etag=v1`), the server's
 //! [`Knobs`] (set from command-line flags or, in tests, changed at run time), and the
 //! endpoint defaults.
 //!
@@ -229,6 +229,22 @@ impl Handle {
             .header("x-served-by", self.name.as_str());
         if let Some(cc) = cache_control {
             response = response.header("cache-control", cc);
+        }
+        // `?etag=V` makes the response conditional: a request whose If-None-Match names
+        // it gets 304 without a body, as an origin revalidating a cache would answer.
+        if let Some(etag) = param("etag").map(|e| format!("\"{e}\"")) {
+            response = response.header("etag", etag.as_str());
+            let matches = parts
+                .headers
+                .get("if-none-match")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+            if matches && status == 200 {
+                return response
+                    .status(StatusCode::NOT_MODIFIED)
+                    .body(Full::new(Bytes::new()))
+                    .expect("valid response");
+            }
         }
         for (name, value) in query
             .iter()

@@ -1,0 +1,344 @@
+//! The response cache through real sockets (SPEC §4 "Caching"): RFC 9111 directives,
+//! collapsed forwarding, stale serving, purge, bounds, and the breaker's fallback chain.
+
+mod common;
+
+use common::*;
+use reqwest::blocking::Response;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// One pool `app` and a caching route `cached` on `/api/`; `cache` is the route's
+/// cache map, `extra` more top-level sections.
+fn policy(app: &Upstream, cache: &str, extra: &str) -> String {
+    format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\n    timeouts: {{ connect: 1s, read: 5s }}\nroutes:\n  - name: cached\n    match: {{ path_prefix: /api/ }}\n    upstream: app\n    cache: {cache}\n  - name: plain\n    match: {{ path_prefix: / }}\n    upstream: app\n{extra}",
+        app.addr
+    )
+}
+
+fn x_cache(response: &Response) -> &str {
+    response
+        .headers()
+        .get("x-cache")
+        .map_or("", |v| v.to_str().unwrap())
+}
+
+fn get_with(gw: &Tollgate, path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut request = gw.client.get(gw.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().unwrap()
+}
+
+#[test]
+fn hits_carry_age_and_upstream_freshness_is_honoured() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(&app, "{ ttl: 5m, stale_while_revalidate: 0s }", ""));
+
+    let first = gw.get("/api/search?q=a");
+    assert_eq!(first.status(), 200);
+    assert_eq!(x_cache(&first), "MISS");
+    let body = first.text().unwrap();
+    let second = gw.get("/api/search?q=a");
+    assert_eq!(x_cache(&second), "HIT");
+    assert!(second.headers().contains_key("age"));
+    assert_eq!(second.text().unwrap(), body);
+    assert_eq!(app.requests(), 1, "the hit reached the upstream");
+
+    // Another query string is another entry; a route without cache has no header.
+    assert_eq!(x_cache(&gw.get("/api/search?q=b")), "MISS");
+    assert!(!gw.get("/health").headers().contains_key("x-cache"));
+
+    // no-store and private are never stored; max-age=0 is stored stale.
+    for cc in ["no-store", "private", "max-age%3D0"] {
+        let path = format!("/api/search?q=cc&cache_control={cc}");
+        let before = app.requests();
+        assert_eq!(x_cache(&gw.get(&path)), "MISS");
+        assert_eq!(
+            x_cache(&gw.get(&path)),
+            "MISS",
+            "{cc} was served from cache"
+        );
+        assert_eq!(app.requests(), before + 2);
+    }
+
+    // HEAD is answered from the GET entry.
+    let before = app.requests();
+    let head = gw.client.head(gw.url("/api/search?q=a")).send().unwrap();
+    assert_eq!(x_cache(&head), "HIT");
+    assert_eq!(app.requests(), before);
+
+    // A POST is not cached, and a successful one invalidates the URI.
+    let post = gw.client.post(gw.url("/api/search?q=a")).send().unwrap();
+    assert_eq!(x_cache(&post), "BYPASS");
+    assert_eq!(x_cache(&gw.get("/api/search?q=a")), "MISS");
+
+    gw.wait_idle();
+    assert!(
+        gw.metric("tollgate_cache_requests_total{result=\"hit\",route=\"cached\"}") >= Some(2.0)
+    );
+    assert!(gw.metric("tollgate_cache_entries").unwrap() >= 2.0);
+    let status = gw.admin_json("/status");
+    assert!(status["cache"]["entries"].as_u64().unwrap() >= 2);
+    assert!(status["cache"]["hit_ratio"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn request_directives_and_authorization() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(&app, "{ ttl: 5m }", ""));
+    let path = "/api/search?q=r&etag=v1";
+    assert_eq!(x_cache(&gw.get(path)), "MISS");
+    assert_eq!(x_cache(&gw.get(path)), "HIT");
+
+    // Client no-cache: revalidated with the stored validator, the 304 refreshes it.
+    let before = app.requests();
+    let revalidated = get_with(&gw, path, &[("cache-control", "no-cache")]);
+    assert_eq!(revalidated.status(), 200);
+    assert_eq!(x_cache(&revalidated), "HIT");
+    assert!(
+        !revalidated.text().unwrap().is_empty(),
+        "304 served without the stored body"
+    );
+    assert_eq!(app.requests(), before + 1);
+
+    // A request with no-store bypasses the cache.
+    assert_eq!(
+        x_cache(&get_with(&gw, path, &[("cache-control", "no-store")])),
+        "BYPASS"
+    );
+
+    // Authorization: not stored unless the response allows it (RFC 9111 §3.5).
+    let auth = [("authorization", "Bearer secret")];
+    let private_path = "/api/search?q=auth";
+    assert_eq!(x_cache(&get_with(&gw, private_path, &auth)), "MISS");
+    assert_eq!(
+        x_cache(&gw.get(private_path)),
+        "MISS",
+        "an authorized response was shared"
+    );
+    let public_path = "/api/search?q=pub&cache_control=public%2C%20max-age%3D60";
+    assert_eq!(x_cache(&get_with(&gw, public_path, &auth)), "MISS");
+    assert_eq!(x_cache(&gw.get(public_path)), "HIT");
+}
+
+#[test]
+fn per_user_keys_and_vary() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(
+        &app,
+        "{ ttl: 5m, per_user: true, vary: [x-tenant] }",
+        "",
+    ));
+    let alice = [("authorization", "Bearer alice")];
+    let bob = [("authorization", "Bearer bob")];
+    let path = "/api/search?q=u";
+    assert_eq!(x_cache(&get_with(&gw, path, &alice)), "MISS");
+    assert_eq!(x_cache(&get_with(&gw, path, &alice)), "HIT");
+    assert_eq!(
+        x_cache(&get_with(&gw, path, &bob)),
+        "MISS",
+        "users share an entry"
+    );
+
+    // The route's vary list and the upstream's Vary both split entries.
+    let tenant = |t: &'static str| [("x-tenant", t)];
+    let varied = "/api/search?q=v&set_header=vary:accept-language";
+    assert_eq!(x_cache(&get_with(&gw, varied, &tenant("a"))), "MISS");
+    assert_eq!(x_cache(&get_with(&gw, varied, &tenant("a"))), "HIT");
+    assert_eq!(x_cache(&get_with(&gw, varied, &tenant("b"))), "MISS");
+    let en = [("accept-language", "en")];
+    let fr = [("accept-language", "fr")];
+    assert_eq!(x_cache(&get_with(&gw, varied, &en)), "MISS");
+    assert_eq!(x_cache(&get_with(&gw, varied, &en)), "HIT");
+    assert_eq!(x_cache(&get_with(&gw, varied, &fr)), "MISS");
+    assert_eq!(x_cache(&get_with(&gw, varied, &fr)), "HIT");
+    assert_eq!(x_cache(&get_with(&gw, varied, &en)), "HIT");
+}
+
+#[test]
+fn concurrent_misses_send_one_request_upstream() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(&app, "{ ttl: 5m }", ""));
+    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = gw.get("/api/search?q=stampede&latency_ms=300");
+                    (r.status().as_u16(), x_cache(&r).to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|(s, _)| *s == 200), "{statuses:?}");
+    assert_eq!(app.requests(), 1, "{statuses:?}");
+}
+
+#[test]
+fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(
+        &app,
+        "{ ttl: 1s, stale_while_revalidate: 30s, stale_if_error: 0s }",
+        "",
+    ));
+    let path = "/api/search?q=swr&latency_ms=400";
+    assert_eq!(x_cache(&gw.get(path)), "MISS");
+    std::thread::sleep(Duration::from_millis(2_100));
+    let started = std::time::Instant::now();
+    let stale = gw.get(path);
+    assert_eq!(x_cache(&stale), "STALE");
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(wait_for(Duration::from_secs(5), || app.requests() == 2));
+    assert!(wait_for(Duration::from_secs(5), || x_cache(&gw.get(path)) == "HIT"));
+    assert_eq!(app.requests(), 2, "more than one background refresh");
+}
+
+#[test]
+fn stale_if_error_on_5xx_and_with_the_circuit_open() {
+    let app = upstream("app");
+    let breaker = "upstreams:\n";
+    let body = policy(
+        &app,
+        "{ ttl: 1s, stale_while_revalidate: 0s, stale_if_error: 10m }",
+        "",
+    )
+    .replacen(
+        breaker,
+        "upstreams:\n",
+        1,
+    )
+    .replacen(
+        "    timeouts: { connect: 1s, read: 5s }\n",
+        "    timeouts: { connect: 1s, read: 5s }\n    circuit_breaker: { consecutive_failures: 2, open_for: 1m }\n",
+        1,
+    );
+    let gw = Tollgate::start(&body);
+    let path = "/api/search?q=sie";
+    assert_eq!(x_cache(&gw.get(path)), "MISS");
+    std::thread::sleep(Duration::from_millis(2_100));
+
+    // The upstream fails: the stale entry stands in.
+    app.knobs.force_status.store(503, Ordering::Relaxed);
+    let first = gw.get(path);
+    assert_eq!(first.status(), 200);
+    assert_eq!(x_cache(&first), "STALE");
+    // An uncached path fails through, opening the circuit.
+    for _ in 0..2 {
+        assert_eq!(gw.get("/api/search?q=never-cached").status(), 503);
+    }
+    assert!(wait_for(Duration::from_secs(2), || gw
+        .admin_json("/status")["upstreams"]["app"]["breaker"]
+        == "open"));
+
+    // Circuit open: the stale entry, and nothing reaches the pool; no entry: 503.
+    let before = app.requests();
+    let stale = gw.get(path);
+    assert_eq!(stale.status(), 200);
+    assert_eq!(x_cache(&stale), "STALE");
+    let refused = gw.get("/api/search?q=other");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.json::<Value>().unwrap()["error"], "circuit_open");
+    assert_eq!(app.requests(), before);
+}
+
+#[test]
+fn purge_by_path_prefix_tag_and_all() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(&app, "{ ttl: 5m }", ""));
+    let paths = [
+        "/api/search?q=1&set_header=cache-tag:red,blue",
+        "/api/search?q=2&set_header=cache-tag:blue",
+        "/api/suggest?set_header=cache-tag:green",
+        "/api/predict",
+    ];
+    let fill = || {
+        for p in paths {
+            gw.get(p);
+        }
+    };
+    let purge = |selector: Value| -> u64 {
+        let r = gw.admin_post_json("/cache/purge", &selector);
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().unwrap()["purged"].as_u64().unwrap()
+    };
+    fill();
+    assert_eq!(x_cache(&gw.get(paths[3])), "HIT");
+    assert_eq!(purge(json!({ "tag": "blue" })), 2);
+    assert_eq!(x_cache(&gw.get(paths[0])), "MISS");
+    assert_eq!(x_cache(&gw.get(paths[2])), "HIT");
+    assert_eq!(purge(json!({ "path": "/api/predict" })), 1);
+    assert_eq!(x_cache(&gw.get(paths[3])), "MISS");
+    assert_eq!(purge(json!({ "prefix": "/api/search" })), 1);
+    fill();
+    assert_eq!(purge(json!({ "all": true })), 4);
+    assert_eq!(gw.admin_json("/status")["cache"]["entries"], 0);
+    assert_eq!(
+        gw.admin_post_json("/cache/purge", &json!({ "nothing": 1 }))
+            .status(),
+        400
+    );
+}
+
+#[test]
+fn bounds_hold_under_a_flood_and_large_bodies_stream_through() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(
+        &app,
+        "{ ttl: 5m }",
+        "cache:\n  max_size: 64KiB\n  max_entries: 20\n  max_object: 1KiB\n",
+    ));
+    for i in 0..300 {
+        assert_eq!(gw.get(&format!("/api/search?q={i}")).status(), 200);
+    }
+    let status = gw.admin_json("/status");
+    assert!(
+        status["cache"]["entries"].as_u64().unwrap() <= 20,
+        "{status}"
+    );
+    assert!(
+        status["cache"]["bytes"].as_u64().unwrap() <= 64 * 1024,
+        "{status}"
+    );
+    // The most recent entries are the ones kept.
+    assert_eq!(x_cache(&gw.get("/api/search?q=299")), "HIT");
+
+    let big = format!("/api/search?q={}", "x".repeat(1_500));
+    let first = gw.get(&big);
+    assert_eq!(first.status(), 200);
+    assert!(first.text().unwrap().len() > 1_024);
+    assert_eq!(
+        x_cache(&gw.get(&big)),
+        "MISS",
+        "an object over max_object was stored"
+    );
+}
+
+#[test]
+fn explain_reports_the_cache_verdict() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(&app, "{ ttl: 5m }", ""));
+    let host = format!("127.0.0.1:{}", gw.port);
+    let explain = |path: &str| -> Value {
+        gw.admin_post_json(
+            "/explain",
+            &json!({ "path": path, "headers": { "host": host } }),
+        )
+        .json::<Value>()
+        .unwrap()["cache"]
+            .clone()
+    };
+    assert_eq!(explain("/api/search?q=e")["result"], "miss");
+    gw.get("/api/search?q=e");
+    assert_eq!(explain("/api/search?q=e")["result"], "hit");
+    assert_eq!(explain("/health")["would_use"], false);
+    assert_eq!(app.requests(), 1, "explaining reached the upstream");
+}
