@@ -13,6 +13,8 @@
 //! entry count then both stay within their bounds.
 
 use crate::config::ConfigError;
+pub mod warm;
+
 use crate::config::{self, RouteCacheConfig};
 use crate::units;
 use arc_swap::ArcSwap;

@@ -109,6 +109,12 @@ pub fn run(options: RunOptions) -> Result<(), String> {
         },
     ));
     server.add_service(background_service(
+        "cache warmer",
+        crate::cache::warm::Warmer {
+            gateway: gateway.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "rate limit janitor",
         crate::ratelimit::Janitor {
             gateway: gateway.clone(),

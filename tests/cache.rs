@@ -342,3 +342,31 @@ fn explain_reports_the_cache_verdict() {
     assert_eq!(explain("/health")["would_use"], false);
     assert_eq!(app.requests(), 1, "explaining reached the upstream");
 }
+
+#[test]
+fn warm_paths_fill_the_cache_at_start_and_after_a_reload() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(
+        &app,
+        "{ ttl: 5m, warm: [\"/api/search?q=warm\"] }",
+        "",
+    ));
+    assert!(wait_for(Duration::from_secs(10), || app.requests() == 1));
+    assert_eq!(x_cache(&gw.get("/api/search?q=warm")), "HIT");
+
+    let purged = gw.admin_post_json("/cache/purge", &json!({ "all": true }));
+    assert_eq!(purged.json::<Value>().unwrap()["purged"], 1);
+    gw.write_policy(&policy(
+        &app,
+        "{ ttl: 5m, warm: [\"/api/search?q=warm\", \"/api/suggest\"] }",
+        "",
+    ));
+    assert!(wait_for(Duration::from_secs(10), || app.requests() == 3));
+    assert_eq!(x_cache(&gw.get("/api/search?q=warm")), "HIT");
+    assert_eq!(x_cache(&gw.get("/api/suggest")), "HIT");
+    gw.wait_idle();
+    assert!(gw
+        .access_log()
+        .iter()
+        .any(|l| l["request_headers"]["user-agent"] == "tollgate-cache-warmer"));
+}

@@ -290,13 +290,17 @@ impl Tollgate {
         self.admin_json("/status")["generation"].as_u64().unwrap()
     }
 
-    /// Writes the policy file in place (the body after the standard head).
+    /// Replaces the policy file (the body after the standard head) the way editors and
+    /// ConfigMap updates do, by renaming a complete file over it: a plain write has a
+    /// moment where the file is empty, which a reload may read and count as a failure.
     pub fn write_policy(&self, body: &str) {
+        let staged = self.policy.with_extension("yaml.new");
         std::fs::write(
-            &self.policy,
+            &staged,
             format!("{}{body}", head(self.port, self.admin_port, "")),
         )
         .unwrap();
+        std::fs::rename(&staged, &self.policy).unwrap();
     }
 
     pub fn policy_text(&self, body: &str) -> String {
