@@ -29,9 +29,12 @@ pub fn write(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration
         (Some(pool), Some(i)) => Value::from(&*pool.servers[i].label),
         _ => Value::Null,
     };
-    let reason = match (&ctx.limited_by, ctx.answered) {
-        (Some(rule), _) => Some(format!("rate_limited:{rule}")),
-        (None, code) => code.map(|c| c.as_str().to_string()),
+    let reason = match (&ctx.limited_by, ctx.answered, ctx.cache_outcome) {
+        (Some(rule), _, _) => Some(format!("rate_limited:{rule}")),
+        (None, Some(code), _) => Some(code.as_str().to_string()),
+        (None, None, Some(crate::cache::Outcome::Hit)) => Some("cache_hit".to_string()),
+        (None, None, Some(crate::cache::Outcome::Stale)) => Some("cache_stale".to_string()),
+        (None, None, _) => None,
     };
     let line = serde_json::json!({
         "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -49,6 +52,7 @@ pub fn write(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration
         "user": ctx.principal.as_ref().map(|p| &*p.user),
         "tier": ctx.principal.as_ref().map(|p| &*p.tier),
         "reason": reason,
+        "cache": ctx.cache_outcome.map(|o| o.header()),
         "shadow_limited": ctx.shadow_limited.iter().map(|r| &**r).collect::<Vec<_>>(),
         "bytes_received": session.body_bytes_read(),
         "bytes_sent": session.body_bytes_sent(),

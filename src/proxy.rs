@@ -1,16 +1,20 @@
 //! The request pipeline, in the order Pingora calls it. Where does an answer come from?
 //!
-//! * `request_filter` — everything decided before going upstream, top to bottom:
+//! * `request_filter` — everything decided before the cache, top to bottom:
 //!   request id → client address → framing (400) → route (404 `no_route`) →
 //!   identity (401 `unauthorized`) → shedding (fallback or 503 `overloaded`) → rate
 //!   limits (429 `rate_limited`) → body size (413 `payload_too_large`) → pool →
-//!   circuit breaker (fallback or 503 `circuit_open`) → bulkhead (503
-//!   `bulkhead_full`) → deadline. The cache lookup joins after the rate limits when its
-//!   capability lands.
+//!   deadline.
+//! * `request_cache_filter` / `cache_key_callback` / `cache_hit_filter` — on a caching
+//!   route, Pingora's cache looks the request up: a hit (or a stale entry it may serve)
+//!   is answered from the cache (`x-cache: HIT | STALE`) and skips everything below.
+//! * `proxy_upstream_filter` — only when going upstream: circuit breaker (fallback,
+//!   else a stale entry, else 503 `circuit_open`) → bulkhead (503 `bulkhead_full`).
 //! * `upstream_peer` / `fail_to_connect` — pool and server choice; a server that
 //!   refuses the connection is skipped for another (backups last).
 //! * `upstream_request_filter` — forwarding headers, prefix stripping.
-//! * `response_filter` — hop-by-hop removal, configured headers, request id.
+//! * `response_cache_filter` — whether the response is stored, and for how long.
+//! * `response_filter` — hop-by-hop removal, configured headers, request id, `x-cache`.
 //! * `fail_to_proxy` — 502 `upstream_unavailable` / 504 `upstream_timeout`.
 //! * `logging` — the breaker's verdict on the outcome, metrics, SLO windows, access log.
 
@@ -536,9 +540,9 @@ impl ProxyHttp for Proxy {
         ))
     }
 
-    /// A client's `no-cache` forces revalidation; an entry past its freshness but
-    /// within `stale_if_error` stands in while the pool's circuit is open (the breaker's
-    /// chain: fallback, else stale entry, else 503 — a stale entry beats the fallback).
+    /// A client's `no-cache` forces revalidation. While the pool's circuit is open, an
+    /// entry past its freshness but within `stale_if_error` is served, unless the route
+    /// has a fallback (SPEC's chain: fallback, else stale entry, else 503).
     async fn cache_hit_filter(
         &self,
         session: &mut Session,
@@ -550,12 +554,17 @@ impl ProxyHttp for Proxy {
         if cache::request_wants_revalidation(session.req_header()) {
             return Ok(Some(ForcedFreshness::ForceExpired));
         }
+        let has_fallback = ctx.route().is_some_and(|r| r.fallback.is_some());
         let circuit_open = ctx
             .pool
             .as_ref()
             .and_then(|p| p.breaker.as_ref())
             .is_some_and(|g| g.breaker.rejects_now());
-        if !is_fresh && circuit_open && meta.serve_stale_if_error(SystemTime::now()) {
+        if !is_fresh
+            && circuit_open
+            && !has_fallback
+            && meta.serve_stale_if_error(SystemTime::now())
+        {
             ctx.cache_outcome = Some(cache::Outcome::Stale);
             return Ok(Some(ForcedFreshness::ForceFresh));
         }

@@ -77,6 +77,10 @@ fn hits_carry_age_and_upstream_freshness_is_honoured() {
     assert_eq!(x_cache(&gw.get("/api/search?q=a")), "MISS");
 
     gw.wait_idle();
+    assert!(wait_for(Duration::from_secs(5), || gw
+        .access_log()
+        .iter()
+        .any(|l| l["reason"] == "cache_hit" && l["cache"] == "HIT")));
     assert!(
         gw.metric("tollgate_cache_requests_total{result=\"hit\",route=\"cached\"}") >= Some(2.0)
     );
