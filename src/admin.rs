@@ -246,7 +246,7 @@ impl Admin {
             } => crate::cache::Selector::All,
             _ => return bad(format!("{usage} (paths and prefixes start with /)")),
         };
-        let purged = self.gateway.cache.purge(&selector);
+        let purged = self.gateway.cache.purge(&selector).await;
         self.gateway.events.record(
             "cache_purge",
             &format!("{purged} cache entries purged ({selector:?})"),

@@ -13,6 +13,7 @@
 //! entry count then both stay within their bounds.
 
 use crate::config::ConfigError;
+mod shared;
 pub mod warm;
 
 use crate::config::{self, RouteCacheConfig};
@@ -82,6 +83,25 @@ pub struct Settings {
     pub max_entries: u64,
     pub max_object: usize,
     pub tag_header: HeaderName,
+    /// The shared second tier: its URL and per-call timeout.
+    pub redis: Option<(String, Duration)>,
+}
+
+impl Settings {
+    /// Whether `other` keeps this shelf: the same bounds and tag header.
+    fn same_shelf(&self, other: &Settings) -> bool {
+        (
+            self.max_size,
+            self.max_entries,
+            self.max_object,
+            &self.tag_header,
+        ) == (
+            other.max_size,
+            other.max_entries,
+            other.max_object,
+            &other.tag_header,
+        )
+    }
 }
 
 pub fn compile_settings(
@@ -119,11 +139,27 @@ pub fn compile_settings(
             format!("cache.tag_header `{}` is not a header name", c.tag_header),
         );
     }
+    let redis = c.redis.as_ref().map(|r| {
+        if let Err(e) = ::redis::Client::open(r.url.value.as_str()) {
+            error(
+                &r.url.referenced,
+                format!("cache.redis url `{}`: {e}", r.url.value),
+            );
+        }
+        if r.timeout.0.is_zero() {
+            error(
+                &r.url.referenced,
+                "cache.redis timeout must be above 0s".into(),
+            );
+        }
+        (r.url.value.clone(), r.timeout.0)
+    });
     ok.then(|| Settings {
         max_size: c.max_size.0,
         max_entries: c.max_entries.value,
         max_object: usize::try_from(c.max_object.0).unwrap_or(usize::MAX),
         tag_header: tag_header.expect("checked above"),
+        redis,
     })
 }
 
@@ -518,9 +554,9 @@ impl Shelf {
         }
     }
 
-    fn insert(&self, key: u128, entry: Entry) {
+    fn insert(&self, key: u128, entry: Arc<Entry>) {
         self.bytes.fetch_add(entry.size(), Ordering::Relaxed);
-        self.entries.insert(key, Arc::new(entry));
+        self.entries.insert(key, entry);
     }
 }
 
@@ -528,6 +564,7 @@ impl Shelf {
 /// `'static`).
 pub struct Store {
     shelf: ArcSwap<Shelf>,
+    shared: arc_swap::ArcSwapOption<shared::SharedTier>,
     lock: &'static CacheKeyLockImpl,
     served: [AtomicU64; 4],
 }
@@ -535,21 +572,52 @@ pub struct Store {
 impl Store {
     pub fn new(settings: Settings) -> &'static Store {
         let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(LOCK_AGE));
-        Box::leak(Box::new(Store {
-            shelf: ArcSwap::from_pointee(Shelf::new(settings)),
+        let store: &'static Store = Box::leak(Box::new(Store {
+            shelf: ArcSwap::from_pointee(Shelf::new(settings.clone())),
+            shared: Default::default(),
             lock,
             served: Default::default(),
-        }))
+        }));
+        store.configure_shared(&settings);
+        store
+    }
+
+    /// Opens the shared tier the settings name, keeping the connection while the URL
+    /// is unchanged.
+    fn configure_shared(&self, settings: &Settings) {
+        let current = self.shared.load_full();
+        let next = match &settings.redis {
+            None => None,
+            Some((url, timeout)) => match current.filter(|t| t.store.url == *url) {
+                Some(tier) if tier.timeout == *timeout => Some(tier),
+                Some(tier) => Some(Arc::new(shared::SharedTier {
+                    store: tier.store.clone(),
+                    timeout: *timeout,
+                })),
+                None => match crate::redis::RedisStore::open(url, "cache store") {
+                    Ok(store) => Some(Arc::new(shared::SharedTier {
+                        store,
+                        timeout: *timeout,
+                    })),
+                    Err(e) => {
+                        tracing::error!("cache.redis: {e}; caching in this replica only");
+                        None
+                    }
+                },
+            },
+        };
+        self.shared.store(next);
     }
 
     /// Applies a new policy's bounds. Changed bounds start an empty cache: moka's
     /// capacity is fixed at construction.
     pub fn configure(&self, settings: &Settings) {
         let current = self.shelf.load();
-        if current.settings != *settings {
+        if !current.settings.same_shelf(settings) {
             current.entries.invalidate_all();
             self.shelf.store(Arc::new(Shelf::new(settings.clone())));
         }
+        self.configure_shared(settings);
     }
 
     pub fn settings(&self) -> Settings {
@@ -604,7 +672,28 @@ impl Store {
         }
     }
 
-    pub fn purge(&self, selector: &Selector) -> usize {
+    /// Removes the selected entries from this replica and from the shared tier;
+    /// answers how many distinct entries went.
+    pub async fn purge(&self, selector: &Selector) -> usize {
+        let mut purged = self.purge_local(selector);
+        if let Some(tier) = self.shared.load_full() {
+            purged.extend(tier.purge(selector).await);
+        }
+        purged.sort_unstable();
+        purged.dedup();
+        purged.len()
+    }
+
+    /// Removes the selected entries of this replica; the shared tier's go in the
+    /// background.
+    pub fn invalidate(&self, selector: Selector) {
+        self.purge_local(&selector);
+        if let Some(tier) = self.shared.load_full() {
+            crate::redis::runtime().spawn(async move { tier.purge(&selector).await });
+        }
+    }
+
+    fn purge_local(&self, selector: &Selector) -> Vec<u128> {
         let shelf = self.shelf.load();
         let doomed: Vec<u128> = shelf
             .entries
@@ -613,9 +702,22 @@ impl Store {
             .map(|(key, _)| *key)
             .collect();
         doomed
-            .iter()
-            .filter(|key| shelf.entries.remove(*key).is_some())
-            .count()
+            .into_iter()
+            .filter(|key| shelf.entries.remove(key).is_some())
+            .collect()
+    }
+}
+
+impl Store {
+    /// Stores an entry in this replica and in the shared tier. The shared write is
+    /// awaited (within the tier's timeout) so that once a client has the response,
+    /// the other replicas can find it.
+    async fn keep(&'static self, slot: u128, entry: Entry) {
+        let entry = Arc::new(entry);
+        self.shelf.load().insert(slot, entry.clone());
+        if let Some(tier) = self.shared.load_full() {
+            tier.put(slot, &entry).await;
+        }
     }
 }
 
@@ -630,8 +732,21 @@ impl Storage for Store {
         key: &CacheKey,
         _trace: &SpanHandle,
     ) -> pingora::Result<Option<(CacheMeta, HitHandler)>> {
-        let Some(entry) = self.shelf.load().entries.get(&slot(key)) else {
-            return Ok(None);
+        let slot = slot(key);
+        let shelf = self.shelf.load();
+        let entry = match shelf.entries.get(&slot) {
+            Some(entry) => entry,
+            None => {
+                let Some(tier) = self.shared.load_full() else {
+                    return Ok(None);
+                };
+                let Some(entry) = tier.get(slot).await else {
+                    return Ok(None);
+                };
+                let entry = Arc::new(entry);
+                shelf.insert(slot, entry.clone());
+                entry
+            }
         };
         let meta = CacheMeta::deserialize(&entry.meta.0, &entry.meta.1)?;
         Ok(Some((meta, Box::new(Hit(Some(entry.body.clone()))))))
@@ -677,12 +792,14 @@ impl Storage for Store {
         _purge_type: PurgeType,
         _trace: &SpanHandle,
     ) -> pingora::Result<PurgeOutcome> {
-        Ok(
-            match self.shelf.load().entries.remove(&slot(target.key())) {
-                Some(_) => PurgeOutcome::Purged(None),
-                None => PurgeOutcome::NotFound,
-            },
-        )
+        let slot = slot(target.key());
+        if let Some(tier) = self.shared.load_full() {
+            crate::redis::runtime().spawn(async move { tier.remove(slot).await });
+        }
+        Ok(match self.shelf.load().entries.remove(&slot) {
+            Some(_) => PurgeOutcome::Purged(None),
+            None => PurgeOutcome::NotFound,
+        })
     }
 
     async fn update_meta(
@@ -696,7 +813,7 @@ impl Storage for Store {
         let Some(old) = shelf.entries.get(&slot) else {
             return Ok(false);
         };
-        shelf.insert(
+        self.keep(
             slot,
             Entry {
                 meta: meta.serialize()?,
@@ -705,7 +822,8 @@ impl Storage for Store {
                 tags: old.tags.clone(),
                 keep_for: keep_for(meta),
             },
-        );
+        )
+        .await;
         Ok(true)
     }
 
@@ -794,7 +912,7 @@ impl HandleMiss for Fill {
             keep_for,
         };
         let size = entry.size() as usize;
-        store.shelf.load().insert(slot, entry);
+        store.keep(slot, entry).await;
         Ok(MissFinishType::Created(size))
     }
 }
@@ -926,18 +1044,19 @@ mod tests {
             max_entries: 16,
             max_object: 8 * 1024,
             tag_header: HeaderName::from_static("cache-tag"),
+            redis: None,
         });
         let shelf = store.shelf.load();
         for i in 0..1_000u128 {
             shelf.insert(
                 i,
-                Entry {
+                Arc::new(Entry {
                     meta: (vec![0; 64], vec![0; 64]),
                     body: Bytes::from(vec![0u8; if i % 2 == 0 { 100 } else { 6_000 }]),
                     path: format!("/p/{i}").into(),
                     tags: Box::new([]),
                     keep_for: Duration::from_secs(60),
-                },
+                }),
             );
         }
         assert!(store.entries() <= 16, "{} entries", store.entries());
@@ -952,6 +1071,7 @@ mod tests {
             max_entries: 100,
             max_object: 1 << 16,
             tag_header: HeaderName::from_static("cache-tag"),
+            redis: None,
         });
         let shelf = store.shelf.load();
         for (i, (path, tag)) in [
@@ -965,19 +1085,20 @@ mod tests {
         {
             shelf.insert(
                 i as u128,
-                Entry {
+                Arc::new(Entry {
                     meta: (Vec::new(), Vec::new()),
                     body: Bytes::new(),
                     path: path.into(),
                     tags: Box::new([tag.into()]),
                     keep_for: Duration::from_secs(60),
-                },
+                }),
             );
         }
-        assert_eq!(store.purge(&Selector::Path("/a?x=1".into())), 1);
-        assert_eq!(store.purge(&Selector::Tag("t1".into())), 1);
-        assert_eq!(store.purge(&Selector::Prefix("/a".into())), 1);
-        assert_eq!(store.purge(&Selector::All), 1);
+        let purge = |selector| store.purge_local(&selector).len();
+        assert_eq!(purge(Selector::Path("/a?x=1".into())), 1);
+        assert_eq!(purge(Selector::Tag("t1".into())), 1);
+        assert_eq!(purge(Selector::Prefix("/a".into())), 1);
+        assert_eq!(purge(Selector::All), 1);
         assert_eq!(store.entries(), 0);
     }
 }

@@ -45,6 +45,16 @@ pub struct CacheConfig {
     pub max_entries: Spanned<u64>,
     pub max_object: Size,
     pub tag_header: String,
+    pub redis: Option<CacheRedisConfig>,
+}
+
+/// SPEC §3 `cache.redis`: a second tier shared by replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRedisConfig {
+    pub url: Spanned<String>,
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: Duration,
 }
 
 impl Default for CacheConfig {
@@ -58,6 +68,7 @@ impl Default for CacheConfig {
             ),
             max_object: Size(8 << 20),
             tag_header: "cache-tag".into(),
+            redis: None,
         }
     }
 }

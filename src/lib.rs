@@ -25,6 +25,7 @@ pub mod policy;
 pub mod problem;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis;
 pub mod reload;
 pub mod retry;
 pub mod routing;

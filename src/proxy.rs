@@ -853,7 +853,7 @@ impl ProxyHttp for Proxy {
                 let uri = req.uri.path_and_query().map_or("/", |p| p.as_str());
                 self.gateway
                     .cache
-                    .purge(&cache::Selector::Path(uri.to_string()));
+                    .invalidate(cache::Selector::Path(uri.to_string()));
             }
             let outcome = *ctx
                 .cache_outcome

@@ -631,7 +631,7 @@ fn shared_backend(
         .map(|s| s.store.clone());
     let store = match reused {
         Some(store) => store,
-        None => match shared::RedisStore::open(&url.value) {
+        None => match crate::redis::RedisStore::open(&url.value, "rate-limit store") {
             Ok(store) => store,
             Err(message) => {
                 errors.push(ConfigError::at(path, &url.referenced, message));

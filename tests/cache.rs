@@ -374,3 +374,43 @@ fn warm_paths_fill_the_cache_at_start_and_after_a_reload() {
         .iter()
         .any(|l| l["request_headers"]["user-agent"] == "tollgate-cache-warmer"));
 }
+
+#[test]
+fn replicas_share_entries_through_redis_and_survive_its_loss() {
+    let app = upstream("app");
+    let mut redis = RedisServer::start();
+    let shared = format!(
+        "cache:\n  redis: {{ url: \"{}\", timeout: 200ms }}\n",
+        redis.url()
+    );
+    let a = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    let b = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+
+    // Replicas behind one Service see the same Host.
+    let host = [("host", "api.example")];
+    let path = "/api/search?q=shared&set_header=cache-tag:t1";
+    assert_eq!(x_cache(&get_with(&a, path, &host)), "MISS");
+    let from_b = get_with(&b, path, &host);
+    assert_eq!(x_cache(&from_b), "HIT");
+    assert!(from_b.text().unwrap().contains("shared one"));
+    assert_eq!(app.requests(), 1, "the second replica went upstream");
+
+    // A purge on one replica clears the shared tier: a third replica misses.
+    let purged = a.admin_post_json("/cache/purge", &json!({ "tag": "t1" }));
+    assert_eq!(purged.json::<Value>().unwrap()["purged"], 1);
+    let c = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    assert_eq!(x_cache(&get_with(&c, path, &host)), "MISS");
+
+    // Redis gone: every replica keeps answering from its own tier or the upstream.
+    redis.kill();
+    let started = std::time::Instant::now();
+    let fresh = b.get("/api/search?q=after-redis");
+    assert_eq!(fresh.status(), 200);
+    assert_eq!(x_cache(&fresh), "MISS");
+    assert_eq!(x_cache(&b.get("/api/search?q=after-redis")), "HIT");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}

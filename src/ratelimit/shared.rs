@@ -6,19 +6,16 @@
 //! only clock, so replicas with skewed clocks still agree; each bucket expires when it
 //! has refilled, so Redis holds state only for clients that are currently spending.
 //!
-//! A Redis outage must never stall traffic: every call is bounded by `timeout`, and
-//! after a failure the backend is skipped for a short while (requests go straight to
-//! `on_error`) instead of each one waiting out the timeout again.
+//! A Redis outage must never stall traffic: calls go through
+//! [`RedisStore::call`](crate::redis::RedisStore::call), bounded by `timeout` and
+//! skipped for a while after a failure, so requests go straight to `on_error`.
 
 use super::{Quota, Verdict};
 use crate::config::OnRedisError;
+use crate::redis::RedisStore;
 use sha2::{Digest, Sha256};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-
-/// After a failed call, how long requests skip Redis before it is tried again.
-const BACKOFF: Duration = Duration::from_secs(1);
 
 /// GCRA over microseconds (Lua numbers are doubles: nanoseconds since the epoch would
 /// lose precision). ARGV[1] is 1 to consume, 0 to only look; then per key: emission
@@ -58,51 +55,10 @@ end
 return out
 "#;
 
-/// The connection to one Redis, kept across reloads while its address is unchanged.
-pub struct RedisStore {
-    pub url: String,
-    connection: redis::aio::ConnectionManager,
-    script: redis::Script,
-    /// Microseconds on the process clock until which Redis is skipped.
-    skip_until: AtomicU64,
-    reachable: AtomicBool,
-}
-
-/// The connection's background tasks need a runtime that outlives every policy (a
-/// reload may drop a policy on any thread, where dropping a runtime would panic).
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("tollgate-redis")
-            .enable_all()
-            .build()
-            .expect("the Redis runtime starts")
-    })
-}
-
-impl RedisStore {
-    /// Parses the URL and prepares a connection that is made on first use (a Redis that
-    /// is down at start must not keep the gateway from starting).
-    pub fn open(url: &str) -> Result<Arc<RedisStore>, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis url `{url}`: {e}"))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let _context = runtime().enter();
-        let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("redis url `{url}`: {e}"))?;
-        Ok(Arc::new(RedisStore {
-            url: url.to_string(),
-            connection,
-            script: redis::Script::new(GCRA_SCRIPT),
-            skip_until: AtomicU64::new(0),
-            reachable: AtomicBool::new(true),
-        }))
-    }
+/// The script, prepared once per process.
+fn gcra_script() -> &'static redis::Script {
+    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(GCRA_SCRIPT))
 }
 
 /// One bucket the script is asked about.
@@ -145,11 +101,7 @@ impl SharedBuckets {
     /// including the first enforced denial. `Err` when Redis is skipped, fails or does
     /// not answer within the timeout.
     pub async fn check(&self, checks: &[SharedCheck], consume: bool) -> Result<Vec<Verdict>, ()> {
-        let store = &self.store;
-        if crate::clock::nanos() / 1_000 < store.skip_until.load(Ordering::Relaxed) {
-            return Err(());
-        }
-        let mut invocation = store.script.prepare_invoke();
+        let mut invocation = gcra_script().prepare_invoke();
         invocation.arg(u8::from(consume));
         for check in checks {
             let emission = (check.quota.emission / 1_000).max(1);
@@ -159,19 +111,18 @@ impl SharedBuckets {
                 .arg(emission.saturating_mul(u64::from(check.quota.burst)))
                 .arg(u8::from(check.shadow));
         }
-        let mut connection = store.connection.clone();
-        let answer = tokio::time::timeout(
-            self.timeout,
-            invocation.invoke_async::<Vec<i64>>(&mut connection),
-        )
-        .await;
-        let failure = match answer {
-            Ok(Ok(values)) if values.len() % 4 == 0 && values.len() / 4 <= checks.len() => {
-                if !store.reachable.swap(true, Ordering::Relaxed) {
-                    tracing::info!(url = %store.url, "rate-limit store reachable again");
+        let limit = checks.len();
+        self.store
+            .call(self.timeout, |mut connection| async move {
+                let values = invocation
+                    .invoke_async::<Vec<i64>>(&mut connection)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if values.len() % 4 != 0 || values.len() / 4 > limit {
+                    return Err(format!("unexpected answer of {} values", values.len()));
                 }
                 let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
-                return Ok(values
+                Ok(values
                     .chunks_exact(4)
                     .map(|v| Verdict {
                         allowed: v[0] == 1,
@@ -179,21 +130,9 @@ impl SharedBuckets {
                         reset: micros(v[2]),
                         retry_after: micros(v[3]),
                     })
-                    .collect());
-            }
-            Ok(Ok(values)) => format!("unexpected answer of {} values", values.len()),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.timeout),
-        };
-        store.skip_until.store(
-            crate::clock::nanos() / 1_000 + BACKOFF.as_micros() as u64,
-            Ordering::Relaxed,
-        );
-        if store.reachable.swap(false, Ordering::Relaxed) {
-            tracing::warn!(url = %store.url, error = %failure, on_error = ?self.on_error,
-                "rate-limit store unreachable; skipping it for {BACKOFF:?} at a time");
-        }
-        Err(())
+                    .collect())
+            })
+            .await
     }
 }
 
