@@ -209,16 +209,10 @@ fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
 #[test]
 fn stale_if_error_on_5xx_and_with_the_circuit_open() {
     let app = upstream("app");
-    let breaker = "upstreams:\n";
     let body = policy(
         &app,
         "{ ttl: 1s, stale_while_revalidate: 0s, stale_if_error: 10m }",
         "",
-    )
-    .replacen(
-        breaker,
-        "upstreams:\n",
-        1,
     )
     .replacen(
         "    timeouts: { connect: 1s, read: 5s }\n",
@@ -251,6 +245,20 @@ fn stale_if_error_on_5xx_and_with_the_circuit_open() {
     let refused = gw.get("/api/search?q=other");
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.json::<Value>().unwrap()["error"], "circuit_open");
+    assert_eq!(app.requests(), before);
+
+    // With a fallback on the route, the fallback comes first (SPEC: fallback, else the
+    // stale entry, else 503); a fresh entry is still a hit.
+    let with_fallback = body.replacen(
+        "    cache: {",
+        "    fallback: { status: 200, body: '{\"degraded\": true}' }\n    cache: {",
+        1,
+    );
+    gw.write_policy(&with_fallback);
+    assert!(wait_for(Duration::from_secs(5), || gw.generation() == 2));
+    let answered = gw.get(path);
+    assert_eq!(answered.headers()["x-tollgate-fallback"], "circuit_open");
+    assert_eq!(answered.text().unwrap(), "{\"degraded\": true}");
     assert_eq!(app.requests(), before);
 }
 
