@@ -4,10 +4,11 @@
 //!   request id → client address → framing (400) → route (404 `no_route`) →
 //!   identity (401 `unauthorized`) → shedding (fallback or 503 `overloaded`) → rate
 //!   limits (429 `rate_limited`) → body size (413 `payload_too_large`) → pool →
-//!   deadline.
+//!   deadline → a fresh cache entry (`x-cache: HIT`, `serve_fresh_hit`).
 //! * `request_cache_filter` / `cache_key_callback` / `cache_hit_filter` — on a caching
-//!   route, Pingora's cache looks the request up: a hit (or a stale entry it may serve)
-//!   is answered from the cache (`x-cache: HIT | STALE`) and skips everything below.
+//!   route, Pingora's cache looks up what the fast path left: conditional requests,
+//!   variants, stale entries (`x-cache: HIT | STALE`), misses; a hit skips everything
+//!   below.
 //! * `proxy_upstream_filter` — only when going upstream: circuit breaker (fallback,
 //!   else a stale entry, else 503 `circuit_open`) → bulkhead (503 `bulkhead_full`).
 //! * `upstream_peer` / `fail_to_connect` — pool and server choice; a server that
@@ -90,6 +91,8 @@ pub struct RequestCtx {
     /// What the cache did, once known; a caching route's requests without one were
     /// answered by the gateway before the cache (BYPASS).
     pub cache_outcome: Option<cache::Outcome>,
+    /// The key computed for the fast hit check, handed on to Pingora's cache on a miss.
+    cache_key: Option<CacheKey>,
 }
 
 impl RequestCtx {
@@ -226,6 +229,46 @@ impl Proxy {
         Ok(true)
     }
 
+    /// A fresh, non-varying entry is answered here, at the cache's place in the
+    /// pipeline: Pingora's cache state machine would decode the stored header on every
+    /// hit. Conditional requests, revalidation and everything stale or varying go
+    /// through Pingora's cache.
+    async fn serve_fresh_hit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let policy = ctx.policy.clone();
+        let Some(route) = ctx.route.map(|i| &policy.routes[i]) else {
+            return Ok(false);
+        };
+        let Some(cache) = &route.cache else {
+            return Ok(false);
+        };
+        let req = session.req_header();
+        if cache::request_bypass(cache, req).is_some()
+            || cache::request_wants_revalidation(req)
+            || req.headers.contains_key(http::header::IF_NONE_MATCH)
+            || req.headers.contains_key(http::header::IF_MODIFIED_SINCE)
+        {
+            return Ok(false);
+        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let user = ctx.principal.as_ref().map(|p| &*p.user);
+        let key = cache::key(cache, &route.name, req, tls, user);
+        let Some(fresh) = self.gateway.cache.fresh(&key) else {
+            ctx.cache_key = Some(key);
+            return Ok(false);
+        };
+        let head_only = req.method == http::Method::HEAD;
+        let mut header = fresh.header;
+        ctx.cache_outcome = Some(cache::Outcome::Hit);
+        self.response_filter(session, &mut header, ctx).await?;
+        session
+            .write_response_header(Box::new(header), head_only)
+            .await?;
+        if !head_only {
+            session.write_response_body(Some(fresh.body), true).await?;
+        }
+        Ok(true)
+    }
+
     /// The pool's circuit breaker and bulkhead; `Ok(true)` when the request was
     /// answered here instead of going upstream.
     async fn admit_upstream(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -354,6 +397,7 @@ impl ProxyHttp for Proxy {
             request_body_bytes: 0,
             answered: None,
             cache_outcome: None,
+            cache_key: None,
         }
     }
 
@@ -495,7 +539,7 @@ impl ProxyHttp for Proxy {
 
         ctx.pool = Some(route.target.choose().clone());
         ctx.deadline = route.timeout.map(|t| ctx.started + t);
-        Ok(false)
+        self.serve_fresh_hit(session, ctx).await
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
@@ -522,6 +566,9 @@ impl ProxyHttp for Proxy {
     }
 
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
+        if let Some(key) = ctx.cache_key.take() {
+            return Ok(key);
+        }
         let route = ctx
             .route()
             .expect("the cache is enabled only on a matched route");

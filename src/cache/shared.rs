@@ -66,13 +66,13 @@ fn decode(bytes: &[u8]) -> Option<Entry> {
         .map(|_| Some(Box::from(std::str::from_utf8(field()?).ok()?)))
         .collect::<Option<Box<[Box<str>]>>>()?;
     let meta_parsed = pingora::cache::CacheMeta::deserialize(&meta.0, &meta.1).ok()?;
-    Some(Entry {
-        keep_for: super::keep_for(&meta_parsed),
+    Some(Entry::new(
         meta,
+        bytes::Bytes::copy_from_slice(rest),
         path,
         tags,
-        body: bytes::Bytes::copy_from_slice(rest),
-    })
+        super::keep_for(&meta_parsed),
+    ))
 }
 
 impl SharedTier {
@@ -239,13 +239,13 @@ mod tests {
         let now = std::time::SystemTime::now();
         let meta =
             pingora::cache::CacheMeta::new(now + Duration::from_secs(60), now, 5, 10, header);
-        let entry = Entry {
-            meta: meta.serialize().unwrap(),
-            body: bytes::Bytes::from_static(b"hello"),
-            path: "/a?b=1".into(),
-            tags: Box::new(["a".into(), "b".into()]),
-            keep_for: Duration::from_secs(70),
-        };
+        let entry = Entry::new(
+            meta.serialize().unwrap(),
+            bytes::Bytes::from_static(b"hello"),
+            "/a?b=1".into(),
+            Box::new(["a".into(), "b".into()]),
+            Duration::from_secs(70),
+        );
         let back = decode(&encode(&entry)).unwrap();
         assert_eq!(back.body, entry.body);
         assert_eq!(back.path, entry.path);
