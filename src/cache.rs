@@ -471,6 +471,26 @@ pub enum Selector {
 }
 
 impl Selector {
+    /// The form purges are broadcast in to other replicas.
+    fn encode(&self) -> String {
+        match self {
+            Selector::Path(path) => format!("path {path}"),
+            Selector::Prefix(prefix) => format!("prefix {prefix}"),
+            Selector::Tag(tag) => format!("tag {tag}"),
+            Selector::All => "all".to_string(),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Selector> {
+        match text.split_once(' ') {
+            Some(("path", path)) => Some(Selector::Path(path.to_string())),
+            Some(("prefix", prefix)) => Some(Selector::Prefix(prefix.to_string())),
+            Some(("tag", tag)) => Some(Selector::Tag(tag.to_string())),
+            None if text == "all" => Some(Selector::All),
+            _ => None,
+        }
+    }
+
     fn matches(&self, entry: &Entry) -> bool {
         match self {
             Selector::Path(path) if path.contains('?') => &*entry.path == path,
@@ -634,11 +654,11 @@ impl Store {
 
     /// Opens the shared tier the settings name, keeping the connection while the URL
     /// is unchanged.
-    fn configure_shared(&self, settings: &Settings) {
+    fn configure_shared(&'static self, settings: &Settings) {
         let current = self.shared.load_full();
         let next = match &settings.redis {
             None => None,
-            Some((url, timeout)) => match current.filter(|t| t.store.url == *url) {
+            Some((url, timeout)) => match current.clone().filter(|t| t.store.url == *url) {
                 Some(tier) if tier.timeout == *timeout => Some(tier),
                 Some(tier) => Some(Arc::new(shared::SharedTier {
                     store: tier.store.clone(),
@@ -656,12 +676,17 @@ impl Store {
                 },
             },
         };
+        if let Some(tier) = &next {
+            if !current.is_some_and(|c| Arc::ptr_eq(&c, tier)) {
+                crate::redis::runtime().spawn(shared::follow_purges(self, Arc::downgrade(tier)));
+            }
+        }
         self.shared.store(next);
     }
 
     /// Applies a new policy's bounds. Changed bounds start an empty cache: moka's
     /// capacity is fixed at construction.
-    pub fn configure(&self, settings: &Settings) {
+    pub fn configure(&'static self, settings: &Settings) {
         let current = self.shelf.load();
         if !current.settings.same_shelf(settings) {
             current.entries.invalidate_all();
@@ -755,6 +780,7 @@ impl Store {
         let mut purged = self.purge_local(selector);
         if let Some(tier) = self.shared.load_full() {
             purged.extend(tier.purge(selector).await);
+            tier.publish(selector).await;
         }
         purged.sort_unstable();
         purged.dedup();
@@ -766,7 +792,10 @@ impl Store {
     pub fn invalidate(&self, selector: Selector) {
         self.purge_local(&selector);
         if let Some(tier) = self.shared.load_full() {
-            crate::redis::runtime().spawn(async move { tier.purge(&selector).await });
+            crate::redis::runtime().spawn(async move {
+                tier.purge(&selector).await;
+                tier.publish(&selector).await;
+            });
         }
     }
 

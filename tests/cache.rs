@@ -403,9 +403,14 @@ fn replicas_share_entries_through_redis_and_survive_its_loss() {
     assert!(from_b.text().unwrap().contains("shared one"));
     assert_eq!(app.requests(), 1, "the second replica went upstream");
 
-    // A purge on one replica clears the shared tier: a third replica misses.
+    // A purge on one replica clears the shared tier and, by broadcast, the other
+    // replicas' own copies; a third replica misses.
+    assert_eq!(b.admin_json("/status")["cache"]["entries"], 1);
     let purged = a.admin_post_json("/cache/purge", &json!({ "tag": "t1" }));
     assert_eq!(purged.json::<Value>().unwrap()["purged"], 1);
+    assert!(wait_for(Duration::from_secs(5), || b.admin_json("/status")
+        ["cache"]["entries"]
+        == 0));
     let c = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
     assert_eq!(x_cache(&get_with(&c, path, &host)), "MISS");
 

@@ -6,15 +6,18 @@
 //! Layout: `tollgate:cache:e:{slot}` holds an entry (meta, path, tags, body), expiring
 //! with it; `tollgate:cache:p:{path}` and `tollgate:cache:t:{tag}` are sets of
 //! `"{slot} {path?query}"` members that let a purge by path, prefix or tag find the
-//! entries of every replica.
+//! entries of every replica. Purges are also published on `tollgate:cache:purge`, and
+//! every replica applies the ones it hears to its own in-memory entries.
 
-use super::{Entry, Selector};
+use super::{Entry, Selector, Store};
 use crate::redis::RedisStore;
+use futures_util::StreamExt;
 use redis::AsyncCommands;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 const PREFIX: &str = "tollgate:cache:";
+const PURGE_CHANNEL: &str = "tollgate:cache:purge";
 
 pub struct SharedTier {
     pub store: Arc<RedisStore>,
@@ -119,6 +122,19 @@ impl SharedTier {
             .await;
     }
 
+    /// Tells the other replicas to apply `selector` to their own entries.
+    pub async fn publish(&self, selector: &Selector) {
+        let message = selector.encode();
+        let _ = self
+            .store
+            .call(self.timeout, |mut c| async move {
+                c.publish::<_, _, ()>(PURGE_CHANNEL, message)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+    }
+
     pub async fn remove(&self, slot: u128) {
         let key = entry_key(slot);
         let _ = self
@@ -196,6 +212,39 @@ impl SharedTier {
     }
 }
 
+/// Applies the purges other replicas publish to this replica's entries, for as long as
+/// `tier` is the store's shared tier; reconnects a second after a failure. A replica
+/// hears its own purges too, which then find nothing left.
+pub async fn follow_purges(store: &'static Store, tier: Weak<SharedTier>) {
+    loop {
+        let Some(url) = tier.upgrade().map(|t| t.store.url.clone()) else {
+            return;
+        };
+        let subscription = async {
+            let client = redis::Client::open(url)?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(PURGE_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        if let Ok(pubsub) = subscription.await {
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                if tier.strong_count() == 0 {
+                    return;
+                }
+                let selector = message
+                    .get_payload::<String>()
+                    .ok()
+                    .and_then(|text| Selector::decode(&text));
+                if let Some(selector) = selector {
+                    store.purge_local(&selector);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn scan(c: &mut redis::aio::ConnectionManager, pattern: &str) -> Result<Vec<String>, String> {
     let mut cursor = 0u64;
     let mut keys = Vec::new();
@@ -254,5 +303,14 @@ mod tests {
         assert!(back.keep_for > Duration::from_secs(60));
         assert!(decode(b"\x00\x00\x00\x09short").is_none());
         assert_eq!(glob_escape("/a*[b]"), "/a\\*\\[b\\]");
+        for selector in [
+            Selector::Path("/a b?c".into()),
+            Selector::Prefix("/api/".into()),
+            Selector::Tag("user-42".into()),
+            Selector::All,
+        ] {
+            let back = Selector::decode(&selector.encode()).unwrap();
+            assert_eq!(back.encode(), selector.encode());
+        }
     }
 }
