@@ -97,10 +97,9 @@ impl Admin {
             (Method::GET, "/readyz") => self.readiness(),
             (Method::GET, "/metrics") => {
                 let metrics = &self.gateway.metrics;
-                metrics
-                    .cache_entries
-                    .set(self.gateway.cache.entries() as i64);
-                metrics.cache_bytes.set(self.gateway.cache.bytes() as i64);
+                let (entries, bytes) = self.gateway.cache.usage();
+                metrics.cache_entries.set(entries as i64);
+                metrics.cache_bytes.set(bytes as i64);
                 Reply {
                     status: StatusCode::OK,
                     content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -317,6 +316,7 @@ impl Admin {
 
     fn status(&self) -> Value {
         let policy = self.gateway.policy.load_full();
+        let (cache_entries, cache_bytes) = self.gateway.cache.usage();
         let upstreams: serde_json::Map<String, Value> = policy
             .upstreams
             .iter()
@@ -402,8 +402,8 @@ impl Admin {
             "routes": routes,
             "upstreams": upstreams,
             "cache": {
-                "entries": self.gateway.cache.entries(),
-                "bytes": self.gateway.cache.bytes(),
+                "entries": cache_entries,
+                "bytes": cache_bytes,
                 "hit_ratio": self.gateway.cache.hit_ratio(),
                 "max_size": policy.cache.max_size,
                 "max_entries": policy.cache.max_entries,

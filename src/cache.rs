@@ -21,7 +21,7 @@ use crate::units;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderName, Method, StatusCode};
+use http::{HeaderName, Method};
 use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
 use pingora::cache::eviction::CacheEntryId;
 use pingora::cache::filters::{calculate_expires_header_time, calculate_serve_stale_durations};
@@ -429,9 +429,15 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     } else {
         cc.as_ref().and_then(|cc| cc.fresh_duration())
     };
+    // Zero freshness or an Expires in the past: stored already stale, served only after
+    // revalidation.
+    let stale_now = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
     let fresh_until = match fresh_for {
+        Some(Duration::ZERO) => stale_now,
         Some(fresh) => now + fresh,
-        None => calculate_expires_header_time(resp).unwrap_or(now + rc.ttl),
+        None => calculate_expires_header_time(resp)
+            .unwrap_or(now + rc.ttl)
+            .max(stale_now),
     };
     let defaults = CacheMetaDefaults::new(|_| None, rc.stale_while_revalidate, rc.stale_if_error);
     let (stale_while_revalidate, stale_if_error) = if no_cache {
@@ -443,13 +449,6 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     if let Some(cc) = &cc {
         cc.strip_private_headers(&mut header);
     }
-    // A fresh_until in the past is stored as already stale: served only after revalidation.
-    let fresh_until = fresh_until.max(now.checked_sub(Duration::from_secs(1)).unwrap_or(now));
-    let fresh_until = if fresh_for == Some(Duration::ZERO) {
-        now.checked_sub(Duration::from_secs(1)).unwrap_or(now)
-    } else {
-        fresh_until
-    };
     Store(CacheMeta::new(
         fresh_until,
         now,
@@ -695,10 +694,6 @@ impl Store {
         self.configure_shared(settings);
     }
 
-    pub fn settings(&self) -> Settings {
-        self.shelf.load().settings.clone()
-    }
-
     pub fn lock(&self) -> &'static CacheKeyLockImpl {
         self.lock
     }
@@ -707,16 +702,14 @@ impl Store {
         self.served[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn entries(&self) -> u64 {
+    /// Entries and bytes held, after moka's pending evictions have run.
+    pub fn usage(&self) -> (u64, u64) {
         let shelf = self.shelf.load();
         shelf.entries.run_pending_tasks();
-        shelf.entries.entry_count()
-    }
-
-    pub fn bytes(&self) -> u64 {
-        let shelf = self.shelf.load();
-        shelf.entries.run_pending_tasks();
-        shelf.bytes.load(Ordering::Relaxed)
+        (
+            shelf.entries.entry_count(),
+            shelf.bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Hits and stale answers over every request that looked in the cache.
@@ -1027,10 +1020,6 @@ pub fn error_allows_stale(error: &pingora::Error) -> bool {
     }
 }
 
-pub fn is_status_cacheable(rc: &RouteCache, status: StatusCode) -> bool {
-    rc.statuses.contains(&status.as_u16())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1159,9 +1148,10 @@ mod tests {
                 )),
             );
         }
-        assert!(store.entries() <= 16, "{} entries", store.entries());
-        assert!(store.bytes() <= 64 * 1024, "{} bytes", store.bytes());
-        assert!(store.entries() > 0);
+        let (entries, bytes) = store.usage();
+        assert!(entries <= 16, "{entries} entries");
+        assert!(bytes <= 64 * 1024, "{bytes} bytes");
+        assert!(entries > 0);
     }
 
     #[test]
@@ -1199,6 +1189,6 @@ mod tests {
         assert_eq!(purge(Selector::Tag("t1".into())), 1);
         assert_eq!(purge(Selector::Prefix("/a".into())), 1);
         assert_eq!(purge(Selector::All), 1);
-        assert_eq!(store.entries(), 0);
+        assert_eq!(store.usage().0, 0);
     }
 }

@@ -10,7 +10,6 @@
 use crate::gateway::Gateway;
 use crate::upstream::{Pool, ServerState};
 use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::sync::atomic::Ordering;
@@ -79,26 +78,18 @@ impl BackgroundService for HealthChecker {
 /// One probe: `GET path` with `Connection: close`; passes when the status is in range.
 async fn probe(connector: &Connector, pool: &Pool, index: usize, check: &HealthCheck) -> bool {
     let peer = pool.probe_peer(index, check.timeout);
-    let server = &pool.servers[index];
-    let attempt = async {
-        let (mut session, _) = connector.get_http_session(&*peer).await.ok()?;
-        let mut request = RequestHeader::build("GET", check.path.as_bytes(), Some(3)).ok()?;
-        request.insert_header("host", &*server.label).ok()?;
-        request
-            .insert_header("user-agent", "tollgate-health-check")
-            .ok()?;
-        request.insert_header("connection", "close").ok()?;
-        session.write_request_header(Box::new(request)).await.ok()?;
-        session.finish_request_body().await.ok()?;
-        session.read_response_header().await.ok()?;
-        let status = session.response_header()?.status.as_u16();
-        session.shutdown().await;
-        Some(status)
-    };
-    match tokio::time::timeout(check.timeout, attempt).await {
-        Ok(Some(status)) => (check.expect.0..=check.expect.1).contains(&status),
-        _ => false,
-    }
+    let host = &*pool.servers[index].label;
+    let status = crate::upstream::get_once(
+        connector,
+        &peer,
+        &check.path,
+        host,
+        "tollgate-health-check",
+        false,
+        check.timeout,
+    )
+    .await;
+    status.is_some_and(|status| (check.expect.0..=check.expect.1).contains(&status))
 }
 
 fn record(

@@ -473,6 +473,38 @@ impl Drop for InflightGuard {
     }
 }
 
+/// A one-off `GET path` with `Connection: close` that the gateway makes itself (health
+/// probes, cache warming), within `timeout`; the status, or `None` when no answer came.
+/// `whole_body` reads the body to its end first.
+pub async fn get_once(
+    connector: &pingora::connectors::http::Connector,
+    peer: &HttpPeer,
+    path: &str,
+    host: &str,
+    user_agent: &str,
+    whole_body: bool,
+    timeout: std::time::Duration,
+) -> Option<u16> {
+    let attempt = async {
+        let (mut session, _) = connector.get_http_session(peer).await.ok()?;
+        let mut request =
+            pingora::http::RequestHeader::build("GET", path.as_bytes(), Some(3)).ok()?;
+        request.insert_header("host", host).ok()?;
+        request.insert_header("user-agent", user_agent).ok()?;
+        request.insert_header("connection", "close").ok()?;
+        session.write_request_header(Box::new(request)).await.ok()?;
+        session.finish_request_body().await.ok()?;
+        session.read_response_header().await.ok()?;
+        let status = session.response_header()?.status.as_u16();
+        if whole_body {
+            while session.read_response_body().await.ok()?.is_some() {}
+        }
+        session.shutdown().await;
+        Some(status)
+    };
+    tokio::time::timeout(timeout, attempt).await.ok().flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,6 @@
 
 use crate::gateway::Gateway;
 use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
@@ -87,24 +86,15 @@ fn reachable(listen: SocketAddr) -> SocketAddr {
 /// once its body is complete); the status, or `None` when nothing came back.
 async fn fetch(connector: &Connector, listen: SocketAddr, path: &str) -> Option<u16> {
     let peer = HttpPeer::new(listen, false, String::new());
-    let attempt = async {
-        let (mut session, _) = connector.get_http_session(&peer).await.ok()?;
-        let mut request = RequestHeader::build("GET", path.as_bytes(), Some(3)).ok()?;
-        request.insert_header("host", listen.to_string()).ok()?;
-        request
-            .insert_header("user-agent", "tollgate-cache-warmer")
-            .ok()?;
-        request.insert_header("connection", "close").ok()?;
-        session.write_request_header(Box::new(request)).await.ok()?;
-        session.finish_request_body().await.ok()?;
-        session.read_response_header().await.ok()?;
-        let status = session.response_header()?.status.as_u16();
-        while session.read_response_body().await.ok()?.is_some() {}
-        session.shutdown().await;
-        Some(status)
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, attempt)
-        .await
-        .ok()
-        .flatten()
+    let host = listen.to_string();
+    crate::upstream::get_once(
+        connector,
+        &peer,
+        path,
+        &host,
+        "tollgate-cache-warmer",
+        true,
+        REQUEST_TIMEOUT,
+    )
+    .await
 }
