@@ -71,7 +71,7 @@ pub struct RouteCache {
     pub vary: Vec<HeaderName>,
     pub methods: Vec<Method>,
     pub statuses: Vec<u16>,
-    pub warm: Vec<String>,
+    pub warm: Vec<WarmTarget>,
     /// `tollgate_cache_requests_total{route, result}`, indexed by [`Outcome`].
     pub requests: [prometheus::IntCounter; 4],
 }
@@ -217,18 +217,24 @@ pub fn compile_route(
             ));
         }
     }
-    for warm in &c.warm {
-        if !warm.value.starts_with('/') {
-            errors.push(ConfigError::at(
-                path,
-                &warm.referenced,
-                format!(
-                    "route `{route}`: cache.warm path `{}` must start with /",
-                    warm.value
-                ),
-            ));
-        }
-    }
+    let warm = c
+        .warm
+        .iter()
+        .filter_map(|w| match WarmTarget::parse(&w.value) {
+            Some(target) => Some(target),
+            None => {
+                errors.push(ConfigError::at(
+                    path,
+                    &w.referenced,
+                    format!(
+                        "route `{route}`: cache.warm `{}` must be a path starting with / or an http(s):// URL",
+                        w.value
+                    ),
+                ));
+                None
+            }
+        })
+        .collect();
     let seconds = |d: units::Duration| u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX);
     (errors.len() == before).then(|| RouteCache {
         ttl: c.ttl.0,
@@ -239,9 +245,36 @@ pub fn compile_route(
         vary,
         methods,
         statuses: c.statuses.iter().map(|s| s.value).collect(),
-        warm: c.warm.iter().map(|w| w.value.clone()).collect(),
+        warm,
         requests: Outcome::ALL.map(|o| metrics.cache_requests(route, o.label())),
     })
+}
+
+/// One `warm` entry. Keys hold the Host, so a path alone is fetched with the gateway's
+/// listener address as Host; a URL names the Host clients use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WarmTarget {
+    pub host: Option<String>,
+    pub path: String,
+}
+
+impl WarmTarget {
+    fn parse(text: &str) -> Option<WarmTarget> {
+        if text.starts_with('/') {
+            return Some(WarmTarget {
+                host: None,
+                path: text.to_string(),
+            });
+        }
+        let uri: http::Uri = text.parse().ok()?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return None;
+        }
+        Some(WarmTarget {
+            host: Some(uri.authority()?.to_string()),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        })
+    }
 }
 
 /// What the cache did for one request: the `x-cache` header and the metric label.

@@ -1,9 +1,11 @@
 //! Cache warming (SPEC §3 `routes[].cache.warm`): at start and after every reload the
 //! warm paths are requested through the gateway's own listener, so they take the whole
 //! pipeline (rate limits, breaker, metrics, access log) and fill the cache like any
-//! client's miss. A path whose upstream is down is tried again on the next ticks, then
+//! client's miss. Keys hold the Host: a warm path is fetched with the listener address
+//! as Host, a warm URL with its own. A path whose upstream is down is tried again on the next ticks, then
 //! given up on with a warning until the next reload.
 
+use super::WarmTarget;
 use crate::gateway::Gateway;
 use pingora::connectors::http::Connector;
 use pingora::server::ShutdownWatch;
@@ -28,7 +30,7 @@ impl BackgroundService for Warmer {
         let connector = Connector::new(None);
         let mut tick = tokio::time::interval(TICK);
         let mut warmed_generation = 0;
-        let mut pending: Vec<String> = Vec::new();
+        let mut pending: Vec<WarmTarget> = Vec::new();
         let mut rounds = 0;
         loop {
             tokio::select! {
@@ -54,12 +56,12 @@ impl BackgroundService for Warmer {
                 continue;
             }
             let mut failed = Vec::new();
-            for path in pending.drain(..) {
-                match fetch(&connector, listen, &path).await {
+            for target in pending.drain(..) {
+                match fetch(&connector, listen, &target).await {
                     Some(status) if status < 500 => {
-                        tracing::info!(path, status, "cache warmed");
+                        tracing::info!(path = target.path, host = ?target.host, status, "cache warmed");
                     }
-                    _ => failed.push(path),
+                    _ => failed.push(target),
                 }
             }
             rounds += 1;
@@ -82,15 +84,15 @@ fn reachable(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
-/// `GET path` through the gateway, reading the whole body (the cache stores a response
-/// once its body is complete); the status, or `None` when nothing came back.
-async fn fetch(connector: &Connector, listen: SocketAddr, path: &str) -> Option<u16> {
+/// `GET` the target through the gateway, reading the whole body (the cache stores a
+/// response once its body is complete); the status, or `None` when nothing came back.
+async fn fetch(connector: &Connector, listen: SocketAddr, target: &WarmTarget) -> Option<u16> {
     let peer = HttpPeer::new(listen, false, String::new());
-    let host = listen.to_string();
+    let host = target.host.clone().unwrap_or_else(|| listen.to_string());
     crate::upstream::get_once(
         connector,
         &peer,
-        path,
+        &target.path,
         &host,
         "tollgate-cache-warmer",
         true,
