@@ -359,8 +359,14 @@ pub fn key(
         .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
         .unwrap_or("");
     let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    let scheme = if tls { "https" } else { "http" };
-    let mut primary = format!("{scheme}://{}{path}\n{route}", host.to_ascii_lowercase());
+    let scheme = if tls { "https://" } else { "http://" };
+    let mut primary = String::with_capacity(scheme.len() + host.len() + path.len() + 64);
+    primary.push_str(scheme);
+    primary.push_str(host);
+    primary[scheme.len()..].make_ascii_lowercase();
+    primary.push_str(path);
+    primary.push('\n');
+    primary.push_str(route);
     if rc.per_user {
         primary.push_str("\nuser:");
         match user {
@@ -587,8 +593,21 @@ impl Entry {
                 let meta = CacheMeta::deserialize(&self.meta.0, &self.meta.1).ok()?;
                 let varies =
                     meta.variance().is_some() || meta.headers().contains_key(http::header::VARY);
-                (!varies).then(|| Decoded {
-                    header: meta.response_header_copy(),
+                if varies {
+                    return None;
+                }
+                // What every hit writes the same, settled once: the framing, and an
+                // `Age` slot that each hit only overwrites.
+                let mut header = meta.response_header_copy();
+                if !header.headers.contains_key(http::header::CONTENT_LENGTH) {
+                    header.remove_header(&http::header::TRANSFER_ENCODING);
+                    header
+                        .insert_header(http::header::CONTENT_LENGTH, self.body.len())
+                        .ok()?;
+                }
+                header.insert_header(http::header::AGE, 0).ok()?;
+                Some(Decoded {
+                    header,
                     fresh_until: meta.fresh_until(),
                     epoch: meta.epoch(),
                 })
@@ -771,12 +790,6 @@ impl Store {
         header
             .insert_header(http::header::AGE, age.as_secs())
             .ok()?;
-        if !header.headers.contains_key(http::header::CONTENT_LENGTH) {
-            header.remove_header(&http::header::TRANSFER_ENCODING);
-            header
-                .insert_header(http::header::CONTENT_LENGTH, entry.body.len())
-                .ok()?;
-        }
         Some(Fresh {
             header,
             body: entry.body.clone(),
@@ -881,7 +894,7 @@ impl Storage for Store {
             }
         };
         let meta = CacheMeta::deserialize(&entry.meta.0, &entry.meta.1)?;
-        Ok(Some((meta, Box::new(Hit(Some(entry.body.clone()))))))
+        Ok(Some((meta, Box::new(Hit::new(entry.body.clone())))))
     }
 
     async fn get_miss_handler(
@@ -977,12 +990,49 @@ fn keep_for(meta: &CacheMeta) -> Duration {
     fresh + Duration::from_secs(u64::from(stale).max(1))
 }
 
-struct Hit(Option<Bytes>);
+/// A stored body being served: whole, or the ranges Pingora's range filter seeks to
+/// (single and multipart `Range` requests on hits).
+struct Hit {
+    body: Bytes,
+    range: std::ops::Range<usize>,
+    done: bool,
+}
+
+impl Hit {
+    fn new(body: Bytes) -> Hit {
+        Hit {
+            range: 0..body.len(),
+            body,
+            done: false,
+        }
+    }
+}
 
 #[async_trait]
 impl HandleHit for Hit {
     async fn read_body(&mut self) -> pingora::Result<Option<Bytes>> {
-        Ok(self.0.take())
+        if std::mem::replace(&mut self.done, true) {
+            return Ok(None);
+        }
+        Ok(Some(self.body.slice(self.range.clone())))
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    /// `end` is exclusive; `None` reads to the end of the body.
+    fn seek(&mut self, start: usize, end: Option<usize>) -> pingora::Result<()> {
+        let len = self.body.len();
+        if start >= len {
+            return pingora::Error::e_explain(
+                pingora::ErrorType::InternalError,
+                format!("range start {start} is beyond the body's {len} bytes"),
+            );
+        }
+        self.range = start..end.map_or(len, |end| end.min(len));
+        self.done = false;
+        Ok(())
     }
 
     async fn finish(

@@ -168,7 +168,11 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// The hop-by-hop fields present in an upstream response, to be removed before it goes
 /// to the client: the standard ones and any the upstream's `Connection` names. (A
 /// switching-protocols answer keeps them: the upgrade needs `Connection`/`Upgrade`.)
+/// One pass over the names, no allocation, when there are none (the usual case).
 pub fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return Vec::new();
+    }
     let mut fields: Vec<HeaderName> = HOP_BY_HOP
         .iter()
         .filter(|h| headers.contains_key(*h))
@@ -316,5 +320,12 @@ mod tests {
         let mut fields = hop_by_hop_fields(&h);
         fields.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         assert_eq!(fields, ["connection", "keep-alive", "x-secret"]);
+
+        h.remove("connection");
+        h.remove("keep-alive");
+        assert!(
+            hop_by_hop_fields(&h).is_empty(),
+            "x-secret is not named any more"
+        );
     }
 }

@@ -231,8 +231,8 @@ impl Proxy {
 
     /// A fresh, non-varying entry is answered here, at the cache's place in the
     /// pipeline: Pingora's cache state machine would decode the stored header on every
-    /// hit. Conditional requests, revalidation and everything stale or varying go
-    /// through Pingora's cache.
+    /// hit. Conditional and range requests, revalidation and everything stale or
+    /// varying go through Pingora's cache.
     async fn serve_fresh_hit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let policy = ctx.policy.clone();
         let Some(route) = ctx.route.map(|i| &policy.routes[i]) else {
@@ -246,6 +246,7 @@ impl Proxy {
             || cache::request_wants_revalidation(req)
             || req.headers.contains_key(http::header::IF_NONE_MATCH)
             || req.headers.contains_key(http::header::IF_MODIFIED_SINCE)
+            || req.headers.contains_key(http::header::RANGE)
         {
             return Ok(false);
         }

@@ -71,6 +71,20 @@ fn hits_carry_age_and_upstream_freshness_is_honoured() {
     assert_eq!(x_cache(&head), "HIT");
     assert_eq!(app.requests(), before);
 
+    // A Range request is answered from the entry: the bytes asked for, or 416.
+    let part = get_with(&gw, "/api/search?q=a", &[("range", "bytes=2-6")]);
+    assert_eq!(part.status(), 206);
+    assert_eq!(x_cache(&part), "HIT");
+    assert_eq!(
+        part.headers()["content-range"],
+        format!("bytes 2-6/{}", body.len()).as_str()
+    );
+    assert_eq!(part.text().unwrap(), body[2..7]);
+    let beyond = format!("bytes={}-", body.len() + 10);
+    let unsatisfiable = get_with(&gw, "/api/search?q=a", &[("range", &beyond)]);
+    assert_eq!(unsatisfiable.status(), 416);
+    assert_eq!(app.requests(), before);
+
     // A POST is not cached, and a successful one invalidates the URI.
     let post = gw.client.post(gw.url("/api/search?q=a")).send().unwrap();
     assert_eq!(x_cache(&post), "BYPASS");
