@@ -498,7 +498,7 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
 }
 
 /// Which entries `POST /cache/purge` removes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
     /// The path, with any query when it has none itself; exactly that path and query
     /// when it has one.
@@ -711,15 +711,9 @@ impl Store {
             None => None,
             Some((url, timeout)) => match current.clone().filter(|t| t.store.url == *url) {
                 Some(tier) if tier.timeout == *timeout => Some(tier),
-                Some(tier) => Some(Arc::new(shared::SharedTier {
-                    store: tier.store.clone(),
-                    timeout: *timeout,
-                })),
+                Some(tier) => Some(Arc::new(tier.with_timeout(*timeout))),
                 None => match crate::redis::RedisStore::open(url, "cache store") {
-                    Ok(store) => Some(Arc::new(shared::SharedTier {
-                        store,
-                        timeout: *timeout,
-                    })),
+                    Ok(store) => Some(Arc::new(shared::SharedTier::new(store, *timeout))),
                     Err(e) => {
                         tracing::error!("cache.redis: {e}; caching in this replica only");
                         None
@@ -819,7 +813,6 @@ impl Store {
         let mut purged = self.purge_local(selector);
         if let Some(tier) = self.shared.load_full() {
             purged.extend(tier.purge(selector).await);
-            tier.publish(selector).await;
         }
         purged.sort_unstable();
         purged.dedup();
@@ -833,7 +826,6 @@ impl Store {
         if let Some(tier) = self.shared.load_full() {
             crate::redis::runtime().spawn(async move {
                 tier.purge(&selector).await;
-                tier.publish(&selector).await;
             });
         }
     }

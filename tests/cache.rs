@@ -445,3 +445,70 @@ fn replicas_share_entries_through_redis_and_survive_its_loss() {
         started.elapsed()
     );
 }
+
+/// Sends one command to Redis in its inline form; answers the reply's first line.
+fn redis_command(redis: &RedisServer, command: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    conn.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+    let mut reply = [0u8; 64];
+    let n = conn.read(&mut reply).unwrap();
+    String::from_utf8_lossy(&reply[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn purges_are_not_lost_to_a_redis_stall_or_a_broken_subscription() {
+    let app = upstream("app");
+    let redis = RedisServer::start();
+    let shared = format!(
+        "cache:\n  redis: {{ url: \"{}\", timeout: 200ms }}\n",
+        redis.url()
+    );
+    let a = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    let b = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    let host = [("host", "api.example")];
+    let cached_on_both = |path: &str| {
+        assert_eq!(x_cache(&get_with(&a, path, &host)), "MISS");
+        assert_eq!(x_cache(&get_with(&b, path, &host)), "HIT");
+    };
+    // Read without a request, which would store the entry again.
+    let b_entries = || {
+        b.admin_json("/status")["cache"]["entries"]
+            .as_u64()
+            .unwrap()
+    };
+
+    // Redis stalls (every client paused) while a purge is sent to one replica: the
+    // purge is replayed once Redis answers, so the shared tier and the other replica
+    // lose the entry too.
+    cached_on_both("/api/search?q=stalled");
+    assert_eq!(redis_command(&redis, "CLIENT PAUSE 6000 ALL"), "+OK");
+    let purged = a.admin_post_json("/cache/purge", &json!({ "path": "/api/search" }));
+    assert_eq!(purged.json::<Value>().unwrap()["purged"], 1);
+    assert_eq!(
+        x_cache(&get_with(&b, "/api/search?q=stalled", &host)),
+        "HIT",
+        "b cannot have heard of the purge yet"
+    );
+    assert_eq!(b_entries(), 1);
+    assert!(wait_for(Duration::from_secs(15), || b_entries() == 0));
+    let c = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    assert_eq!(
+        x_cache(&get_with(&c, "/api/search?q=stalled", &host)),
+        "MISS",
+        "the shared tier still had the purged entry"
+    );
+
+    // The replicas' subscriptions break and a purge is published before they are
+    // back: nobody hears it, so a replica that returns drops its own copies.
+    cached_on_both("/api/search?q=unheard");
+    assert!(redis_command(&redis, "CLIENT KILL TYPE pubsub").starts_with(':'));
+    let purged = a.admin_post_json("/cache/purge", &json!({ "path": "/api/search" }));
+    assert_eq!(purged.status(), 200);
+    assert_eq!(b_entries(), 1);
+    assert!(wait_for(Duration::from_secs(15), || b_entries() == 0));
+}

@@ -14,10 +14,12 @@ fn sha(key: &str) -> String {
         .collect()
 }
 
+/// Rates slow enough that no token comes back while a test runs on a busy machine
+/// (`global` at 1000/min would refill one every 60 ms).
 fn start(app: &Upstream) -> Tollgate {
     Tollgate::start_with(
         &format!(
-            "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: predict\n    match: {{ path_prefix: /api/predict }}\n    upstream: app\n  - name: health\n    match: {{ path: /health }}\n    upstream: app\nidentity:\n  api_keys:\n    keys:\n      - {{ sha256: \"{}\", user: alice, tier: pro }}\nrate_limits:\n  - name: global\n    key: global\n    rate: 1000/min\n  - name: per-user\n    key: user\n    rate: {{ free: 5/min, pro: 6/min }}\n  - name: anonymous\n    key: ip\n    when: anonymous\n    rate: 2/min\n  - name: expensive\n    key: user_or_ip\n    routes: [predict]\n    rate: 4/min\n",
+            "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: predict\n    match: {{ path_prefix: /api/predict }}\n    upstream: app\n  - name: health\n    match: {{ path: /health }}\n    upstream: app\nidentity:\n  api_keys:\n    keys:\n      - {{ sha256: \"{}\", user: alice, tier: pro }}\nrate_limits:\n  - name: global\n    key: global\n    rate: 1000/d\n  - name: per-user\n    key: user\n    rate: {{ free: 5/min, pro: 6/min }}\n  - name: anonymous\n    key: ip\n    when: anonymous\n    rate: 2/min\n  - name: expensive\n    key: user_or_ip\n    routes: [predict]\n    rate: 4/min\n",
             app.addr,
             sha("alice-key")
         ),

@@ -8,20 +8,31 @@
 //! `"{slot} {path?query}"` members that let a purge by path, prefix or tag find the
 //! entries of every replica. Purges are also published on `tollgate:cache:purge`, and
 //! every replica applies the ones it hears to its own in-memory entries.
+//!
+//! An outage must not let a purged response live on: a purge Redis does not take is
+//! kept (bounded) and replayed, deletion and broadcast, once Redis answers again; a
+//! replica whose subscription was broken drops its own copies when it is back, since it
+//! cannot know which purges it missed.
 
 use super::{Entry, Selector, Store};
 use crate::redis::RedisStore;
 use futures_util::StreamExt;
 use redis::AsyncCommands;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 const PREFIX: &str = "tollgate:cache:";
 const PURGE_CHANNEL: &str = "tollgate:cache:purge";
+/// Past this many distinct purges waiting for Redis, they become one purge of all.
+const MAX_PENDING: usize = 256;
+/// How often waiting purges are retried.
+const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
 
 pub struct SharedTier {
     pub store: Arc<RedisStore>,
     pub timeout: Duration,
+    /// Purges Redis did not take, oldest first.
+    pending: Mutex<Vec<Selector>>,
 }
 
 fn entry_key(slot: u128) -> String {
@@ -79,6 +90,27 @@ fn decode(bytes: &[u8]) -> Option<Entry> {
 }
 
 impl SharedTier {
+    pub fn new(store: Arc<RedisStore>, timeout: Duration) -> SharedTier {
+        SharedTier {
+            store,
+            timeout,
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The same Redis with another timeout; purges still waiting go along.
+    pub fn with_timeout(&self, timeout: Duration) -> SharedTier {
+        SharedTier {
+            store: self.store.clone(),
+            timeout,
+            pending: Mutex::new(self.pending().clone()),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Selector>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub async fn get(&self, slot: u128) -> Option<Entry> {
         let key = entry_key(slot);
         let bytes = self
@@ -123,16 +155,16 @@ impl SharedTier {
     }
 
     /// Tells the other replicas to apply `selector` to their own entries.
-    pub async fn publish(&self, selector: &Selector) {
+    async fn publish(&self, selector: &Selector) -> bool {
         let message = selector.encode();
-        let _ = self
-            .store
+        self.store
             .call(self.timeout, |mut c| async move {
                 c.publish::<_, _, ()>(PURGE_CHANNEL, message)
                     .await
                     .map_err(|e| e.to_string())
             })
-            .await;
+            .await
+            .is_ok()
     }
 
     pub async fn remove(&self, slot: u128) {
@@ -145,8 +177,48 @@ impl SharedTier {
             .await;
     }
 
-    /// Deletes the selected entries; answers their slots (those that existed).
+    /// Deletes the selected entries and tells the other replicas; answers the slots
+    /// that existed. What Redis does not take waits for [`Self::catch_up`].
     pub async fn purge(&self, selector: &Selector) -> Vec<u128> {
+        match self.delete(selector).await {
+            Ok(gone) => {
+                if !self.publish(selector).await {
+                    self.defer(selector);
+                }
+                gone
+            }
+            Err(_) => {
+                self.defer(selector);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Replays the purges Redis did not take; those it still does not take wait again.
+    pub async fn catch_up(&self) {
+        let pending = std::mem::take(&mut *self.pending());
+        for selector in &pending {
+            self.purge(selector).await;
+        }
+    }
+
+    fn defer(&self, selector: &Selector) {
+        let mut pending = self.pending();
+        if pending
+            .iter()
+            .any(|s| matches!(s, Selector::All) || s == selector)
+        {
+            return;
+        }
+        if pending.len() >= MAX_PENDING {
+            pending.clear();
+            pending.push(Selector::All);
+        } else {
+            pending.push(selector.clone());
+        }
+    }
+
+    async fn delete(&self, selector: &Selector) -> Result<Vec<u128>, ()> {
         let timeout = self.timeout.max(Duration::from_secs(5));
         let selector = selector.clone();
         self.store
@@ -208,14 +280,15 @@ impl SharedTier {
                 Ok(gone)
             })
             .await
-            .unwrap_or_default()
     }
 }
 
-/// Applies the purges other replicas publish to this replica's entries, for as long as
-/// `tier` is the store's shared tier; reconnects a second after a failure. A replica
-/// hears its own purges too, which then find nothing left.
+/// Applies the purges other replicas publish to this replica's entries, and replays
+/// this replica's purges that Redis did not take, for as long as `tier` is the store's
+/// shared tier; reconnects a second after a failure.  A replica hears its own purges
+/// too, which then find nothing left.
 pub async fn follow_purges(store: &'static Store, tier: Weak<SharedTier>) {
+    let mut missed = false;
     loop {
         let Some(url) = tier.upgrade().map(|t| t.store.url.clone()) else {
             return;
@@ -227,20 +300,36 @@ pub async fn follow_purges(store: &'static Store, tier: Weak<SharedTier>) {
             Ok::<_, redis::RedisError>(pubsub)
         };
         if let Ok(pubsub) = subscription.await {
+            if missed {
+                // Purges published while this replica was not listening are unknown.
+                store.purge_local(&Selector::All);
+            }
             let mut messages = pubsub.into_on_message();
-            while let Some(message) = messages.next().await {
-                if tier.strong_count() == 0 {
-                    return;
-                }
-                let selector = message
-                    .get_payload::<String>()
-                    .ok()
-                    .and_then(|text| Selector::decode(&text));
-                if let Some(selector) = selector {
-                    store.purge_local(&selector);
+            let mut catch_up = tokio::time::interval(CATCH_UP_EVERY);
+            loop {
+                tokio::select! {
+                    message = messages.next() => {
+                        let Some(message) = message else {
+                            break;
+                        };
+                        let selector = message
+                            .get_payload::<String>()
+                            .ok()
+                            .and_then(|text| Selector::decode(&text));
+                        if let Some(selector) = selector {
+                            store.purge_local(&selector);
+                        }
+                    }
+                    _ = catch_up.tick() => {
+                        let Some(tier) = tier.upgrade() else {
+                            return;
+                        };
+                        tier.catch_up().await;
+                    }
                 }
             }
         }
+        missed = true;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
