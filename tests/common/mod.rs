@@ -49,12 +49,23 @@ pub fn upstream_at(addr: SocketAddr, name: &str) -> Upstream {
     started.expect("bound")
 }
 
+/// A port nothing listens on now and that this test process has not handed out before
+/// (the kernel can give a just-released port to the next `bind(0)`, e.g. the same one
+/// for a gateway's listener and its admin API).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// An address that refuses connections for the rest of the test process: the
