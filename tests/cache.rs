@@ -401,16 +401,21 @@ fn warm_paths_fill_the_cache_at_start_and_after_a_reload() {
         .any(|l| l["request_headers"]["user-agent"] == "tollgate-cache-warmer"));
 }
 
-#[test]
-fn replicas_share_entries_through_redis_and_survive_its_loss() {
-    let app = upstream("app");
-    let mut redis = RedisServer::start();
+/// The caching route with its entries shared through `redis`.
+fn shared_policy(app: &Upstream, redis: &RedisServer) -> String {
     let shared = format!(
         "cache:\n  redis: {{ url: \"{}\", timeout: 200ms }}\n",
         redis.url()
     );
-    let a = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
-    let b = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    policy(app, "{ ttl: 5m }", &shared)
+}
+
+#[test]
+fn replicas_share_entries_through_redis_and_survive_its_loss() {
+    let app = upstream("app");
+    let mut redis = RedisServer::start();
+    let replica = || Tollgate::start(&shared_policy(&app, &redis));
+    let (a, b) = (replica(), replica());
 
     // Replicas behind one Service see the same Host.
     let host = [("host", "api.example")];
@@ -429,7 +434,7 @@ fn replicas_share_entries_through_redis_and_survive_its_loss() {
     assert!(wait_for(Duration::from_secs(5), || b.admin_json("/status")
         ["cache"]["entries"]
         == 0));
-    let c = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    let c = replica();
     assert_eq!(x_cache(&get_with(&c, path, &host)), "MISS");
 
     // Redis gone: every replica keeps answering from its own tier or the upstream.
@@ -464,12 +469,8 @@ fn redis_command(redis: &RedisServer, command: &str) -> String {
 fn purges_are_not_lost_to_a_redis_stall_or_a_broken_subscription() {
     let app = upstream("app");
     let redis = RedisServer::start();
-    let shared = format!(
-        "cache:\n  redis: {{ url: \"{}\", timeout: 200ms }}\n",
-        redis.url()
-    );
-    let a = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
-    let b = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    let replica = || Tollgate::start(&shared_policy(&app, &redis));
+    let (a, b) = (replica(), replica());
     let host = [("host", "api.example")];
     let cached_on_both = |path: &str| {
         assert_eq!(x_cache(&get_with(&a, path, &host)), "MISS");
@@ -496,7 +497,7 @@ fn purges_are_not_lost_to_a_redis_stall_or_a_broken_subscription() {
     );
     assert_eq!(b_entries(), 1);
     assert!(wait_for(Duration::from_secs(15), || b_entries() == 0));
-    let c = Tollgate::start(&policy(&app, "{ ttl: 5m }", &shared));
+    let c = replica();
     assert_eq!(
         x_cache(&get_with(&c, "/api/search?q=stalled", &host)),
         "MISS",
