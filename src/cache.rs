@@ -277,6 +277,10 @@ impl WarmTarget {
     }
 }
 
+/// The field that tells the client what the cache did (a `static`: looking a `&str` up
+/// parses the name on every call).
+pub static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
+
 /// What the cache did for one request: the `x-cache` header and the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -156,26 +156,26 @@ pub fn malformed(req: &RequestHeader) -> Option<&'static str> {
     None
 }
 
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
+/// A `match` on the name, not a list of `HeaderName`s: this runs for every field of
+/// every response, and comparing custom names costs more than comparing strings.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer" | "upgrade"
+    )
+}
 
 /// The hop-by-hop fields present in an upstream response, to be removed before it goes
 /// to the client: the standard ones and any the upstream's `Connection` names. (A
 /// switching-protocols answer keeps them: the upgrade needs `Connection`/`Upgrade`.)
 /// One pass over the names, no allocation, when there are none (the usual case).
 pub fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return Vec::new();
     }
-    let mut fields: Vec<HeaderName> = HOP_BY_HOP
-        .iter()
-        .filter(|h| headers.contains_key(*h))
+    let mut fields: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
         .cloned()
         .collect();
     fields.extend(

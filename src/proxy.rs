@@ -14,8 +14,10 @@
 //! * `upstream_peer` / `fail_to_connect` — pool and server choice; a server that
 //!   refuses the connection is skipped for another (backups last).
 //! * `upstream_request_filter` — forwarding headers, prefix stripping.
+//! * `upstream_response_filter` — retry on status, upstream latency, hop-by-hop
+//!   removal (before the cache stores the response).
 //! * `response_cache_filter` — whether the response is stored, and for how long.
-//! * `response_filter` — hop-by-hop removal, configured headers, request id, `x-cache`.
+//! * `response_filter` — configured headers, request id, `x-cache`.
 //! * `fail_to_proxy` — 502 `upstream_unavailable` / 504 `upstream_timeout`.
 //! * `logging` — the breaker's verdict on the outcome, metrics, SLO windows, access log.
 
@@ -114,7 +116,7 @@ impl RequestCtx {
             let _ = header.insert_header(self.policy.server.request_id_header.clone(), id.clone());
         }
         if self.route().is_some_and(|r| r.cache.is_some())
-            && !header.headers.contains_key("x-cache")
+            && !header.headers.contains_key(&cache::X_CACHE)
         {
             let _ = header.insert_header("x-cache", cache::Outcome::Bypass.header());
         }
@@ -868,6 +870,14 @@ impl ProxyHttp for Proxy {
             pool.upstream_duration.observe(elapsed.as_secs_f64());
             self.gateway.load.upstream_latency.record(elapsed);
         }
+        // Here, before the cache stores the response (RFC 9111 §3.1), so no hit ever
+        // needs stripping again. A switching-protocols answer keeps them: the upgrade
+        // needs `Connection`/`Upgrade`.
+        if upstream_response.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            for name in forwarding::hop_by_hop_fields(&upstream_response.headers) {
+                upstream_response.remove_header(&name);
+            }
+        }
         Ok(())
     }
 
@@ -879,12 +889,6 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         if self.gateway.closes_connections() {
             session.set_keepalive(None);
-        }
-        let switching = response.status == http::StatusCode::SWITCHING_PROTOCOLS;
-        if !switching {
-            for name in forwarding::hop_by_hop_fields(&response.headers) {
-                response.remove_header(&name);
-            }
         }
         if ctx.route().is_some_and(|r| r.cache.is_some()) {
             let req = session.req_header();

@@ -65,6 +65,19 @@ fn hits_carry_age_and_upstream_freshness_is_honoured() {
         assert_eq!(app.requests(), before + 2);
     }
 
+    // The upstream's hop-by-hop fields are not stored: a hit carries none of them.
+    let path = "/api/search?q=hop&set_header=connection:x-upstream-private&set_header=x-upstream-private:1&set_header=keep-alive:timeout%3D5";
+    for expected in ["MISS", "HIT"] {
+        let response = gw.get(path);
+        assert_eq!(x_cache(&response), expected);
+        for hop in ["x-upstream-private", "keep-alive"] {
+            assert!(
+                !response.headers().contains_key(hop),
+                "{expected} carried {hop}"
+            );
+        }
+    }
+
     // HEAD is answered from the GET entry.
     let before = app.requests();
     let head = gw.client.head(gw.url("/api/search?q=a")).send().unwrap();
