@@ -713,17 +713,20 @@ impl Store {
         let current = self.shared.load_full();
         let next = match &settings.redis {
             None => None,
-            Some((url, timeout)) => match current.clone().filter(|t| t.store.url == *url) {
-                Some(tier) if tier.timeout == *timeout => Some(tier),
-                Some(tier) => Some(Arc::new(tier.with_timeout(*timeout))),
-                None => match crate::redis::RedisStore::open(url, "cache store") {
-                    Ok(store) => Some(Arc::new(shared::SharedTier::new(store, *timeout))),
-                    Err(e) => {
-                        tracing::error!("cache.redis: {e}; caching in this replica only");
-                        None
-                    }
-                },
-            },
+            Some((url, timeout)) => {
+                let address = crate::redis::Address::Server(url.clone());
+                match current.clone().filter(|t| t.store.address == address) {
+                    Some(tier) if tier.timeout == *timeout => Some(tier),
+                    Some(tier) => Some(Arc::new(tier.with_timeout(*timeout))),
+                    None => match crate::redis::RedisStore::open(address, "cache store") {
+                        Ok(store) => Some(Arc::new(shared::SharedTier::new(store, *timeout))),
+                        Err(e) => {
+                            tracing::error!("cache.redis: {e}; caching in this replica only");
+                            None
+                        }
+                    },
+                }
+            }
         };
         if let Some(tier) = &next {
             if !current.is_some_and(|c| Arc::ptr_eq(&c, tier)) {

@@ -594,6 +594,7 @@ fn shared_backend(
     errors: &mut Vec<crate::config::ConfigError>,
 ) -> Option<shared::SharedBuckets> {
     use crate::config::ConfigError;
+    use crate::redis::Address;
     let backend = &settings.backend;
     if backend.value != Backend::Redis {
         return None;
@@ -602,39 +603,57 @@ fn shared_backend(
         errors.push(ConfigError::at(
             path,
             &backend.referenced,
-            "backend: redis needs a `rate_limiting.redis` section with its `url`",
+            "backend: redis needs a `rate_limiting.redis` section with its `url` (or `cluster`)",
         ));
         return None;
     };
-    if let Some(cluster) = &redis.cluster {
-        errors.push(ConfigError::at(path, &cluster.referenced, "redis `cluster` is not supported by this build: point `url` at the primary (or at a cluster proxy)"));
-        return None;
-    }
-    let Some(url) = &redis.url else {
-        errors.push(ConfigError::at(
-            path,
-            &backend.referenced,
-            "backend: redis needs `rate_limiting.redis.url`",
-        ));
-        return None;
+    let (address, location) = match (&redis.url, &redis.cluster) {
+        (Some(url), None) => (Address::Server(url.value.clone()), &url.referenced),
+        (None, Some(nodes)) if !nodes.value.is_empty() => {
+            (Address::Cluster(nodes.value.clone()), &nodes.referenced)
+        }
+        (None, Some(nodes)) => {
+            errors.push(ConfigError::at(
+                path,
+                &nodes.referenced,
+                "redis `cluster` needs at least one node URL",
+            ));
+            return None;
+        }
+        (Some(_), Some(nodes)) => {
+            errors.push(ConfigError::at(
+                path,
+                &nodes.referenced,
+                "redis takes `url` (one server) or `cluster` (seed nodes), not both",
+            ));
+            return None;
+        }
+        (None, None) => {
+            errors.push(ConfigError::at(
+                path,
+                &backend.referenced,
+                "backend: redis needs `rate_limiting.redis.url` (or `cluster`)",
+            ));
+            return None;
+        }
     };
     if redis.timeout.0.is_zero() {
         errors.push(ConfigError::at(
             path,
-            &url.referenced,
+            location,
             "redis `timeout` must be above 0s",
         ));
     }
     let reused = previous
         .and_then(|p| p.shared.as_ref())
-        .filter(|s| s.store.url == url.value)
+        .filter(|s| s.store.address == address)
         .map(|s| s.store.clone());
     let store = match reused {
         Some(store) => store,
-        None => match crate::redis::RedisStore::open(&url.value, "rate-limit store") {
+        None => match crate::redis::RedisStore::open(address, "rate-limit store") {
             Ok(store) => store,
             Err(message) => {
-                errors.push(ConfigError::at(path, &url.referenced, message));
+                errors.push(ConfigError::at(path, location, message));
                 return None;
             }
         },

@@ -13,12 +13,71 @@ use std::time::Duration;
 /// After a failed call, how long calls skip Redis before it is tried again.
 const BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long the connection's own attempts may take; each call is bounded by its
+/// store's (much shorter) `timeout` anyway.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where a store's Redis is: one server, or a cluster reached through its seed nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Server(String),
+    Cluster(Vec<String>),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Server(url) => f.write_str(url),
+            Address::Cluster(nodes) => write!(f, "cluster {}", nodes.join(",")),
+        }
+    }
+}
+
+/// A connection to one server (reconnected by the manager), or to a cluster (each
+/// command routed to the shard that owns its key, following MOVED/ASK redirects).
+#[derive(Clone)]
+pub enum Link {
+    Server(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Link {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Link::Server(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Link::Server(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Server(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The connection to one Redis, kept across reloads while its address is unchanged.
 pub struct RedisStore {
-    pub url: String,
+    pub address: Address,
     /// What this store is for, in log lines ("rate-limit store", "cache store").
     role: &'static str,
-    connection: redis::aio::ConnectionManager,
+    connection: Link,
     /// Microseconds on the process clock until which Redis is skipped.
     skip_until: AtomicU64,
     reachable: AtomicBool,
@@ -39,20 +98,37 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 impl RedisStore {
-    /// Parses the URL and prepares a connection that is made on first use (a Redis that
-    /// is down at start must not keep the gateway from starting).
-    pub fn open(url: &str, role: &'static str) -> Result<Arc<RedisStore>, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis url `{url}`: {e}"))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
+    /// Parses the address and prepares a connection that is made on first use (a Redis
+    /// that is down at start must not keep the gateway from starting).
+    pub fn open(address: Address, role: &'static str) -> Result<Arc<RedisStore>, String> {
         let _context = runtime().enter();
-        let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("redis url `{url}`: {e}"))?;
+        let connection = match &address {
+            Address::Server(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| format!("redis url `{url}`: {e}"))?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| format!("redis url `{url}`: {e}"))?;
+                Link::Server(manager)
+            }
+            Address::Cluster(nodes) => {
+                let client =
+                    redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+                        .retries(2)
+                        .build()
+                        .map_err(|e| format!("redis cluster: {e}"))?;
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(CONNECT_TIMEOUT);
+                Link::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        };
         Ok(Arc::new(RedisStore {
-            url: url.to_string(),
+            address,
             role,
             connection,
             skip_until: AtomicU64::new(0),
@@ -65,7 +141,7 @@ impl RedisStore {
     /// answer; a failure starts the skip period and is logged once per outage.
     pub async fn call<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, ()>
     where
-        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = Result<T, String>>,
     {
         if crate::clock::nanos() / 1_000 < self.skip_until.load(Ordering::Relaxed) {
@@ -74,7 +150,7 @@ impl RedisStore {
         let failure = match tokio::time::timeout(timeout, call(self.connection.clone())).await {
             Ok(Ok(value)) => {
                 if !self.reachable.swap(true, Ordering::Relaxed) {
-                    tracing::info!(url = %self.url, "{} reachable again", self.role);
+                    tracing::info!(address = %self.address, "{} reachable again", self.role);
                 }
                 return Ok(value);
             }
@@ -86,7 +162,7 @@ impl RedisStore {
             Ordering::Relaxed,
         );
         if self.reachable.swap(false, Ordering::Relaxed) {
-            tracing::warn!(url = %self.url, error = %failure,
+            tracing::warn!(address = %self.address, error = %failure,
                 "{} unreachable; skipping it for {BACKOFF:?} at a time", self.role);
         }
         Err(())

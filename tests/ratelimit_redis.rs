@@ -182,6 +182,74 @@ fn a_silent_redis_costs_at_most_the_timeout() {
 }
 
 #[test]
+fn replicas_share_budgets_through_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    let app = upstream("app");
+    let rules = "  - name: per-ip\n    key: ip\n    rate: 3/min\n  - name: shared\n    key: global\n    rate: 5/min\n";
+    let body = policy(
+        &app,
+        rules,
+        &format!(
+            "cluster: {}, timeout: 2s, on_error: deny",
+            cluster.urls_yaml()
+        ),
+    );
+    let replicas: Vec<Tollgate> = (0..2)
+        .map(|_| Tollgate::start_with(&body, TRUST_LOOPBACK, &[]))
+        .collect();
+
+    // One client's three across both replicas, then its own rule refuses it; that
+    // refusal spends nothing of the global budget (narrowest first, as on one server).
+    let mut seen = Vec::new();
+    for n in 0..4 {
+        let response = from(&replicas[n % 2], "203.0.113.1");
+        seen.push((response.status().as_u16(), remaining(&response)));
+        if n == 3 {
+            let doc: Value = response.json().unwrap();
+            assert_eq!(doc["rule"], "per-ip");
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (200, Some(2)),
+            (200, Some(1)),
+            (200, Some(0)),
+            (429, Some(0))
+        ]
+    );
+    // Two of the global five are left for everyone else.
+    let other: Vec<u16> = (0..3)
+        .map(|n| from(&replicas[n % 2], "203.0.113.2").status().as_u16())
+        .collect();
+    assert_eq!(other, [200, 200, 429]);
+    let doc: Value = from(&replicas[0], "203.0.113.3").json().unwrap();
+    assert_eq!(doc["rule"], "shared");
+    assert_eq!(app.requests(), 5);
+    // The buckets live on more than one shard: what a single script could not reach.
+    let shards_holding = cluster
+        .nodes
+        .iter()
+        .filter(|node| node.cli(&["DBSIZE"]).trim() != "0")
+        .count();
+    assert!(shards_holding >= 2, "all buckets on one shard");
+
+    // The whole cluster gone: `on_error` within the timeout, as with one server.
+    let mut cluster = cluster;
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    let started = Instant::now();
+    let denied = from(&replicas[1], "203.0.113.4");
+    assert_eq!(denied.status(), 429);
+    assert!(
+        started.elapsed() < Duration::from_millis(2_000 + 500),
+        "a dead cluster delayed a request by {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn redis_backend_without_an_address_is_refused_with_its_location() {
     let app = upstream("app");
     let gw = Tollgate::start(&format!(
@@ -206,5 +274,17 @@ fn redis_backend_without_an_address_is_refused_with_its_location() {
     ));
     let response = gw.admin_post("/reload", None);
     assert_eq!(response.status(), 400);
+    gw.write_policy(&format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\nrate_limiting:\n  backend: redis\n  redis:\n    url: \"redis://127.0.0.1:1\"\n    cluster: [\"redis://127.0.0.1:2\"]\n",
+        app.addr
+    ));
+    let response = gw.admin_post("/reload", None);
+    assert_eq!(response.status(), 400);
+    let doc: Value = response.json().unwrap();
+    let error = doc["errors"][0].as_str().unwrap();
+    assert!(
+        error.contains("gateway.yaml:") && error.contains("not both"),
+        "{error}"
+    );
     assert_eq!(gw.get("/health").status(), 200, "the old policy serves on");
 }

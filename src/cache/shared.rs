@@ -15,7 +15,7 @@
 //! cannot know which purges it missed.
 
 use super::{Entry, Selector, Store};
-use crate::redis::RedisStore;
+use crate::redis::{Address, Link, RedisStore};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -290,7 +290,8 @@ impl SharedTier {
 pub async fn follow_purges(store: &'static Store, tier: Weak<SharedTier>) {
     let mut missed = false;
     loop {
-        let Some(url) = tier.upgrade().map(|t| t.store.url.clone()) else {
+        // `cache.redis` names one server: its tier is never a cluster.
+        let Some(Address::Server(url)) = tier.upgrade().map(|t| t.store.address.clone()) else {
             return;
         };
         let subscription = async {
@@ -334,7 +335,7 @@ pub async fn follow_purges(store: &'static Store, tier: Weak<SharedTier>) {
     }
 }
 
-async fn scan(c: &mut redis::aio::ConnectionManager, pattern: &str) -> Result<Vec<String>, String> {
+async fn scan(c: &mut Link, pattern: &str) -> Result<Vec<String>, String> {
     let mut cursor = 0u64;
     let mut keys = Vec::new();
     loop {

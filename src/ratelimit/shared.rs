@@ -2,7 +2,9 @@
 //!
 //! One request is one round trip: a server-side script evaluates every rule that
 //! applies, in the same narrowest-first order and with the same GCRA arithmetic as the
-//! local store, stopping at the first enforced denial. Redis's own clock (`TIME`) is the
+//! local store, stopping at the first enforced denial. (Against a Redis Cluster, where
+//! a script only reaches one shard, it is one round trip per bucket, same order, same
+//! stop.) Redis's own clock (`TIME`) is the
 //! only clock, so replicas with skewed clocks still agree; each bucket expires when it
 //! has refilled, so Redis holds state only for clients that are currently spending.
 //!
@@ -12,7 +14,7 @@
 
 use super::{Quota, Verdict};
 use crate::config::OnRedisError;
-use crate::redis::RedisStore;
+use crate::redis::{Address, RedisStore};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -101,39 +103,71 @@ impl SharedBuckets {
     /// including the first enforced denial. `Err` when Redis is skipped, fails or does
     /// not answer within the timeout.
     pub async fn check(&self, checks: &[SharedCheck], consume: bool) -> Result<Vec<Verdict>, ()> {
-        let mut invocation = gcra_script().prepare_invoke();
-        invocation.arg(u8::from(consume));
-        for check in checks {
-            let emission = (check.quota.emission / 1_000).max(1);
-            invocation
-                .key(&check.key)
-                .arg(emission)
-                .arg(emission.saturating_mul(u64::from(check.quota.burst)))
-                .arg(u8::from(check.shadow));
-        }
-        let limit = checks.len();
+        // A script may only touch keys of one cluster shard, and a request's buckets
+        // hash to different ones: against a cluster, one round trip per bucket, in the
+        // same order, stopping where the script would. All within the one timeout.
+        let batch = match self.store.address {
+            Address::Server(_) => checks.len().max(1),
+            Address::Cluster(_) => 1,
+        };
+        let invocations: Vec<_> = checks
+            .chunks(batch)
+            .map(|batch| (invocation(batch, consume), batch))
+            .collect();
         self.store
             .call(self.timeout, |mut connection| async move {
-                let values = invocation
-                    .invoke_async::<Vec<i64>>(&mut connection)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if values.len() % 4 != 0 || values.len() / 4 > limit {
-                    return Err(format!("unexpected answer of {} values", values.len()));
+                let mut verdicts = Vec::with_capacity(checks.len());
+                for (invocation, batch) in invocations {
+                    let values = invocation
+                        .invoke_async::<Vec<i64>>(&mut connection)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let answered = verdicts_of(&values, batch.len())?;
+                    let denied = answered
+                        .iter()
+                        .zip(batch)
+                        .any(|(verdict, check)| !verdict.allowed && !check.shadow);
+                    verdicts.extend(answered);
+                    if denied {
+                        break;
+                    }
                 }
-                let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
-                Ok(values
-                    .chunks_exact(4)
-                    .map(|v| Verdict {
-                        allowed: v[0] == 1,
-                        remaining: v[1].clamp(0, i64::from(u32::MAX)) as u32,
-                        reset: micros(v[2]),
-                        retry_after: micros(v[3]),
-                    })
-                    .collect())
+                Ok(verdicts)
             })
             .await
     }
+}
+
+/// The script invocation for `checks` (ARGV as the script reads it).
+fn invocation(checks: &[SharedCheck], consume: bool) -> redis::ScriptInvocation<'static> {
+    let mut invocation = gcra_script().prepare_invoke();
+    invocation.arg(u8::from(consume));
+    for check in checks {
+        let emission = (check.quota.emission / 1_000).max(1);
+        invocation
+            .key(&check.key)
+            .arg(emission)
+            .arg(emission.saturating_mul(u64::from(check.quota.burst)))
+            .arg(u8::from(check.shadow));
+    }
+    invocation
+}
+
+/// The script's answer, four integers per evaluated key, for at most `asked` keys.
+fn verdicts_of(values: &[i64], asked: usize) -> Result<Vec<Verdict>, String> {
+    if !values.len().is_multiple_of(4) || values.len() / 4 > asked {
+        return Err(format!("unexpected answer of {} values", values.len()));
+    }
+    let micros = |v: i64| Duration::from_micros(v.max(0) as u64);
+    Ok(values
+        .chunks_exact(4)
+        .map(|v| Verdict {
+            allowed: v[0] == 1,
+            remaining: v[1].clamp(0, i64::from(u32::MAX)) as u32,
+            reset: micros(v[2]),
+            retry_after: micros(v[3]),
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -411,9 +411,15 @@ impl RedisServer {
 
     /// Starts on `port` (e.g. the port of one that was stopped, to bring it back).
     pub fn start_on(port: u16) -> RedisServer {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts on `port` with more `redis-server` options.
+    pub fn start_with(port: u16, options: &[&str]) -> RedisServer {
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(options)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed (.ci/setup installs it)");
@@ -441,5 +447,82 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of primaries only, each its own `redis-server`, every hash slot
+/// assigned and the cluster state `ok` before this returns.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_arg = dir.path().to_str().unwrap().to_string();
+        let nodes: Vec<RedisServer> = (0..primaries)
+            .map(|_| {
+                let port = free_port();
+                let config = format!("nodes-{port}.conf");
+                RedisServer::start_with(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &config,
+                        "--dir",
+                        &dir_arg,
+                    ],
+                )
+            })
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli is installed with redis-server");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = RedisCluster { nodes, _dir: dir };
+        assert!(
+            wait_for(Duration::from_secs(20), || cluster.nodes.iter().all(|n| {
+                n.cli(&["cluster", "info"]).contains("cluster_state:ok")
+            })),
+            "the cluster reaches state ok"
+        );
+        cluster
+    }
+
+    /// The seed-node URLs, as a YAML flow list.
+    pub fn urls_yaml(&self) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"{}\"", n.url()))
+            .collect();
+        format!("[{}]", urls.join(", "))
+    }
+}
+
+impl RedisServer {
+    /// What `redis-cli` prints for `args` against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli is installed with redis-server");
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
