@@ -8,7 +8,6 @@ use common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -46,19 +45,6 @@ fn logged_user(gw: &Tollgate, response: &reqwest::blocking::Response) -> (Value,
         .find(|l| l["request_id"] == id.as_str())
         .unwrap();
     (line["user"].clone(), line["tier"].clone())
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn base64url(bytes: &[u8]) -> String {

@@ -250,6 +250,56 @@ fn replicas_share_budgets_through_a_redis_cluster() {
 }
 
 #[test]
+fn rediss_verifies_the_server_against_the_trusted_roots() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let redis = RedisServer::start_tls(certs.path());
+    let app = upstream("app");
+    let body = policy(
+        &app,
+        "  - name: shared\n    key: global\n    rate: 3/min\n",
+        &format!("url: \"{}\", timeout: 2s, on_error: allow", redis.url()),
+    );
+    // The test CA trusted the way the system roots are extended (rustls-native-certs).
+    let ca = certs.path().join("ca.pem");
+    let trusting = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    let replicas: Vec<Tollgate> = (0..2)
+        .map(|_| Tollgate::start_with(&body, "", &trusting))
+        .collect();
+    let seen: Vec<(u16, Option<u32>)> = (0..4)
+        .map(|n| {
+            let response = replicas[n % 2].get("/health");
+            (response.status().as_u16(), remaining(&response))
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (200, Some(2)),
+            (200, Some(1)),
+            (200, Some(0)),
+            (429, Some(0))
+        ],
+        "both replicas spend one budget over TLS"
+    );
+
+    // A gateway that does not trust the CA refuses the server: `on_error: allow`
+    // admits, without the quota headers only Redis could give.
+    let untrusting = Tollgate::start(&body);
+    for _ in 0..3 {
+        let response = untrusting.get("/health");
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().get("ratelimit").is_none());
+    }
+    assert!(wait_for(Duration::from_secs(5), || untrusting
+        .stdout()
+        .iter()
+        .any(
+            |l| l.contains("rate-limit store unreachable") && l.contains("certificate")
+        )));
+}
+
+#[test]
 fn redis_backend_without_an_address_is_refused_with_its_location() {
     let app = upstream("app");
     let gw = Tollgate::start(&format!(

@@ -402,11 +402,37 @@ pub fn raw_status(response: &str) -> Option<u16> {
 pub struct RedisServer {
     child: std::process::Child,
     pub port: u16,
+    tls: bool,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
         Self::start_on(free_port())
+    }
+
+    /// Speaks TLS only, with `tls.crt`/`tls.key` from `certs` (see [`make_certificates`]).
+    pub fn start_tls(certs: &std::path::Path) -> RedisServer {
+        let port = free_port();
+        let file = |name: &str| certs.join(name).to_str().unwrap().to_string();
+        let mut server = Self::start_with(
+            port,
+            &[
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &file("tls.crt"),
+                "--tls-key-file",
+                &file("tls.key"),
+                "--tls-ca-cert-file",
+                &file("ca.pem"),
+                "--tls-auth-clients",
+                "no",
+            ],
+        );
+        server.tls = true;
+        server
     }
 
     /// Starts on `port` (e.g. the port of one that was stopped, to bring it back).
@@ -423,7 +449,11 @@ impl RedisServer {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed (.ci/setup installs it)");
-        let server = RedisServer { child, port };
+        let server = RedisServer {
+            child,
+            port,
+            tls: false,
+        };
         assert!(
             wait_for(Duration::from_secs(10), || {
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -434,7 +464,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills the server and waits until its port refuses connections.
@@ -525,4 +556,81 @@ impl RedisServer {
             .expect("redis-cli is installed with redis-server");
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its stderr when it fails.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.pem`) and a leaf it signed for `localhost` and 127.0.0.1 (`tls.crt`,
+/// `tls.key`), written into `dir`.
+pub fn make_certificates(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tollgate test CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "tls.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
 }
