@@ -13,6 +13,7 @@
 //! entry count then both stay within their bounds.
 
 use crate::config::ConfigError;
+mod paths;
 mod shared;
 pub mod warm;
 
@@ -654,13 +655,16 @@ struct Shelf {
     settings: Settings,
     entries: moka::sync::Cache<u128, Arc<Entry>>,
     bytes: Arc<AtomicU64>,
+    paths: Arc<paths::PathIndex>,
 }
 
 impl Shelf {
     fn new(settings: Settings) -> Shelf {
         let bytes = Arc::new(AtomicU64::new(0));
+        let paths = Arc::new(paths::PathIndex::new());
         let slot = (settings.max_size / settings.max_entries).max(1);
         let released = bytes.clone();
+        let unindexed = paths.clone();
         let entries = moka::sync::Cache::builder()
             .max_capacity(settings.max_size)
             .weigher(move |_, entry: &Arc<Entry>| {
@@ -668,19 +672,25 @@ impl Shelf {
             })
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .expire_after(KeepFor)
-            .eviction_listener(move |_, entry: Arc<Entry>, _| {
+            .eviction_listener(move |slot: Arc<u128>, entry: Arc<Entry>, cause| {
                 released.fetch_sub(entry.size(), Ordering::Relaxed);
+                // A replacement lives in the same slot, under the same path.
+                if cause != moka::notification::RemovalCause::Replaced {
+                    unindexed.remove(&entry.path, *slot);
+                }
             })
             .build();
         Shelf {
             settings,
             entries,
             bytes,
+            paths,
         }
     }
 
     fn insert(&self, key: u128, entry: Arc<Entry>) {
         self.bytes.fetch_add(entry.size(), Ordering::Relaxed);
+        self.paths.add(&entry.path, key);
         self.entries.insert(key, entry);
     }
 }
@@ -839,12 +849,27 @@ impl Store {
 
     fn purge_local(&self, selector: &Selector) -> Vec<u128> {
         let shelf = self.shelf.load();
-        let doomed: Vec<u128> = shelf
-            .entries
-            .iter()
-            .filter(|(_, entry)| selector.matches(entry))
-            .map(|(key, _)| *key)
-            .collect();
+        let doomed: Vec<u128> = match selector {
+            // What every successful unsafe request asks for: looked up, not scanned.
+            Selector::Path(path) => shelf
+                .paths
+                .slots(path)
+                .into_iter()
+                .filter(|slot| {
+                    shelf
+                        .entries
+                        .get(slot)
+                        .is_some_and(|entry| selector.matches(&entry))
+                })
+                .collect(),
+            // Admin purges, rare: a scan of at most `max_entries`.
+            Selector::Prefix(_) | Selector::Tag(_) | Selector::All => shelf
+                .entries
+                .iter()
+                .filter(|(_, entry)| selector.matches(entry))
+                .map(|(key, _)| *key)
+                .collect(),
+        };
         doomed
             .into_iter()
             .filter(|key| shelf.entries.remove(key).is_some())
@@ -1234,6 +1259,11 @@ mod tests {
         assert!(entries <= 16, "{entries} entries");
         assert!(bytes <= 64 * 1024, "{bytes} bytes");
         assert!(entries > 0);
+        assert_eq!(
+            shelf.paths.len() as u64,
+            entries,
+            "the path index follows the evictions"
+        );
     }
 
     #[test]
@@ -1268,9 +1298,11 @@ mod tests {
         }
         let purge = |selector| store.purge_local(&selector).len();
         assert_eq!(purge(Selector::Path("/a?x=1".into())), 1);
+        assert_eq!(purge(Selector::Path("/a".into())), 1, "/a?x=2, not /ab");
         assert_eq!(purge(Selector::Tag("t1".into())), 1);
-        assert_eq!(purge(Selector::Prefix("/a".into())), 1);
-        assert_eq!(purge(Selector::All), 1);
+        assert_eq!(purge(Selector::Prefix("/".into())), 1);
+        assert_eq!(purge(Selector::All), 0);
         assert_eq!(store.usage().0, 0);
+        assert_eq!(shelf.paths.len(), 0);
     }
 }
