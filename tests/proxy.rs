@@ -374,3 +374,72 @@ fn idle_and_trickling_clients_are_disconnected() {
     // Requests in time are unaffected.
     assert_eq!(gw.get("/health").status(), 200);
 }
+
+/// Reads an HTTP head (up to the blank line) byte by byte, so nothing after it is taken.
+fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed inside the head");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+#[test]
+fn websocket_upgrades_are_proxied_with_their_upgrade_fields() {
+    // A WebSocket server as far as HTTP can tell: 101 to the upgrade, then it echoes
+    // whatever bytes come, framing being none of the gateway's business.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let head = read_head(&mut conn);
+        conn.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+        )
+        .unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => conn.write_all(&buf[..n]).unwrap(),
+            }
+        }
+        head
+    });
+    let gw = Tollgate::start(&format!(
+        "upstreams:\n  ws:\n    servers: [\"{addr}\"]\nroutes:\n  - name: ws\n    upstream: ws\n"
+    ));
+
+    let mut client = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: chat.example\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let answer = read_head(&mut client);
+    assert!(answer.starts_with("http/1.1 101"), "{answer}");
+    assert!(answer.contains("upgrade: websocket"), "{answer}");
+    assert!(answer.contains("connection: upgrade"), "{answer}");
+    assert!(answer.contains("sec-websocket-accept: "), "{answer}");
+
+    // Past the handshake the connection is a byte pipe, both ways.
+    for message in [&b"\x81\x05hello"[..], &b"\x81\x03bye"[..]] {
+        client.write_all(message).unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        client.read_exact(&mut echoed).unwrap();
+        assert_eq!(echoed, message);
+    }
+    drop(client);
+    let forwarded = server.join().unwrap();
+    assert!(forwarded.contains("upgrade: websocket"), "{forwarded}");
+    assert!(forwarded.contains("connection: upgrade"), "{forwarded}");
+    assert!(forwarded.contains("sec-websocket-key: "), "{forwarded}");
+}
