@@ -601,8 +601,8 @@ impl Entry {
                 if varies {
                     return None;
                 }
-                // What every hit writes the same, settled once: the framing, and an
-                // `Age` slot that each hit only overwrites.
+                // What every fresh hit writes the same, settled once: the framing,
+                // `x-cache: HIT`, and an `Age` slot that each hit only overwrites.
                 let mut header = meta.response_header_copy();
                 if !header.headers.contains_key(http::header::CONTENT_LENGTH) {
                     header.remove_header(&http::header::TRANSFER_ENCODING);
@@ -611,6 +611,7 @@ impl Entry {
                         .ok()?;
                 }
                 header.insert_header(http::header::AGE, 0).ok()?;
+                header.insert_header("x-cache", Outcome::Hit.header()).ok()?;
                 Some(Decoded {
                     header,
                     fresh_until: meta.fresh_until(),

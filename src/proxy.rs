@@ -910,7 +910,12 @@ impl ProxyHttp for Proxy {
             let outcome = *ctx
                 .cache_outcome
                 .get_or_insert_with(|| cache::Outcome::of(session.cache.phase()));
-            response.insert_header("x-cache", outcome.header())?;
+            // A fresh hit's stored header already says HIT (see `cache::Store::fresh`):
+            // comparing is far cheaper than Pingora's `insert_header`.
+            let said = response.headers.get(&cache::X_CACHE);
+            if said.is_none_or(|v| v.as_bytes() != outcome.header().as_bytes()) {
+                response.insert_header("x-cache", outcome.header())?;
+            }
         }
         ctx.decorate(response);
         for (name, value) in &ctx.ratelimit_headers {
