@@ -611,7 +611,9 @@ impl Entry {
                         .ok()?;
                 }
                 header.insert_header(http::header::AGE, 0).ok()?;
-                header.insert_header("x-cache", Outcome::Hit.header()).ok()?;
+                header
+                    .insert_header("x-cache", Outcome::Hit.header())
+                    .ok()?;
                 Some(Decoded {
                     header,
                     fresh_until: meta.fresh_until(),

@@ -485,29 +485,14 @@ impl Drop for RedisServer {
 /// assigned and the cluster state `ok` before this returns.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl RedisCluster {
     pub fn start(primaries: usize) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
-        let dir_arg = dir.path().to_str().unwrap().to_string();
         let nodes: Vec<RedisServer> = (0..primaries)
-            .map(|_| {
-                let port = free_port();
-                let config = format!("nodes-{port}.conf");
-                RedisServer::start_with(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &config,
-                        "--dir",
-                        &dir_arg,
-                    ],
-                )
-            })
+            .map(|_| Self::start_node(&dir, free_port()))
             .collect();
         let addresses: Vec<String> = nodes
             .iter()
@@ -525,14 +510,49 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&created.stdout)
         );
-        let cluster = RedisCluster { nodes, _dir: dir };
+        let cluster = RedisCluster { nodes, dir };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// A node whose cluster state lives in `dir`, so that it can be restarted into the
+    /// same cluster.
+    fn start_node(dir: &tempfile::TempDir, port: u16) -> RedisServer {
+        let config = format!("nodes-{port}.conf");
+        RedisServer::start_with(
+            port,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &config,
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ],
+        )
+    }
+
+    fn wait_ok(&self) {
         assert!(
-            wait_for(Duration::from_secs(20), || cluster.nodes.iter().all(|n| {
+            wait_for(Duration::from_secs(20), || self.nodes.iter().all(|n| {
                 n.cli(&["cluster", "info"]).contains("cluster_state:ok")
             })),
             "the cluster reaches state ok"
         );
-        cluster
+    }
+
+    pub fn kill(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Brings every node back on its port, into the cluster it was in (its data gone).
+    pub fn restart(&mut self) {
+        for node in &mut self.nodes {
+            *node = Self::start_node(&self.dir, node.port);
+        }
+        self.wait_ok();
     }
 
     /// The seed-node URLs, as a YAML flow list.
