@@ -90,6 +90,17 @@ assert one(r, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] == de
 assert len(deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]) == 64
 env = {e["name"]: e for e in gateway(deployment["spec"]["template"]["spec"]).get("env", [])}
 assert env["TOLLGATE_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "tollgate-admin"
+def has_private_ca(pod):
+    """extraEnv/extraVolumes/extraVolumeMounts reach the gateway container and its pod."""
+    c = gateway(pod, "initContainers" if pod.get("initContainers") else "containers")
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return (env.get("SSL_CERT_FILE") == "/etc/tollgate-ca/ca.pem"
+            and mounts.get("private-ca") == "/etc/tollgate-ca"
+            and volumes["private-ca"]["secret"]["secretName"] == "private-ca"
+            and {"tollgate-policy", "tollgate-run"} <= set(volumes))
+assert has_private_ca(deployment["spec"]["template"]["spec"])
 assert one(r, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "admin"
 alerts = {rule["alert"] for g in one(r, "PrometheusRule")["spec"]["groups"] for rule in g["rules"]}
 assert alerts == {"TollgateHigh5xxRate", "TollgateHighLatency", "TollgateCircuitOpen", "TollgateShedding", "TollgateReloadFailing"}, alerts
@@ -102,6 +113,7 @@ pod = one(r, "Deployment")["spec"]["template"]
 assert pod["metadata"]["labels"]["tollgate.io/sidecar"] == "true"
 c = gateway(pod["spec"], "initContainers")
 assert c["restartPolicy"] == "Always"
+assert has_private_ca(pod["spec"])
 check_container(c)
 check_pod(pod["spec"], policy_grace + 10)
 assert all(x["name"] != "tollgate" for x in pod["spec"]["containers"])

@@ -92,13 +92,18 @@ include it as a sidecar:
     - name: gateway-admin
       containerPort: {{ .Values.ports.admin }}
       protocol: TCP
-  {{- if .Values.admin.tokenSecret.name }}
+  {{- if or .Values.admin.tokenSecret.name .Values.extraEnv }}
   env:
+    {{- if .Values.admin.tokenSecret.name }}
     - name: TOLLGATE_ADMIN_TOKEN
       valueFrom:
         secretKeyRef:
           name: {{ .Values.admin.tokenSecret.name }}
           key: {{ .Values.admin.tokenSecret.key }}
+    {{- end }}
+    {{- with .Values.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- end }}
   startupProbe:
     httpGet: { path: /healthz, port: gateway-admin }
@@ -124,6 +129,9 @@ include it as a sidecar:
       readOnly: true
     - name: tollgate-run
       mountPath: /tmp
+    {{- with .Values.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end -}}
 
 {{/* The sidecar: the same container, as a native sidecar (restartPolicy: Always) when asked or when the cluster has them. */}}
@@ -144,11 +152,14 @@ include it as a sidecar:
 {{- toYaml $container -}}
 {{- end -}}
 
-{{/* Volumes the gateway needs: its policy directory and a writable /tmp. */}}
+{{/* Volumes the gateway needs: its policy directory, a writable /tmp, and extraVolumes. */}}
 {{- define "tollgate.sidecar.volumes" -}}
 - name: tollgate-policy
   configMap:
     name: {{ include "tollgate.configMapName" . }}
 - name: tollgate-run
   emptyDir: {}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
