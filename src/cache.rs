@@ -144,7 +144,10 @@ pub fn compile_settings(
         if let Err(e) = ::redis::Client::open(r.url.value.as_str()) {
             error(
                 &r.url.referenced,
-                format!("cache.redis url `{}`: {e}", r.url.value),
+                format!(
+                    "cache.redis url `{}`: {e}",
+                    crate::redis::Address::Server(r.url.value.clone())
+                ),
             );
         }
         if r.timeout.0.is_zero() {

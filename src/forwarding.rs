@@ -156,8 +156,9 @@ pub fn malformed(req: &RequestHeader) -> Option<&'static str> {
     None
 }
 
-/// A `match` on the name, not a list of `HeaderName`s: this runs for every field of
-/// every response, and comparing custom names costs more than comparing strings.
+/// The fields RFC 9110 §7.6.1 ties to one connection, plus the legacy `Keep-Alive` and
+/// `Proxy-Connection` (Pingora frames bodies itself). A `match` on the name: this runs
+/// for every field of every upstream response.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),

@@ -24,12 +24,28 @@ pub enum Address {
     Cluster(Vec<String>),
 }
 
+/// For log lines: the URLs without their credentials.
 impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Address::Server(url) => f.write_str(url),
-            Address::Cluster(nodes) => write!(f, "cluster {}", nodes.join(",")),
+            Address::Server(url) => f.write_str(&without_credentials(url)),
+            Address::Cluster(nodes) => {
+                let nodes: Vec<String> = nodes.iter().map(|n| without_credentials(n)).collect();
+                write!(f, "cluster {}", nodes.join(","))
+            }
         }
+    }
+}
+
+/// `redis://user:secret@host/0` as `redis://***@host/0`.
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_string(),
     }
 }
 
@@ -105,14 +121,15 @@ impl RedisStore {
         let connection = match &address {
             Address::Server(url) => {
                 let client = redis::Client::open(url.as_str())
-                    .map_err(|e| format!("redis url `{url}`: {e}"))?;
+                    .map_err(|e| format!("redis url `{}`: {e}", without_credentials(url)))?;
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
                     .set_response_timeout(Some(CONNECT_TIMEOUT))
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_millis(500));
-                let manager = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| format!("redis url `{url}`: {e}"))?;
+                let manager =
+                    redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+                        .map_err(|e| format!("redis url `{}`: {e}", without_credentials(url)))?;
                 Link::Server(manager)
             }
             Address::Cluster(nodes) => {
@@ -166,5 +183,24 @@ impl RedisStore {
                 "{} unreachable; skipping it for {BACKOFF:?} at a time", self.role);
         }
         Err(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_carry_no_credentials() {
+        let server = Address::Server("redis://:s3cret@cache:6379/2".into());
+        assert_eq!(server.to_string(), "redis://***@cache:6379/2");
+        let cluster = Address::Cluster(vec![
+            "rediss://user:pw@a:6379".into(),
+            "redis://b:6379".into(),
+        ]);
+        assert_eq!(
+            cluster.to_string(),
+            "cluster rediss://***@a:6379,redis://b:6379"
+        );
     }
 }

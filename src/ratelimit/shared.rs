@@ -4,9 +4,9 @@
 //! applies, in the same narrowest-first order and with the same GCRA arithmetic as the
 //! local store, stopping at the first enforced denial. (Against a Redis Cluster, where
 //! a script only reaches one shard, it is one round trip per bucket, same order, same
-//! stop.) Redis's own clock (`TIME`) is the
-//! only clock, so replicas with skewed clocks still agree; each bucket expires when it
-//! has refilled, so Redis holds state only for clients that are currently spending.
+//! stop.) Redis's own clock (`TIME`) is the only clock, so replicas with skewed clocks
+//! still agree; each bucket expires when it has refilled, so Redis holds state only for
+//! clients that are currently spending.
 //!
 //! A Redis outage must never stall traffic: calls go through
 //! [`RedisStore::call`](crate::redis::RedisStore::call), bounded by `timeout` and
