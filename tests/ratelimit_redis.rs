@@ -309,6 +309,19 @@ fn rediss_verifies_the_server_against_the_trusted_roots() {
         )));
 }
 
+/// Writes `policy` (after the pool and route every policy here has) and asks for a
+/// reload, which must be refused; answers the first error.
+fn refused_reload(gw: &Tollgate, app: &Upstream, policy: &str) -> String {
+    gw.write_policy(&format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\n{policy}",
+        app.addr
+    ));
+    let response = gw.admin_post("/reload", None);
+    assert_eq!(response.status(), 400);
+    let doc: Value = response.json().unwrap();
+    doc["errors"][0].as_str().unwrap().to_string()
+}
+
 #[test]
 fn redis_backend_without_an_address_is_refused_with_its_location() {
     let app = upstream("app");
@@ -316,32 +329,21 @@ fn redis_backend_without_an_address_is_refused_with_its_location() {
         "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\n",
         app.addr
     ));
-    gw.write_policy(&format!(
-        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\nrate_limiting:\n  backend: redis\n",
-        app.addr
-    ));
-    let response = gw.admin_post("/reload", None);
-    assert_eq!(response.status(), 400);
-    let doc: Value = response.json().unwrap();
-    let error = doc["errors"][0].as_str().unwrap();
+    let error = refused_reload(&gw, &app, "rate_limiting:\n  backend: redis\n");
     assert!(
         error.contains("gateway.yaml:") && error.contains("rate_limiting.redis"),
         "{error}"
     );
-    gw.write_policy(&format!(
-        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\nrate_limiting:\n  backend: redis\n  redis: {{ url: \"http://nope\" }}\n",
-        app.addr
-    ));
-    let response = gw.admin_post("/reload", None);
-    assert_eq!(response.status(), 400);
-    gw.write_policy(&format!(
-        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: app\nrate_limiting:\n  backend: redis\n  redis:\n    url: \"redis://127.0.0.1:1\"\n    cluster: [\"redis://127.0.0.1:2\"]\n",
-        app.addr
-    ));
-    let response = gw.admin_post("/reload", None);
-    assert_eq!(response.status(), 400);
-    let doc: Value = response.json().unwrap();
-    let error = doc["errors"][0].as_str().unwrap();
+    refused_reload(
+        &gw,
+        &app,
+        "rate_limiting:\n  backend: redis\n  redis: { url: \"http://nope\" }\n",
+    );
+    let error = refused_reload(
+        &gw,
+        &app,
+        "rate_limiting:\n  backend: redis\n  redis:\n    url: \"redis://127.0.0.1:1\"\n    cluster: [\"redis://127.0.0.1:2\"]\n",
+    );
     assert!(
         error.contains("gateway.yaml:") && error.contains("not both"),
         "{error}"

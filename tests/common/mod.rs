@@ -498,17 +498,11 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let created = std::process::Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli is installed with redis-server");
-        assert!(
-            created.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&created.stdout)
+        succeeds(
+            std::process::Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addresses)
+                .args(["--cluster-replicas", "0", "--cluster-yes"]),
         );
         let cluster = RedisCluster { nodes, dir };
         cluster.wait_ok();
@@ -578,17 +572,25 @@ impl RedisServer {
     }
 }
 
-/// Runs `openssl` with `args` in `dir`; panics with its stderr when it fails.
-pub fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
+/// Runs `command` to its end; panics with what it printed unless it succeeded.
+pub fn succeeds(command: &mut std::process::Command) {
+    let out = command
         .output()
-        .expect("openssl runs");
+        .unwrap_or_else(|e| panic!("{command:?} does not run: {e}"));
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `openssl` with `args` in `dir`.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    succeeds(
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir),
     );
 }
 
