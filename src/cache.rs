@@ -336,6 +336,17 @@ pub fn request_bypass(rc: &RouteCache, req: &RequestHeader) -> Option<&'static s
     None
 }
 
+/// Whether a stored response may answer this request (SPEC §4, RFC 9111 §3.5): a
+/// request with credentials, on a route that does not cache per user, only gets what
+/// the origin marked shareable (`public`, `s-maxage`, `must-revalidate`), never what an
+/// anonymous request stored.
+pub fn credentials_allow(rc: &RouteCache, req: &RequestHeader, stored: &ResponseHeader) -> bool {
+    rc.per_user
+        || !req.headers.contains_key(http::header::AUTHORIZATION)
+        || CacheControl::from_resp_headers(stored)
+            .is_some_and(|cc| cc.allow_caching_authorized_req())
+}
+
 /// Whether the request asks for a stored response to be revalidated before use
 /// (`no-cache`, `max-age=0`, or `Pragma: no-cache` without Cache-Control).
 pub fn request_wants_revalidation(req: &RequestHeader) -> bool {

@@ -258,14 +258,15 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Spanned<String>,
-    pub token_env: Option<String>,
+    /// SPEC §3: in force whether the key, or the whole section, is written or not.
+    pub token_env: String,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: unlocated("127.0.0.1:9901".to_string()),
-            token_env: None,
+            token_env: "TOLLGATE_ADMIN_TOKEN".to_string(),
         }
     }
 }

@@ -112,10 +112,47 @@ pub fn new_request_id() -> http::HeaderValue {
     http::HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
 }
 
+/// An absolute-form request target (RFC 9112 §3.2.2), as the Host and origin-form
+/// target the rest of the pipeline and the upstream use: the target's authority
+/// replaces any `Host` (§3.2.2: a server ignores it then). `None` for every other form.
+pub fn absolute_target(req: &RequestHeader) -> Option<(http::HeaderValue, http::Uri)> {
+    let raw = req.raw_path();
+    if raw.first() == Some(&b'/') || raw == b"*" {
+        return None;
+    }
+    let uri = http::Uri::try_from(raw).ok()?;
+    let http_scheme = uri
+        .scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https"));
+    let authority = uri.authority()?;
+    if !http_scheme || authority.as_str().contains('@') || authority.host().is_empty() {
+        return None;
+    }
+    let host = http::HeaderValue::from_str(authority.as_str()).ok()?;
+    let origin_form = match uri.path_and_query().map(|pq| pq.as_str()) {
+        Some(pq) if pq.starts_with('/') => pq.parse().ok()?,
+        Some(pq) => format!("/{pq}").parse().ok()?,
+        None => http::Uri::from_static("/"),
+    };
+    Some((host, origin_form))
+}
+
 /// Framing problems RFC 9112 says a server must reject, found in the parsed header.
 /// The HTTP/1 parser already refuses whitespace before a colon, obs-fold and invalid
 /// field names; what it lets through is checked here. `None` means acceptable.
+///
+/// The request target comes first: Pingora's parser percent-encodes what it cannot
+/// parse (`GET  /x`, two spaces, becomes `%20/x`) and files any target without a
+/// leading `/` under the path `/`, while the upstream gets the bytes as they are. Only
+/// origin-form (and `*` for OPTIONS; absolute-form is rewritten to origin-form before
+/// this) passes, so the path routing, limits and the cache key decide on is exactly
+/// the one sent upstream.
 pub fn malformed(req: &RequestHeader) -> Option<&'static str> {
+    let target = req.raw_path();
+    let asterisk = target == b"*" && req.method == http::Method::OPTIONS;
+    if !(target.first() == Some(&b'/') || asterisk) || !req.raw_path_is_utf8() {
+        return Some("the request target is not in origin form");
+    }
     let h = &req.headers;
     let is_http11 = req.version == http::Version::HTTP_11;
     let hosts = h.get_all(header::HOST).iter().count();
@@ -309,6 +346,47 @@ mod tests {
             malformed(&build(&[("host", "a"), ("transfer-encoding", "chunked")])),
             None
         );
+    }
+
+    #[test]
+    fn request_targets() {
+        let with_host = |method: &str, target: &[u8]| {
+            let mut r = RequestHeader::build(method, target, None).unwrap();
+            r.append_header("host", "a").unwrap();
+            r
+        };
+        assert_eq!(malformed(&with_host("GET", b"/x?y=1")), None);
+        assert_eq!(malformed(&with_host("OPTIONS", b"*")), None);
+        for bad in [&b"%20/x"[..], b"%09/x", b"x", b"*", b"?q=1", b"http://a/x"] {
+            assert!(
+                malformed(&with_host("GET", bad)).is_some(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+
+        let (host, uri) =
+            absolute_target(&with_host("GET", b"http://Api.example:8080/p?q=1")).unwrap();
+        assert_eq!(
+            (host.to_str().unwrap(), uri.to_string().as_str()),
+            ("Api.example:8080", "/p?q=1")
+        );
+        let (_, uri) = absolute_target(&with_host("GET", b"HTTPS://b.example")).unwrap();
+        assert_eq!(uri, "/");
+        for refused in [
+            &b"/x"[..],
+            b"*",
+            b"ftp://a/x",
+            b"http://user@a/x",
+            b"x",
+            b"%20/x",
+        ] {
+            assert!(
+                absolute_target(&with_host("GET", refused)).is_none(),
+                "{}",
+                String::from_utf8_lossy(refused)
+            );
+        }
     }
 
     #[test]

@@ -418,11 +418,7 @@ impl Compiler<'_> {
 
     fn admin(&mut self, a: &config::AdminConfig) -> Option<AdminSettings> {
         let listen = self.socket_addr(&a.listen, "admin listen address")?;
-        let token = a
-            .token_env
-            .as_ref()
-            .and_then(|var| std::env::var(var).ok())
-            .filter(|t| !t.is_empty());
+        let token = std::env::var(&a.token_env).ok().filter(|t| !t.is_empty());
         Some(AdminSettings { listen, token })
     }
 
@@ -1084,6 +1080,14 @@ routes:
         assert_eq!(&*p.routes[p.route_for(&req).unwrap()].name, "api");
         let req = pingora::http::RequestHeader::build("POST", b"/api/x", None).unwrap();
         assert!(p.route_for(&req).is_none());
+    }
+
+    #[test]
+    fn admin_token_env_defaults_without_the_admin_section() {
+        // The only test that touches this variable (nextest runs each in its own process).
+        std::env::set_var("TOLLGATE_ADMIN_TOKEN", "from-default");
+        let p = compile(BASE).unwrap();
+        assert_eq!(p.admin.token.as_deref(), Some("from-default"));
     }
 
     #[test]

@@ -244,7 +244,10 @@ impl Proxy {
             return Ok(false);
         };
         let req = session.req_header();
+        // Credentials need the stored header's say (`cache_hit_filter`).
+        let credentials = !cache.per_user && req.headers.contains_key(http::header::AUTHORIZATION);
         if cache::request_bypass(cache, req).is_some()
+            || credentials
             || cache::request_wants_revalidation(req)
             || req.headers.contains_key(http::header::IF_NONE_MATCH)
             || req.headers.contains_key(http::header::IF_MODIFIED_SINCE)
@@ -415,6 +418,14 @@ impl ProxyHttp for Proxy {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(policy.server.idle_timeout.as_secs().max(1)));
         }
+        // Requests a client sent ahead on this connection are served after this one,
+        // in order (RFC 9112 §9.3.2); Pingora would otherwise close and drop them.
+        session.set_pipelining_enabled(true);
+        if let Some((host, origin_form)) = forwarding::absolute_target(session.req_header()) {
+            let req = session.req_header_mut();
+            req.set_uri(origin_form);
+            req.insert_header(http::header::HOST, host)?;
+        }
         let req = session.req_header();
 
         ctx.request_id = Some(match req.headers.get(&policy.server.request_id_header) {
@@ -434,6 +445,8 @@ impl ProxyHttp for Proxy {
         }
 
         if let Some(reason) = forwarding::malformed(req) {
+            // Where this request ends and the next begins is in doubt: no next one.
+            session.set_keepalive(None);
             return self
                 .answer(session, ctx, Problem::new(Code::BadRequest, reason))
                 .await;
@@ -590,9 +603,11 @@ impl ProxyHttp for Proxy {
         ))
     }
 
-    /// A client's `no-cache` forces revalidation. While the pool's circuit is open, an
-    /// entry past its freshness but within `stale_if_error` is served, unless the route
-    /// has a fallback (SPEC's chain: fallback, else stale entry, else 503).
+    /// A request with credentials is not answered with an entry the origin did not mark
+    /// shareable (a miss instead); a client's `no-cache` forces revalidation. While the
+    /// pool's circuit is open, an entry past its freshness but within `stale_if_error`
+    /// is served, unless the route has a fallback (SPEC's chain: fallback, else stale
+    /// entry, else 503).
     async fn cache_hit_filter(
         &self,
         session: &mut Session,
@@ -601,7 +616,13 @@ impl ProxyHttp for Proxy {
         is_fresh: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<ForcedFreshness>> {
-        if cache::request_wants_revalidation(session.req_header()) {
+        let req = session.req_header();
+        if let Some(cache) = ctx.route().and_then(|r| r.cache.as_ref()) {
+            if !cache::credentials_allow(cache, req, meta.response_header()) {
+                return Ok(Some(ForcedFreshness::ForceMiss));
+            }
+        }
+        if cache::request_wants_revalidation(req) {
             return Ok(Some(ForcedFreshness::ForceExpired));
         }
         let has_fallback = ctx.route().is_some_and(|r| r.fallback.is_some());
@@ -973,7 +994,13 @@ impl ProxyHttp for Proxy {
                 "the request body exceeds the limit of {} bytes",
                 ctx.policy.server.max_request_body
             ),
-            _ => e.to_string(),
+            // Only the kind of error: its context names the upstream peer, an internal
+            // address the gateway's own answers never show.
+            Code::BadRequest => format!("the request is malformed ({})", e.etype().as_str()),
+            _ => format!(
+                "the gateway could not proxy the request ({})",
+                e.etype().as_str()
+            ),
         };
         let mut problem = Problem::new(code, detail);
         problem.headers.push(("connection", "close".to_string()));

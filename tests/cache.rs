@@ -154,6 +154,28 @@ fn request_directives_and_authorization() {
     let public_path = "/api/search?q=pub&cache_control=public%2C%20max-age%3D60";
     assert_eq!(x_cache(&get_with(&gw, public_path, &auth)), "MISS");
     assert_eq!(x_cache(&gw.get(public_path)), "HIT");
+    assert_eq!(
+        x_cache(&get_with(&gw, public_path, &auth)),
+        "HIT",
+        "a public entry is shared with credentials"
+    );
+
+    // Nor is what an anonymous request stored served to one with credentials: the
+    // origin is asked, every time.
+    let anonymous_path = "/api/search?q=anon";
+    assert_eq!(x_cache(&gw.get(anonymous_path)), "MISS");
+    assert_eq!(x_cache(&gw.get(anonymous_path)), "HIT");
+    let before = app.requests();
+    for basic in ["Basic dXNlcjpwYXNz", "Basic b3RoZXI6cGFzcw=="] {
+        let response = get_with(&gw, anonymous_path, &[("authorization", basic)]);
+        assert_eq!(x_cache(&response), "MISS", "{basic}");
+    }
+    assert_eq!(app.requests(), before + 2);
+    assert_eq!(
+        x_cache(&gw.get(anonymous_path)),
+        "HIT",
+        "the anonymous entry is still there"
+    );
 }
 
 #[test]

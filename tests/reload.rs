@@ -192,6 +192,31 @@ fn admin_reload_and_its_token() {
 }
 
 #[test]
+fn admin_token_default_is_in_force_when_token_env_is_not_written() {
+    let app = upstream("app");
+    let gw = Tollgate::start_from(
+        |port, admin_port| {
+            format!(
+                "version: 1\nserver:\n  listen: [\"127.0.0.1:{port}\"]\nadmin:\n  listen: \"127.0.0.1:{admin_port}\"\n{}",
+                simple_policy(&[app.addr.to_string()])
+            )
+        },
+        &[("TOLLGATE_ADMIN_TOKEN", "s3cret")],
+    );
+    assert_eq!(gw.admin_post("/reload", None).status(), 401);
+    let purge = gw
+        .client
+        .post(gw.admin_url("/cache/purge"))
+        .json(&serde_json::json!({"all": true}))
+        .send()
+        .unwrap();
+    assert_eq!(purge.status(), 401);
+    let shed = gw.admin_put_json("/shedding", &serde_json::json!({"level": null}));
+    assert_eq!(shed.status(), 401);
+    assert_eq!(gw.admin_post("/reload", Some("s3cret")).status(), 200);
+}
+
+#[test]
 fn no_request_fails_during_twenty_reloads_under_load() {
     let (a, b) = two_servers();
     let gw = Tollgate::start(&simple_policy(&[a.addr.to_string()]));

@@ -135,14 +135,18 @@ impl Tollgate {
     }
 
     pub fn start_with(body: &str, server_extra: &str, env: &[(&str, &str)]) -> Tollgate {
+        Self::start_from(
+            |port, admin_port| format!("{}{body}", head(port, admin_port, server_extra)),
+            env,
+        )
+    }
+
+    /// Starts the gateway with the whole policy `text(port, admin_port)` makes.
+    pub fn start_from(text: impl Fn(u16, u16) -> String, env: &[(&str, &str)]) -> Tollgate {
         let (port, admin_port) = (free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
         let policy = dir.path().join("gateway.yaml");
-        std::fs::write(
-            &policy,
-            format!("{}{body}", head(port, admin_port, server_extra)),
-        )
-        .unwrap();
+        std::fs::write(&policy, text(port, admin_port)).unwrap();
         let mut gateway = Self::spawn(dir, policy, port, admin_port, env);
         let ready = wait_for(Duration::from_secs(20), || {
             gateway
@@ -203,6 +207,7 @@ impl Tollgate {
             .env("TOLLGATE_LOG_FORMAT", "json")
             .env("TOLLGATE_RUN_DIR", dir.path())
             .env_remove("TEST_ADMIN_TOKEN")
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
