@@ -228,6 +228,9 @@ pub struct ServerConfig {
     pub response_headers: BTreeMap<String, String>,
     pub shutdown_grace: Duration,
     pub idle_timeout: Duration,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub allow_underscores_in_headers: bool,
 }
 
 impl Default for ServerConfig {
@@ -242,6 +245,9 @@ impl Default for ServerConfig {
             response_headers: BTreeMap::new(),
             shutdown_grace: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            allow_underscores_in_headers: false,
         }
     }
 }

@@ -69,7 +69,8 @@ pub async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, String> {
         json!(client_ip.map(|ip| ip.to_string())),
     );
 
-    if let Some(reason) = forwarding::malformed(&req) {
+    if let Err(reason) = forwarding::normalise(&mut req, policy.server.allow_underscores_in_headers)
+    {
         report.insert("route".into(), Value::Null);
         return Ok(decided(
             report,

@@ -42,7 +42,8 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 
 /// Sets `X-Forwarded-For/-Proto/-Host` on the upstream request. From a trusted peer the
 /// existing chain is extended; from anyone else client-supplied values are replaced,
-/// so a spoofed header never reaches the application.
+/// and `Forwarded` and `X-Real-IP` removed, so a spoofed client address never reaches
+/// the application.
 pub fn set_forwarded_headers(
     upstream: &mut RequestHeader,
     peer: IpAddr,
@@ -59,6 +60,15 @@ pub fn set_forwarded_headers(
             upstream.insert_header("x-forwarded-for", format!("{chain}, {peer_text}"))?
         }
         None => upstream.insert_header("x-forwarded-for", peer_text)?,
+    }
+    // Other spellings of the client address are believed only as far as the
+    // X-Forwarded-* fields are: from anyone but a trusted proxy, they go.
+    if !peer_trusted {
+        for name in ["forwarded", "x-real-ip"] {
+            if upstream.headers.contains_key(name) {
+                upstream.remove_header(name);
+            }
+        }
     }
     if !(peer_trusted && upstream.headers.contains_key("x-forwarded-proto")) {
         upstream.insert_header("x-forwarded-proto", scheme)?;
@@ -112,10 +122,102 @@ pub fn new_request_id() -> http::HeaderValue {
     http::HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
 }
 
+/// Field names that decide where a message ends, or where it goes: spelled with `_`
+/// they are refused, since an upstream that folds `_` into `-` would frame or route
+/// the request otherwise than the gateway did.
+const FRAMING_FIELDS: [&str; 4] = ["content-length", "transfer-encoding", "host", "connection"];
+
+/// Checks a request head and puts it in the one form the whole pipeline and the
+/// upstream then see: an absolute-form target becomes origin-form, a repeated but
+/// identical `Content-Length` one value, and (unless `allow_underscores`) field names
+/// with `_` are dropped. `Err` is the reason for a 400.
+pub fn normalise(req: &mut RequestHeader, allow_underscores: bool) -> Result<(), &'static str> {
+    if let Some((host, origin_form)) = absolute_target(req) {
+        req.set_uri(origin_form);
+        req.insert_header(header::HOST, host)
+            .map_err(|_| "invalid request target authority")?;
+    }
+    if let Some(reason) = malformed(req) {
+        return Err(reason);
+    }
+    if req.headers.keys().any(|n| n.as_str().contains('_')) {
+        let underscored: Vec<HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| n.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in underscored {
+            let folded = name.as_str().replace('_', "-");
+            if FRAMING_FIELDS.contains(&folded.as_str()) {
+                return Err("a framing field name spelled with `_`");
+            }
+            if !allow_underscores {
+                req.remove_header(&name);
+            }
+        }
+    }
+    let mut lengths = req.headers.get_all(header::CONTENT_LENGTH).iter();
+    let first = lengths.next();
+    let listed = first.is_some_and(|v| v.as_bytes().contains(&b','));
+    if listed || lengths.next().is_some() {
+        // `malformed` made sure every value is the same number.
+        let canonical = first
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        req.insert_header(header::CONTENT_LENGTH, canonical)
+            .map_err(|_| "invalid Content-Length")?;
+    }
+    Ok(())
+}
+
+/// A `Host` value RFC 9110 §7.2 allows, and no more: one `host[:port]`, where host is
+/// a name of letters, digits and `-._~%` or a bracketed IP literal. Refused: empty, a
+/// list, spaces, a path.
+fn valid_host(value: &[u8]) -> bool {
+    let port = if value.first() == Some(&b'[') {
+        let Some(end) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &value[1..end];
+        let literal_ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+        if !literal_ok {
+            return false;
+        }
+        &value[end + 1..]
+    } else {
+        let split = value
+            .iter()
+            .rposition(|&b| b == b':')
+            .unwrap_or(value.len());
+        let host = &value[..split];
+        let name_ok = !host.is_empty()
+            && host.iter().all(|&b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'%')
+            });
+        if !name_ok {
+            return false;
+        }
+        &value[split..]
+    };
+    match port.split_first() {
+        None => true,
+        Some((b':', digits)) => {
+            !digits.is_empty() && digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit)
+        }
+        Some(_) => false,
+    }
+}
+
 /// An absolute-form request target (RFC 9112 §3.2.2), as the Host and origin-form
 /// target the rest of the pipeline and the upstream use: the target's authority
 /// replaces any `Host` (§3.2.2: a server ignores it then). `None` for every other form.
-pub fn absolute_target(req: &RequestHeader) -> Option<(http::HeaderValue, http::Uri)> {
+fn absolute_target(req: &RequestHeader) -> Option<(http::HeaderValue, http::Uri)> {
     let raw = req.raw_path();
     if raw.first() == Some(&b'/') || raw == b"*" {
         return None;
@@ -144,10 +246,10 @@ pub fn absolute_target(req: &RequestHeader) -> Option<(http::HeaderValue, http::
 /// The request target comes first: Pingora's parser percent-encodes what it cannot
 /// parse (`GET  /x`, two spaces, becomes `%20/x`) and files any target without a
 /// leading `/` under the path `/`, while the upstream gets the bytes as they are. Only
-/// origin-form (and `*` for OPTIONS; absolute-form is rewritten to origin-form before
-/// this) passes, so the path routing, limits and the cache key decide on is exactly
+/// origin-form (and `*` for OPTIONS; [`normalise`] rewrites absolute-form to
+/// origin-form before this) passes, so the path routing, limits and the cache key decide on is exactly
 /// the one sent upstream.
-pub fn malformed(req: &RequestHeader) -> Option<&'static str> {
+fn malformed(req: &RequestHeader) -> Option<&'static str> {
     let target = req.raw_path();
     let asterisk = target == b"*" && req.method == http::Method::OPTIONS;
     if !(target.first() == Some(&b'/') || asterisk) || !req.raw_path_is_utf8() {
@@ -161,6 +263,11 @@ pub fn malformed(req: &RequestHeader) -> Option<&'static str> {
     }
     if hosts > 1 {
         return Some("more than one Host header");
+    }
+    if h.get(header::HOST)
+        .is_some_and(|host| !valid_host(host.as_bytes()))
+    {
+        return Some("invalid Host header");
     }
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next() {
@@ -277,6 +384,8 @@ mod tests {
         req.insert_header("host", "api.example.com").unwrap();
         req.insert_header("x-forwarded-for", "6.6.6.6").unwrap();
         req.insert_header("x-forwarded-proto", "gopher").unwrap();
+        req.insert_header("forwarded", "for=6.6.6.6").unwrap();
+        req.insert_header("x-real-ip", "6.6.6.6").unwrap();
         let mut untrusted = req.clone();
         set_forwarded_headers(
             &mut untrusted,
@@ -288,9 +397,13 @@ mod tests {
         assert_eq!(untrusted.headers["x-forwarded-for"], "203.0.113.9");
         assert_eq!(untrusted.headers["x-forwarded-proto"], "http");
         assert_eq!(untrusted.headers["x-forwarded-host"], "api.example.com");
+        assert!(!untrusted.headers.contains_key("forwarded"));
+        assert!(!untrusted.headers.contains_key("x-real-ip"));
         set_forwarded_headers(&mut req, "10.0.0.1".parse().unwrap(), true, "http").unwrap();
         assert_eq!(req.headers["x-forwarded-for"], "6.6.6.6, 10.0.0.1");
         assert_eq!(req.headers["x-forwarded-proto"], "gopher");
+        assert_eq!(req.headers["forwarded"], "for=6.6.6.6");
+        assert_eq!(req.headers["x-real-ip"], "6.6.6.6");
     }
 
     #[test]
@@ -386,6 +499,66 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(refused)
             );
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        for good in [
+            &b"a"[..],
+            b"api.example.com:8080",
+            b"[::1]:443",
+            b"[2001:db8::1]",
+            b"my_host",
+        ] {
+            assert!(valid_host(good), "{}", String::from_utf8_lossy(good));
+        }
+        for bad in [
+            &b""[..],
+            b"a, b",
+            b"a b",
+            b"a/b",
+            b"a:",
+            b"a:123456",
+            b"[::1",
+            b"[]",
+            b"a:b:c",
+        ] {
+            assert!(!valid_host(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn normalised_heads() {
+        let head = |fields: &[(&str, &str)]| {
+            let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+            for (k, v) in fields {
+                r.append_header(k.to_string(), *v).unwrap();
+            }
+            r
+        };
+        let mut req = head(&[("host", "a"), ("content-length", "5, 5"), ("x_tenant", "t")]);
+        normalise(&mut req, false).unwrap();
+        let lengths: Vec<_> = req.headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"]);
+        assert!(!req.headers.contains_key("x_tenant"));
+        let mut req = head(&[
+            ("host", "a"),
+            ("content-length", "5"),
+            ("content-length", "5"),
+        ]);
+        normalise(&mut req, false).unwrap();
+        assert_eq!(req.headers.get_all("content-length").iter().count(), 1);
+        let mut kept = head(&[("host", "a"), ("x_tenant", "t")]);
+        normalise(&mut kept, true).unwrap();
+        assert!(kept.headers.contains_key("x_tenant"));
+        for (name, refused) in [
+            ("transfer_encoding", true),
+            ("content_length", true),
+            ("x_host", false),
+        ] {
+            let mut req = head(&[("host", "a"), (name, "chunked")]);
+            assert_eq!(normalise(&mut req, true).is_err(), refused, "{name}");
         }
     }
 

@@ -59,6 +59,13 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// How long a client connection may sit without sending a request.
     pub idle_timeout: Duration,
+    /// How long a request head may take to arrive, from its first byte (408 after).
+    pub header_timeout: Duration,
+    /// The longest wait between two reads of a request body (408 after).
+    pub body_timeout: Duration,
+    /// `false`: framing field names spelled with `_` are refused, other `_` names are
+    /// not forwarded (nginx's `underscores_in_headers off`).
+    pub allow_underscores_in_headers: bool,
 }
 
 pub struct TlsSettings {
@@ -398,6 +405,17 @@ impl Compiler<'_> {
                 ),
             }
         }
+        for (name, value) in [
+            ("header_timeout", s.header_timeout.0),
+            ("body_timeout", s.body_timeout.0),
+        ] {
+            if value.is_zero() {
+                self.error(
+                    &Location::UNKNOWN,
+                    format!("server.{name}: must be more than 0"),
+                );
+            }
+        }
         let threads = if s.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -413,6 +431,9 @@ impl Compiler<'_> {
             response_headers,
             shutdown_grace: s.shutdown_grace.0,
             idle_timeout: s.idle_timeout.0,
+            header_timeout: s.header_timeout.0,
+            body_timeout: s.body_timeout.0,
+            allow_underscores_in_headers: s.allow_underscores_in_headers,
         })
     }
 
@@ -1039,6 +1060,12 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
             p.server.shutdown_grace,
             p.admin.token.is_some(),
             p.access_log.enabled,
+            (
+                p.server.idle_timeout,
+                p.server.header_timeout,
+                p.server.body_timeout,
+                p.server.allow_underscores_in_headers,
+            ),
         )
     };
     if settings(old) != settings(new) {

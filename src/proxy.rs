@@ -421,11 +421,10 @@ impl ProxyHttp for Proxy {
         // Requests a client sent ahead on this connection are served after this one,
         // in order (RFC 9112 §9.3.2); Pingora would otherwise close and drop them.
         session.set_pipelining_enabled(true);
-        if let Some((host, origin_form)) = forwarding::absolute_target(session.req_header()) {
-            let req = session.req_header_mut();
-            req.set_uri(origin_form);
-            req.insert_header(http::header::HOST, host)?;
-        }
+        let framing = forwarding::normalise(
+            session.req_header_mut(),
+            policy.server.allow_underscores_in_headers,
+        );
         let req = session.req_header();
 
         ctx.request_id = Some(match req.headers.get(&policy.server.request_id_header) {
@@ -444,7 +443,7 @@ impl ProxyHttp for Proxy {
             }));
         }
 
-        if let Some(reason) = forwarding::malformed(req) {
+        if let Err(reason) = framing {
             // Where this request ends and the next begins is in doubt: no next one.
             session.set_keepalive(None);
             return self

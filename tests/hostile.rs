@@ -261,3 +261,86 @@ fn short_requests_are_answered_at_once() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(origin.seen().len(), 1);
 }
+
+#[test]
+fn framing_fields_spelled_with_underscores_are_refused_and_other_underscores_dropped() {
+    let origin = RecordingOrigin::start();
+    let gw = gateway(&origin, "");
+    for smuggle in [
+        &b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer_Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\nContent-Length: 0\r\n\r\nhello",
+    ] {
+        let (answer, _) = exchange(&gw, smuggle);
+        assert_eq!(
+            raw_status(&answer),
+            Some(400),
+            "{:?} -> {answer}",
+            String::from_utf8_lossy(smuggle)
+        );
+    }
+    assert!(origin.seen().is_empty(), "{:?}", origin.seen());
+
+    let (answer, _) = exchange(
+        &gw,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX_Tenant: other\r\nX-Tenant: mine\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    let seen = origin.seen().pop().unwrap();
+    assert!(seen.fields("x_tenant").is_empty(), "{}", seen.head);
+    assert_eq!(seen.fields("x-tenant"), ["mine"]);
+}
+
+#[test]
+fn underscores_are_forwarded_when_the_policy_allows_them() {
+    let origin = RecordingOrigin::start();
+    let gw = gateway(&origin, "  allow_underscores_in_headers: true\n");
+    let (answer, _) = exchange(
+        &gw,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX_Tenant: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    assert_eq!(origin.seen()[0].fields("x_tenant"), ["t"]);
+}
+
+#[test]
+fn identical_content_lengths_reach_the_origin_as_one_value() {
+    let origin = RecordingOrigin::start();
+    let gw = gateway(&origin, "");
+    for request in [
+        &b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"[..],
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello",
+    ] {
+        let (answer, _) = exchange(&gw, request);
+        assert_eq!(raw_status(&answer), Some(200), "{answer}");
+        let seen = origin.seen().pop().unwrap();
+        assert_eq!(seen.fields("content-length"), ["5"], "{}", seen.head);
+        assert_eq!(seen.body, b"hello");
+    }
+}
+
+#[test]
+fn invalid_hosts_are_400() {
+    let origin = RecordingOrigin::start();
+    let gw = gateway(&origin, "");
+    for host in ["", "a, b", "a b", "a/b", "a:port"] {
+        let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let (answer, _) = exchange(&gw, request.as_bytes());
+        assert_eq!(raw_status(&answer), Some(400), "Host: {host:?} -> {answer}");
+    }
+    assert!(origin.seen().is_empty(), "{:?}", origin.seen());
+}
+
+#[test]
+fn client_planted_forwarded_and_x_real_ip_never_reach_the_origin() {
+    let origin = RecordingOrigin::start();
+    let gw = gateway(&origin, "");
+    let (answer, _) = exchange(
+        &gw,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
+          X-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    let seen = origin.seen().pop().unwrap();
+    assert!(!seen.head.contains("6.6.6.6"), "{}", seen.head);
+    assert_eq!(seen.fields("x-forwarded-for"), ["127.0.0.1"]);
+}
