@@ -10,6 +10,7 @@ pub mod bulkhead;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod events;
 pub mod explain;

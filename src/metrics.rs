@@ -45,6 +45,10 @@ pub struct Metrics {
     cache_requests: IntCounterVec,
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
+    /// Clients cut off with 408: a request head slower than `header_timeout`, or a
+    /// body that stalled longer than `body_timeout` between reads.
+    pub header_timeouts: IntCounter,
+    pub body_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -177,6 +181,14 @@ impl Metrics {
             "Bytes held in the cache: bodies, headers and bookkeeping",
         )
         .expect("valid metric");
+        let client_timeouts = IntCounterVec::new(
+            Opts::new(
+                "tollgate_client_timeouts_total",
+                "Requests answered 408 because the client sent them too slowly, by phase (header|body)",
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; labelled with the version"),
             &["version"],
@@ -206,6 +218,7 @@ impl Metrics {
             Box::new(cache_requests.clone()),
             Box::new(cache_entries.clone()),
             Box::new(cache_bytes.clone()),
+            Box::new(client_timeouts.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -237,6 +250,8 @@ impl Metrics {
             cache_requests,
             cache_entries,
             cache_bytes,
+            header_timeouts: client_timeouts.with_label_values(&["header"]),
+            body_timeouts: client_timeouts.with_label_values(&["body"]),
         }
     }
 

@@ -13,6 +13,7 @@ pub enum Code {
     RateLimited,
     PayloadTooLarge,
     BadRequest,
+    RequestTimeout,
     UpstreamUnavailable,
     UpstreamTimeout,
     CircuitOpen,
@@ -29,6 +30,7 @@ impl Code {
             Code::RateLimited => 429,
             Code::PayloadTooLarge => 413,
             Code::BadRequest => 400,
+            Code::RequestTimeout => 408,
             Code::UpstreamUnavailable => 502,
             Code::UpstreamTimeout => 504,
             Code::CircuitOpen => 503,
@@ -45,6 +47,7 @@ impl Code {
             Code::RateLimited => "rate_limited",
             Code::PayloadTooLarge => "payload_too_large",
             Code::BadRequest => "bad_request",
+            Code::RequestTimeout => "request_timeout",
             Code::UpstreamUnavailable => "upstream_unavailable",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::CircuitOpen => "circuit_open",
@@ -61,6 +64,7 @@ impl Code {
             Code::RateLimited => "Too many requests",
             Code::PayloadTooLarge => "Request body too large",
             Code::BadRequest => "Malformed request",
+            Code::RequestTimeout => "Request not received in time",
             Code::UpstreamUnavailable => "Upstream unavailable",
             Code::UpstreamTimeout => "Upstream timed out",
             Code::CircuitOpen => "Upstream circuit open",
@@ -72,9 +76,12 @@ impl Code {
 
     /// Whether the client connection may carry another request afterwards. Not after a
     /// refused body (it is still on the wire, and may be huge) or a malformed request
-    /// (its framing cannot be trusted).
+    /// (its framing cannot be trusted), nor after a client too slow to send its request.
     pub fn keeps_connection(self) -> bool {
-        !matches!(self, Code::PayloadTooLarge | Code::BadRequest)
+        !matches!(
+            self,
+            Code::PayloadTooLarge | Code::BadRequest | Code::RequestTimeout
+        )
     }
 }
 

@@ -26,6 +26,7 @@ use crate::breaker;
 use crate::bulkhead;
 use crate::cache;
 use crate::config::OnInvalid;
+use crate::connection;
 use crate::forwarding;
 use crate::gateway::{Gateway, InflightRequest};
 use crate::identity::{Principal, Resolution};
@@ -421,6 +422,9 @@ impl ProxyHttp for Proxy {
         // Requests a client sent ahead on this connection are served after this one,
         // in order (RFC 9112 §9.3.2); Pingora would otherwise close and drop them.
         session.set_pipelining_enabled(true);
+        // The head is in: its deadline stops, and a body may pause this long per read.
+        connection::head_complete(session);
+        session.set_read_timeout(Some(policy.server.body_timeout));
         let framing = forwarding::normalise(
             session.req_header_mut(),
             policy.server.allow_underscores_in_headers,
@@ -444,8 +448,6 @@ impl ProxyHttp for Proxy {
         }
 
         if let Err(reason) = framing {
-            // Where this request ends and the next begins is in doubt: no next one.
-            session.set_keepalive(None);
             return self
                 .answer(session, ctx, Problem::new(Code::BadRequest, reason))
                 .await;
@@ -959,6 +961,11 @@ impl ProxyHttp for Proxy {
                 ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
                 ErrorSource::Upstream | ErrorSource::Unset,
             ) => Some(Code::UpstreamTimeout),
+            // The request body stalled longer than `server.body_timeout`.
+            (ErrorType::ReadTimedout, ErrorSource::Downstream) => {
+                self.gateway.metrics.body_timeouts.inc();
+                Some(Code::RequestTimeout)
+            }
             (_, ErrorSource::Downstream) => match e.etype() {
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
                 _ => Some(Code::BadRequest),
@@ -996,6 +1003,10 @@ impl ProxyHttp for Proxy {
             // Only the kind of error: its context names the upstream peer, an internal
             // address the gateway's own answers never show.
             Code::BadRequest => format!("the request is malformed ({})", e.etype().as_str()),
+            Code::RequestTimeout => format!(
+                "the request body stalled for longer than server.body_timeout ({:?})",
+                ctx.policy.server.body_timeout
+            ),
             _ => format!(
                 "the gateway could not proxy the request ({})",
                 e.etype().as_str()
@@ -1020,6 +1031,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        connection::request_done(session);
         self.settle(ctx, error);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();

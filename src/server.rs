@@ -2,6 +2,7 @@
 //! reload services, and a shutdown that ends as soon as the last request is done.
 
 use crate::admin::Admin;
+use crate::connection::Connections;
 use crate::events::EventLog;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
@@ -9,11 +10,10 @@ use crate::policy::{self, Policy};
 use crate::proxy::Proxy;
 use crate::reload::Watcher;
 use pingora::apps::http_app::HttpServer;
-use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::protocols::Stream;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownWatch};
+use pingora::server::{ExecutionPhase, RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use sha2::{Digest, Sha256};
@@ -51,19 +51,25 @@ pub fn run(options: RunOptions) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut http_options = HttpServerOptions::default();
-    http_options.h2c = true;
-    let mut app = pingora::proxy::http_proxy(
-        &server.configuration,
-        Proxy {
-            gateway: gateway.clone(),
-        },
-    );
-    app.server_options = Some(http_options);
+    // Two apps over one pipeline: `connection::Connections` tells HTTP/1 from h2c by the
+    // first bytes, so Pingora's own preface wait (which has no deadline) never runs.
+    let app = |h2c: bool| {
+        let mut options = HttpServerOptions::default();
+        options.h2c = h2c;
+        let mut app = pingora::proxy::http_proxy(
+            &server.configuration,
+            Proxy {
+                gateway: gateway.clone(),
+            },
+        );
+        app.server_options = Some(options);
+        Arc::new(app)
+    };
     let mut proxy = Service::new(
         "tollgate proxy".to_string(),
-        IdleLimit {
-            inner: Arc::new(app),
+        Connections {
+            http1: app(false),
+            h2c: app(true),
             gateway: gateway.clone(),
         },
     );
@@ -170,40 +176,6 @@ fn server_conf(policy: &Policy) -> ServerConf {
         // own limits decide (failover only while another server is left, retries per
         // the pool's policy), and a fixed cap cannot follow pools that grow on reload.
         ..ServerConf::default()
-    }
-}
-
-/// Closes new client connections that send no request within `server.idle_timeout`
-/// (kept-alive ones get the same limit as Pingora's keep-alive timeout, set per request
-/// in the proxy). Pingora's h2c detection waits for the 24-byte HTTP/2 preface with no
-/// deadline of its own, so without this an idle or trickling client would hold its
-/// connection (and a file descriptor) forever.
-struct IdleLimit<A> {
-    inner: Arc<A>,
-    gateway: Arc<Gateway>,
-}
-
-#[async_trait::async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for IdleLimit<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        mut stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        if stream.get_ssl_digest().is_none() {
-            let idle = self.gateway.policy.load().server.idle_timeout;
-            let mut preface = [0u8; 24];
-            // The peeked bytes are put back, so the inner app reads them again.
-            match tokio::time::timeout(idle, stream.try_peek(&mut preface)).await {
-                Ok(Ok(_)) => {}
-                _ => return None,
-            }
-        }
-        self.inner.process_new(stream, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        self.inner.cleanup().await
     }
 }
 

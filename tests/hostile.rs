@@ -344,3 +344,103 @@ fn client_planted_forwarded_and_x_real_ip_never_reach_the_origin() {
     assert!(!seen.head.contains("6.6.6.6"), "{}", seen.head);
     assert_eq!(seen.fields("x-forwarded-for"), ["127.0.0.1"]);
 }
+
+/// Reads until the gateway closes the connection (or 10 s pass): what it said, and when.
+fn until_closed(stream: &mut TcpStream, started: Instant) -> (String, Duration) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn heads_sent_too_slowly_get_408_within_header_timeout() {
+    let origin = RecordingOrigin::start();
+    let gw = gateway(&origin, "  header_timeout: 1s\n");
+    let timeouts = || gw.metric("tollgate_client_timeouts_total{phase=\"header\"}");
+
+    // A kept-alive connection: a request, a pause longer than header_timeout (idle time
+    // is not head time), another request, then a head that trickles in.
+    let mut conn = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    let request = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+    conn.write_all(request).unwrap();
+    let mut buf = [0u8; 1024];
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = conn.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(1500));
+    conn.write_all(request).unwrap();
+    let n = conn.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    let started = Instant::now();
+    let mut trickle = conn.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for byte in b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Slow: 1234567890" {
+            if trickle.write_all(&[*byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let (answer, took) = until_closed(&mut conn, started);
+    writer.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"error\":\"request_timeout\""), "{answer}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(origin.seen().len(), 2, "the slow head reached the origin");
+    assert!(wait_for(Duration::from_secs(5), || timeouts() == Some(1.0)));
+
+    // The first head of a connection is timed from its first byte too.
+    let mut first = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    first.write_all(b"GET /x HTT").unwrap();
+    let (answer, took) = until_closed(&mut first, Instant::now());
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(wait_for(Duration::from_secs(5), || timeouts() == Some(2.0)));
+}
+
+#[test]
+fn bodies_that_stall_get_408_within_body_timeout() {
+    let origin = RecordingOrigin::start();
+    let gw = gateway(&origin, "  body_timeout: 1s\n");
+    let mut conn = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    let started = Instant::now();
+    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        .unwrap();
+    let (answer, took) = until_closed(&mut conn, started);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(origin.seen().is_empty(), "{:?}", origin.seen());
+    assert!(wait_for(Duration::from_secs(5), || gw
+        .metric("tollgate_client_timeouts_total{phase=\"body\"}")
+        == Some(1.0)));
+
+    // A body that keeps coming, slower in total than body_timeout, is fine.
+    let mut conn = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    conn.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    for byte in b"abcd" {
+        std::thread::sleep(Duration::from_millis(400));
+        conn.write_all(&[*byte]).unwrap();
+    }
+    let (answer, _) = until_closed(&mut conn, Instant::now());
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(origin.seen()[0].body, b"abcd");
+}
