@@ -159,7 +159,7 @@ impl Admin {
         let policy = self.gateway.policy.load();
         let levels = policy.shedding.as_ref().map_or(0, |s| s.levels.len());
         match force.level {
-            None => self.gateway.load.force(None),
+            None => crate::shed::force(&self.gateway, None),
             Some(level) if usize::from(level) > levels => {
                 return bad(format!(
                     "level {level} does not exist: the policy defines {levels} shedding level(s)"
@@ -171,7 +171,7 @@ impl Admin {
                     Ok(d) if !d.0.is_zero() => d.0,
                     _ => return bad(format!("`for`: `{text}` is not a duration such as \"10m\"")),
                 };
-                self.gateway.load.force(Some((level, duration)));
+                crate::shed::force(&self.gateway, Some((level, duration)));
             }
         }
         let forced = self.gateway.load.forced();
@@ -189,7 +189,8 @@ impl Admin {
                 "forced": forced.is_some(),
                 "level": forced.map(|(l, _)| l),
                 "for_seconds": forced.map(|(_, until)| until.saturating_duration_since(std::time::Instant::now()).as_secs()),
-                "takes_effect_within_ms": crate::shed::TICK.as_millis() as u64,
+                // A forced level is in force already; automatic resumes at the next tick.
+                "takes_effect_within_ms": if forced.is_some() { 0 } else { crate::shed::TICK.as_millis() as u64 },
             }),
         )
     }

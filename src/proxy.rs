@@ -25,7 +25,7 @@ use crate::access_log;
 use crate::breaker;
 use crate::bulkhead;
 use crate::cache;
-use crate::config::OnInvalid;
+use crate::config::{OnInvalid, Priority};
 use crate::connection;
 use crate::forwarding;
 use crate::gateway::{Gateway, InflightRequest};
@@ -890,7 +890,8 @@ impl ProxyHttp for Proxy {
             let elapsed = sent.elapsed();
             ctx.upstream_duration = Some(elapsed);
             pool.upstream_duration.observe(elapsed.as_secs_f64());
-            self.gateway.load.upstream_latency.record(elapsed);
+            let priority = ctx.route().map_or(Priority::Normal, |r| r.priority);
+            self.gateway.load.record_upstream(elapsed, priority);
         }
         // Here, before the cache stores the response (RFC 9111 §3.1), so no hit ever
         // needs stripping again. A switching-protocols answer keeps them: the upgrade

@@ -7,9 +7,13 @@
 //! only after the load stayed under `above - recover_below_margin` for `hold`.
 //!
 //! Recovery looks at the *offered* load: what is measured plus what the shed requests
-//! would add if they were let through (their rate × the typical upstream time, Little's
-//! law). Measured load alone drops as soon as shedding relieves it, so a gateway at
-//! 1.5× capacity would leave the level, be overloaded again, and cycle with the hold. The
+//! would add if they were let through (their rate × the shed priorities' own recent
+//! upstream time, Little's law). Measured load alone drops as soon as shedding relieves
+//! it, so a gateway at 1.5× capacity would leave the level, be overloaded again, and
+//! cycle with the hold. The shed priorities' upstream time is what they cost when they
+//! last got through, within the last `smoothing`: with no fresh sample it counts for
+//! nothing, so shed requests can never hold a level up on their own once the load that
+//! raised it is gone (recovery within `smoothing + hold`). The
 //! request path reads the level with one atomic load; at a level, routes whose
 //! priority it lists are answered with their fallback or 503 `overloaded`, and every
 //! rate limit is scaled by the level's `limit_scale`.
@@ -60,11 +64,15 @@ pub struct Load {
     level: AtomicU8,
     ratio: AtomicU64,
     signals: [AtomicU64; 3],
-    /// Upstream response times since the monitor's last tick.
-    pub upstream_latency: Histogram,
+    /// Upstream response times since the monitor's last tick: all of them, and those
+    /// of each priority that can be shed (`Priority::sheddable_index`).
+    upstream_latency: Histogram,
+    sheddable_latency: [Histogram; SHEDDABLE],
     /// Requests shed so far (for the offered load).
     shed: AtomicU64,
     forced: Mutex<Option<Forced>>,
+    /// An operator released a forced level the monitor may not have seen yet.
+    released: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -81,7 +89,27 @@ pub struct Signals {
     pub cpu: Option<f64>,
 }
 
+/// Priorities a level may shed: all but `critical`.
+const SHEDDABLE: usize = 3;
+
+fn sheddable_index(priority: Priority) -> Option<usize> {
+    match priority {
+        Priority::Critical => None,
+        Priority::High => Some(0),
+        Priority::Normal => Some(1),
+        Priority::Low => Some(2),
+    }
+}
+
 impl Load {
+    /// Records how long the upstream took to answer a request of `priority`.
+    pub fn record_upstream(&self, latency: Duration, priority: Priority) {
+        self.upstream_latency.record(latency);
+        if let Some(i) = sheddable_index(priority) {
+            self.sheddable_latency[i].record(latency);
+        }
+    }
+
     /// Counts a request answered by shedding.
     pub fn count_shed(&self) {
         self.shed.fetch_add(1, Ordering::Relaxed);
@@ -113,13 +141,31 @@ impl Load {
             .map(|f| (f.level, f.until))
     }
 
-    /// Forces `level` for `duration` (`None` returns to automatic). Takes effect at the
-    /// monitor's next tick.
-    pub fn force(&self, level: Option<(u8, Duration)>) {
-        *self.forced.lock().unwrap_or_else(|e| e.into_inner()) = level.map(|(level, d)| Forced {
+    fn set_forced(&self, level: Option<(u8, Duration)>) {
+        let mut forced = self.forced.lock().unwrap_or_else(|e| e.into_inner());
+        if forced.is_some() && level.is_none() {
+            self.released.store(true, Ordering::Relaxed);
+        }
+        *forced = level.map(|(level, d)| Forced {
             level,
             until: Instant::now() + d,
         });
+    }
+}
+
+/// Forces `level` for `duration`, in force for the very next request (an operator
+/// forcing a level in an incident expects that); `None` returns to automatic at the
+/// monitor's next tick.
+pub fn force(gateway: &Gateway, level: Option<(u8, Duration)>) {
+    gateway.load.set_forced(level);
+    if let Some((level, _)) = level {
+        let levels = gateway
+            .policy
+            .load()
+            .shedding
+            .as_ref()
+            .map_or(0, |s| s.levels.len());
+        set_level(gateway, level.min(levels as u8), gateway.load.ratio());
     }
 }
 
@@ -141,8 +187,9 @@ struct Monitor {
     /// The smoothed in-flight ratio the shed requests would add.
     shed_extra: f64,
     shed_seen: u64,
-    /// A recent upstream median, in seconds.
-    typical_latency: Option<f64>,
+    /// Per sheddable priority: its last upstream median, in seconds, and when it was
+    /// seen.
+    sheddable_latency: [Option<(f64, Instant)>; SHEDDABLE],
     cpu: CpuMeter,
     recovering_since: Option<Instant>,
     was_forced: bool,
@@ -152,6 +199,15 @@ impl Monitor {
     fn tick(&mut self, gateway: &Gateway, shedding: Option<&Shedding>, now: Instant) {
         let load = &gateway.load;
         let latency_counts = load.upstream_latency.drain();
+        for (latest, histogram) in self
+            .sheddable_latency
+            .iter_mut()
+            .zip(&load.sheddable_latency)
+        {
+            if let Some(p50) = crate::histogram::quantile(&histogram.drain(), 0.5) {
+                *latest = Some((p50.as_secs_f64(), now));
+            }
+        }
         let cpu_share = self.cpu.sample();
         let Some(shedding) = shedding else {
             self.smoothed = None;
@@ -185,18 +241,19 @@ impl Monitor {
             .max(smoothed.latency.unwrap_or(0.0))
             .max(smoothed.cpu.unwrap_or(0.0));
 
-        if let Some(p50) = crate::histogram::quantile(&latency_counts, 0.5) {
-            self.typical_latency = Some(p50.as_secs_f64());
-        }
         let shed_now = load.shed.load(Ordering::Relaxed);
         let shed_rate = shed_now.saturating_sub(self.shed_seen) as f64 / TICK.as_secs_f64();
         self.shed_seen = shed_now;
-        let extra =
-            shed_rate * self.typical_latency.unwrap_or(0.0) / shedding.max_inflight.max(1) as f64;
+        let typical = self.shed_latency(shedding, load.level(), now);
+        // At most one `max_inflight` more: a guess about traffic that is not let
+        // through should not outweigh what is measured.
+        let extra = (shed_rate * typical / shedding.max_inflight.max(1) as f64).min(1.0);
         self.shed_extra = blend(self.shed_extra, extra);
         let offered = ratio.max(smoothed.inflight + self.shed_extra);
 
         let current = load.level();
+        let released = load.released.swap(false, Ordering::Relaxed);
+        let left_forced = std::mem::take(&mut self.was_forced) || released;
         let level = match load.forced() {
             Some((forced, _)) => {
                 self.recovering_since = None;
@@ -204,10 +261,30 @@ impl Monitor {
                 forced.min(shedding.levels.len() as u8)
             }
             // Leaving a forced level: the load decides afresh, without a hold.
-            None if std::mem::take(&mut self.was_forced) => passed_levels(shedding, ratio),
+            None if left_forced => passed_levels(shedding, ratio),
             None => self.automatic(shedding, current, ratio, offered, now),
         };
+        // An operator may have forced a level while this tick computed its own.
+        let level = load
+            .forced()
+            .map_or(level, |(forced, _)| forced.min(shedding.levels.len() as u8));
         self.publish(gateway, level, ratio, smoothed);
+    }
+
+    /// The upstream time a shed request would take: the slowest recent median among
+    /// the priorities `level` sheds, seen within the last `smoothing`; 0 without one.
+    fn shed_latency(&self, shedding: &Shedding, level: u8, now: Instant) -> f64 {
+        let Some(level) = shedding.levels.get((level as usize).wrapping_sub(1)) else {
+            return 0.0;
+        };
+        let fresh_since = now.checked_sub(shedding.smoothing.max(TICK)).unwrap_or(now);
+        level
+            .shed
+            .iter()
+            .filter_map(|&p| self.sheddable_latency[sheddable_index(p)?])
+            .filter(|&(_, seen)| seen >= fresh_since)
+            .map(|(secs, _)| secs)
+            .fold(0.0, f64::max)
     }
 
     /// Up at once to the highest level the measured load passes; down one level after
@@ -249,33 +326,40 @@ impl Monitor {
         store(1, signals.latency.unwrap_or(f64::NAN));
         store(2, signals.cpu.unwrap_or(f64::NAN));
         gateway.metrics.load_ratio.set(ratio);
-        let previous = load.level.swap(level, Ordering::Relaxed);
-        if previous == level {
-            return;
-        }
-        let policy = gateway.policy.load();
-        let scale = policy
-            .shedding
-            .as_ref()
-            .and_then(|s| s.levels.get((level as usize).checked_sub(1)?))
-            .map_or(1.0, |l| l.limit_scale);
-        gateway.set_limit_scale(scale);
-        gateway.metrics.shedding_level.set(i64::from(level));
-        let forced = load.forced().is_some();
-        tracing::warn!(
-            from = previous,
-            to = level,
-            ratio,
-            forced,
-            limit_scale = scale,
-            "shedding level"
-        );
-        gateway.events.record(
-            "shedding",
-            &format!("shedding level {previous} -> {level}"),
-            serde_json::json!({ "from": previous, "to": level, "ratio": ratio, "forced": forced, "limit_scale": scale }),
-        );
+        set_level(gateway, level, ratio);
     }
+}
+
+/// Puts `level` in force for the request path (one atomic), with its rate-limit scale,
+/// metric and event when it changed.
+fn set_level(gateway: &Gateway, level: u8, ratio: f64) {
+    let load = &gateway.load;
+    let previous = load.level.swap(level, Ordering::Relaxed);
+    if previous == level {
+        return;
+    }
+    let policy = gateway.policy.load();
+    let scale = policy
+        .shedding
+        .as_ref()
+        .and_then(|s| s.levels.get((level as usize).checked_sub(1)?))
+        .map_or(1.0, |l| l.limit_scale);
+    gateway.set_limit_scale(scale);
+    gateway.metrics.shedding_level.set(i64::from(level));
+    let forced = load.forced().is_some();
+    tracing::warn!(
+        from = previous,
+        to = level,
+        ratio,
+        forced,
+        limit_scale = scale,
+        "shedding level"
+    );
+    gateway.events.record(
+        "shedding",
+        &format!("shedding level {previous} -> {level}"),
+        serde_json::json!({ "from": previous, "to": level, "ratio": ratio, "forced": forced, "limit_scale": scale }),
+    );
 }
 
 /// The highest level whose threshold `ratio` passes.
@@ -357,7 +441,7 @@ impl BackgroundService for LoadMonitor {
             smoothed: None,
             shed_extra: 0.0,
             shed_seen: 0,
-            typical_latency: None,
+            sheddable_latency: [None; SHEDDABLE],
             cpu: CpuMeter::new(),
             recovering_since: None,
             was_forced: false,
@@ -412,7 +496,7 @@ mod tests {
             smoothed: None,
             shed_extra: 0.0,
             shed_seen: 0,
-            typical_latency: None,
+            sheddable_latency: [None; SHEDDABLE],
             cpu: CpuMeter::new(),
             recovering_since: None,
             was_forced: false,
@@ -484,6 +568,23 @@ mod tests {
             m.automatic(&s, 1, 0.6, 0.6, t1 + Duration::from_secs(10)),
             0
         );
+    }
+
+    #[test]
+    fn a_shed_priority_counts_its_own_recent_upstream_time_only() {
+        let s = shedding();
+        let mut m = monitor();
+        let t0 = Instant::now();
+        // Level 1 sheds low only: a slow normal route says nothing about it.
+        m.sheddable_latency[sheddable_index(Priority::Normal).unwrap()] = Some((4.0, t0));
+        assert_eq!(m.shed_latency(&s, 1, t0), 0.0);
+        m.sheddable_latency[sheddable_index(Priority::Low).unwrap()] = Some((0.2, t0));
+        assert_eq!(m.shed_latency(&s, 1, t0), 0.2);
+        // Level 2 sheds both: the slower one.
+        assert_eq!(m.shed_latency(&s, 2, t0), 4.0);
+        // Without a fresh sample within `smoothing`, it counts for nothing.
+        assert_eq!(m.shed_latency(&s, 2, t0 + s.smoothing + TICK), 0.0);
+        assert_eq!(m.shed_latency(&s, 0, t0), 0.0, "nothing is shed at level 0");
     }
 
     #[test]

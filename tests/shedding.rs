@@ -99,7 +99,11 @@ fn forced_levels_shed_exactly_the_listed_priorities() {
     assert_eq!(explained["shedding"]["would_shed"], true);
 
     assert_eq!(force(&gw, json!({ "level": null })).status(), 200);
-    assert!(wait_for(Duration::from_secs(3), || level(&gw) == 0));
+    assert!(
+        wait_for(Duration::from_secs(3), || level(&gw) == 0),
+        "{}",
+        gw.admin_json("/status")
+    );
     assert_eq!(statuses(&gw), [200; 5]);
     assert_eq!(gw.admin_json("/status")["load"]["forced"], false);
 
@@ -258,4 +262,69 @@ fn load_hovering_at_the_threshold_does_not_flap() {
     let outcomes = clients.finish();
     assert!(outcomes.iter().all(|&s| s == 200));
     assert_eq!(during, 1, "level changes while hovering");
+}
+
+#[test]
+fn shed_traffic_cannot_hold_a_level_up_after_the_load_is_gone() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(
+        &app,
+        "  max_inflight: 4\n  smoothing: 1s\n  hold: 1s\n  levels:\n    - { above: 80%, shed: [low] }\n",
+    ));
+    // Twelve slow requests to a critical route raise the level ...
+    let slow: Vec<_> = (0..12)
+        .map(|_| {
+            let url = gw.url("/health?latency_ms=3000");
+            std::thread::spawn(move || {
+                reqwest::blocking::Client::new()
+                    .get(url)
+                    .send()
+                    .map_or(0, |r| r.status().as_u16())
+            })
+        })
+        .collect();
+    // ... while a client keeps calling a low route, twice a second, throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let low = {
+        let (stop, url) = (stop.clone(), gw.url("/api/learning/metrics"));
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let _ = client.get(&url).send();
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    assert!(wait_for(Duration::from_secs(3), || level(&gw) == 1));
+    for request in slow {
+        assert_eq!(request.join().unwrap(), 200);
+    }
+    let load_gone = Instant::now();
+    // smoothing + hold, plus the smoothed in-flight signal's decay from 300 %.
+    let recovered = wait_for(Duration::from_secs(5), || level(&gw) == 0);
+    let took = load_gone.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    low.join().unwrap();
+    assert!(
+        recovered,
+        "still shedding {took:?} after the load ended: {}",
+        gw.admin_json("/status")["load"]
+    );
+    assert_eq!(gw.get("/api/learning/metrics").status(), 200);
+}
+
+#[test]
+fn a_forced_level_is_in_force_for_the_very_next_request() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(
+        &app,
+        "  levels:\n    - { above: 80%, shed: [low] }\n",
+    ));
+    assert_eq!(gw.get("/api/learning/metrics").status(), 200);
+    let answer: Value = force(&gw, json!({ "level": 1, "for": "1m" }))
+        .json()
+        .unwrap();
+    assert_eq!(answer["takes_effect_within_ms"], 0);
+    assert_eq!(gw.get("/api/learning/metrics").status(), 503);
+    assert_eq!(level(&gw), 1);
 }
