@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 pub const INJECTED: &str = "tollgate.io/injected";
 pub const SIDECAR_LABEL: &str = "tollgate.io/sidecar";
+/// The ports the gateway prefers, as in the chart; the next free ones are taken when the
+/// pod already uses them.
 const GATEWAY_PORT: u16 = 8080;
 const ADMIN_PORT: u16 = 9901;
 
@@ -98,6 +100,24 @@ pub struct Options {
     pub native: bool,
     /// The application's port when its first container declares none.
     pub app_port: Option<u16>,
+    /// The gateway's listening port and its admin API's; by default the first free
+    /// ones from 8080 and 9901 that no container of the pod declares.
+    pub port: Option<u16>,
+    pub admin_port: Option<u16>,
+}
+
+/// What `inject` made: the manifest, and a line per injected workload saying which
+/// ports the gateway took.
+pub struct Injection {
+    pub manifest: String,
+    pub notes: Vec<String>,
+}
+
+/// The gateway's two ports in one pod.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ports {
+    gateway: u16,
+    admin: u16,
 }
 
 /// What one injected workload needs from the other documents.
@@ -108,6 +128,7 @@ struct Injected {
     app_port: u16,
     app_port_name: Option<String>,
     config_map: String,
+    ports: Ports,
 }
 
 struct Document {
@@ -117,7 +138,7 @@ struct Document {
 }
 
 /// Injects into `manifest`; `Err` names the document that cannot be handled.
-pub fn inject(manifest: &str, options: &Options) -> Result<String, String> {
+pub fn inject(manifest: &str, options: &Options) -> Result<Injection, String> {
     let mut documents: Vec<Document> = split_documents(manifest)
         .into_iter()
         .enumerate()
@@ -142,6 +163,7 @@ pub fn inject(manifest: &str, options: &Options) -> Result<String, String> {
         .collect::<Result<_, String>>()?;
 
     let mut workloads = Vec::new();
+    let mut notes = Vec::new();
     for (index, document) in documents.iter_mut().enumerate() {
         let Some(node) = &mut document.node else {
             continue;
@@ -149,6 +171,12 @@ pub fn inject(manifest: &str, options: &Options) -> Result<String, String> {
         if let Some((workload, changed)) =
             inject_workload(node, options).map_err(|e| format!("document {}: {e}", index + 1))?
         {
+            if changed {
+                notes.push(format!(
+                    "{}: gateway on port {}, admin API on port {}, application on port {}",
+                    workload.name, workload.ports.gateway, workload.ports.admin, workload.app_port
+                ));
+            }
             document.changed |= changed;
             workloads.push(workload);
         }
@@ -187,7 +215,10 @@ pub fn inject(manifest: &str, options: &Options) -> Result<String, String> {
             out.push_str(&to_yaml(&policy_config_map(workload)?)?);
         }
     }
-    Ok(out)
+    Ok(Injection {
+        manifest: out,
+        notes,
+    })
 }
 
 /// Splits a stream into documents at `---` lines, keeping each document's text.
@@ -277,11 +308,12 @@ fn inject_workload(node: &mut Node, options: &Options) -> Result<Option<(Injecte
             ))
         }
     };
-    if app_port == GATEWAY_PORT || app_port == ADMIN_PORT {
-        return Err(format!(
-            "{kind} {name}: the application's port {app_port} is one the gateway uses"
-        ));
-    }
+    let spec = node.path(&spec_keys).expect("checked above");
+    let ports = match sidecar_ports(spec) {
+        Some(ports) => ports,
+        None => choose_ports(&declared_ports(spec), app_port, options)
+            .map_err(|e| format!("{kind} {name}: {e}"))?,
+    };
     let app_port_name = first_port
         .as_ref()
         .and_then(|p| p.get("name"))
@@ -308,6 +340,7 @@ fn inject_workload(node: &mut Node, options: &Options) -> Result<Option<(Injecte
         app_port,
         app_port_name,
         config_map,
+        ports,
     };
     if already {
         return Ok(Some((injected, false)));
@@ -319,7 +352,7 @@ fn inject_workload(node: &mut Node, options: &Options) -> Result<Option<(Injecte
         .insert(INJECTED.into(), Node::Str(env!("CARGO_PKG_VERSION").into()));
 
     let spec = node.map_at(&spec_keys);
-    let container = sidecar_container(options)?;
+    let container = sidecar_container(options, ports)?;
     if options.native {
         Node::seq_mut(spec, "initContainers").push(container);
     } else {
@@ -346,8 +379,82 @@ fn parse(yaml: &str) -> Result<Node, String> {
     serde_saphyr::from_str(yaml).map_err(|e| e.to_string())
 }
 
+/// The pod's containers, application and gateway alike, under `spec`.
+fn pod_containers(spec: &Node) -> impl Iterator<Item = &Node> {
+    ["containers", "initContainers"]
+        .into_iter()
+        .filter_map(|key| match spec.get(key) {
+            Some(Node::Seq(containers)) => Some(containers.iter()),
+            _ => None,
+        })
+        .flatten()
+}
+
+fn container_ports(container: &Node) -> impl Iterator<Item = (Option<&str>, i64)> {
+    let ports = match container.get("ports") {
+        Some(Node::Seq(ports)) => ports.as_slice(),
+        _ => &[],
+    };
+    ports.iter().filter_map(|p| match p.get("containerPort") {
+        Some(Node::Int(n)) => Some((p.get("name").and_then(Node::str), *n)),
+        _ => None,
+    })
+}
+
+/// The ports an earlier injection gave the gateway container, when there is one.
+fn sidecar_ports(spec: &Node) -> Option<Ports> {
+    let sidecar =
+        pod_containers(spec).find(|c| c.get("name").and_then(Node::str) == Some("tollgate"))?;
+    let port = |wanted: &str| {
+        container_ports(sidecar)
+            .find(|(name, _)| *name == Some(wanted))
+            .and_then(|(_, n)| u16::try_from(n).ok())
+    };
+    Some(Ports {
+        gateway: port("gateway-http")?,
+        admin: port("gateway-admin")?,
+    })
+}
+
+/// Every port a container of the pod other than the gateway declares: they share one
+/// network namespace, so the gateway must take none of them.
+fn declared_ports(spec: &Node) -> Vec<u16> {
+    pod_containers(spec)
+        .filter(|c| c.get("name").and_then(Node::str) != Some("tollgate"))
+        .flat_map(container_ports)
+        .filter_map(|(_, n)| u16::try_from(n).ok())
+        .collect()
+}
+
+/// The gateway's ports: those asked for, else the first free ones from the defaults.
+fn choose_ports(declared: &[u16], app_port: u16, options: &Options) -> Result<Ports, String> {
+    let taken = |port: u16, also: Option<u16>| {
+        declared.contains(&port) || port == app_port || Some(port) == also
+    };
+    let pick = |asked: Option<u16>, from: u16, flag: &str, also: Option<u16>| {
+        match asked {
+        Some(port) if taken(port, also) => Err(format!(
+            "{flag} {port} is already used in the pod (application port {app_port}, declared {declared:?})"
+        )),
+        Some(port) => Ok(port),
+        None => (from..=u16::MAX)
+            .chain(1024..from)
+            .find(|&port| !taken(port, also))
+            .ok_or_else(|| format!("no free port for {flag}")),
+    }
+    };
+    let gateway = pick(options.port, GATEWAY_PORT, "--port", options.admin_port)?;
+    let admin = pick(
+        options.admin_port,
+        ADMIN_PORT,
+        "--admin-port",
+        Some(gateway),
+    )?;
+    Ok(Ports { gateway, admin })
+}
+
 /// The gateway container, with the probes, security settings and mounts of the chart's.
-fn sidecar_container(options: &Options) -> Result<Node, String> {
+fn sidecar_container(options: &Options, ports: Ports) -> Result<Node, String> {
     let restart = if options.native {
         "restartPolicy: Always\n"
     } else {
@@ -358,8 +465,8 @@ fn sidecar_container(options: &Options) -> Result<Node, String> {
 image: \"{image}\"
 {restart}args: [run, -c, /etc/tollgate/gateway.yaml]
 ports:
-  - {{ name: gateway-http, containerPort: {GATEWAY_PORT}, protocol: TCP }}
-  - {{ name: gateway-admin, containerPort: {ADMIN_PORT}, protocol: TCP }}
+  - {{ name: gateway-http, containerPort: {gateway}, protocol: TCP }}
+  - {{ name: gateway-admin, containerPort: {admin}, protocol: TCP }}
 startupProbe: {{ httpGet: {{ path: /healthz, port: gateway-admin }}, periodSeconds: 1, failureThreshold: 30 }}
 livenessProbe: {{ httpGet: {{ path: /healthz, port: gateway-admin }}, periodSeconds: 10 }}
 readinessProbe: {{ httpGet: {{ path: /readyz, port: gateway-admin }}, periodSeconds: 5 }}
@@ -375,7 +482,9 @@ volumeMounts:
   - {{ name: tollgate-policy, mountPath: /etc/tollgate, readOnly: true }}
   - {{ name: tollgate-run, mountPath: /tmp }}
 ",
-        image = options.image
+        image = options.image,
+        gateway = ports.gateway,
+        admin = ports.admin,
     ))
 }
 
@@ -424,8 +533,8 @@ fn retarget_service(node: &mut Node, workloads: &[Injected]) -> bool {
 /// with the 5 s preStop, in Kubernetes' default 30 s grace period.
 fn policy_config_map(workload: &Injected) -> Result<Node, String> {
     let policy = format!(
-        "version: 1\nserver:\n  listen: [\"0.0.0.0:{GATEWAY_PORT}\"]\n  shutdown_grace: 20s\nadmin:\n  listen: \"0.0.0.0:{ADMIN_PORT}\"\n  token_env: TOLLGATE_ADMIN_TOKEN\nupstreams:\n  app:\n    servers: [\"127.0.0.1:{}\"]\nroutes:\n  - name: all\n    upstream: app\n",
-        workload.app_port
+        "version: 1\nserver:\n  listen: [\"0.0.0.0:{}\"]\n  shutdown_grace: 20s\nadmin:\n  listen: \"0.0.0.0:{}\"\n  token_env: TOLLGATE_ADMIN_TOKEN\nupstreams:\n  app:\n    servers: [\"127.0.0.1:{}\"]\nroutes:\n  - name: all\n    upstream: app\n",
+        workload.ports.gateway, workload.ports.admin, workload.app_port
     );
     let mut metadata = IndexMap::new();
     metadata.insert("name".into(), Node::Str(workload.config_map.clone()));
@@ -466,8 +575,38 @@ mod tests {
             config_map: None,
             native: true,
             app_port: None,
+            port: None,
+            admin_port: None,
         };
         let text = "apiVersion: v1\nkind: Secret\nmetadata: { name: s }\n";
-        assert_eq!(inject(text, &options).unwrap(), text);
+        assert_eq!(inject(text, &options).unwrap().manifest, text);
+    }
+
+    #[test]
+    fn ports_avoid_every_port_the_pod_declares() {
+        let options = |port, admin_port| Options {
+            image: "i".into(),
+            config_map: None,
+            native: true,
+            app_port: None,
+            port,
+            admin_port,
+        };
+        let chosen = |declared: &[u16], app, port, admin| {
+            choose_ports(declared, app, &options(port, admin)).map(|p| (p.gateway, p.admin))
+        };
+        assert_eq!(chosen(&[3000], 3000, None, None), Ok((8080, 9901)));
+        assert_eq!(chosen(&[8080], 8080, None, None), Ok((8081, 9901)));
+        assert_eq!(
+            chosen(&[8080, 8081, 9901, 9090], 8080, None, None),
+            Ok((8082, 9902))
+        );
+        assert_eq!(
+            chosen(&[8080], 8080, Some(7000), Some(7001)),
+            Ok((7000, 7001))
+        );
+        assert_eq!(chosen(&[8080], 8080, None, Some(8081)), Ok((8082, 8081)));
+        assert!(chosen(&[8080, 9000], 8080, Some(9000), None).is_err());
+        assert!(chosen(&[8080], 8080, Some(7000), Some(7000)).is_err());
     }
 }

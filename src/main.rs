@@ -55,6 +55,13 @@ enum Command {
         /// The application's port, when its container declares none.
         #[arg(long = "app-port")]
         app_port: Option<u16>,
+        /// The gateway's port (default: the first from 8080 no container of the pod
+        /// declares).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The admin API's port (default: the first free one from 9901).
+        #[arg(long = "admin-port")]
+        admin_port: Option<u16>,
     },
     /// Exit 0 when URL answers 2xx within two seconds, else 1: a container HEALTHCHECK
     /// for images without curl.
@@ -89,16 +96,23 @@ fn main() -> ExitCode {
             config_map,
             native,
             app_port,
+            port,
+            admin_port,
         }) => {
             let options = tollgate::inject::Options {
                 image,
                 config_map,
                 native,
                 app_port,
+                port,
+                admin_port,
             };
             match inject(file, &options) {
-                Ok(manifest) => {
-                    print!("{manifest}");
+                Ok(injection) => {
+                    print!("{}", injection.manifest);
+                    for note in injection.notes {
+                        eprintln!("tollgate inject: {note}");
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(why) => {
@@ -153,7 +167,10 @@ fn check(file: PathBuf, against: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn inject(file: Option<PathBuf>, options: &tollgate::inject::Options) -> Result<String, String> {
+fn inject(
+    file: Option<PathBuf>,
+    options: &tollgate::inject::Options,
+) -> Result<tollgate::inject::Injection, String> {
     let manifest = match file.filter(|f| f.as_os_str() != "-") {
         Some(path) => std::fs::read_to_string(&path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?,

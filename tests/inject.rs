@@ -205,3 +205,59 @@ fn a_workload_without_a_port_needs_app_port() {
     assert!(out.contains("127.0.0.1:5000"));
     assert!(out.contains("kind: Pod") && out.contains("restartPolicy: Always"));
 }
+
+#[test]
+fn an_application_on_the_gateways_default_port_gets_the_next_free_ones() {
+    let manifest = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  selector: { matchLabels: { app: web } }\n  template:\n    metadata:\n      labels: { app: web }\n    spec:\n      containers:\n        - name: web\n          image: nginx\n          ports: [{ name: http, containerPort: 8080 }]\n        - name: metrics\n          image: exporter\n          ports: [{ containerPort: 9901 }, { containerPort: 8081 }]\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector: { app: web }\n  ports: [{ port: 80, targetPort: http }]\n";
+    let (code, out, err) = inject(&[], Some(manifest));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("web: gateway on port 8082, admin API on port 9902, application on port 8080"),
+        "{err}"
+    );
+    let docs = documents(&out);
+    let pod = at(find(&docs, "Deployment", "web"), &["spec", "template"]).unwrap();
+    let sidecar = named(seq(pod, &["spec", "initContainers"]), "tollgate").unwrap();
+    let ports: Vec<&Node> = seq(sidecar, &["ports"])
+        .iter()
+        .map(|p| at(p, &["containerPort"]).unwrap())
+        .collect();
+    assert_eq!(ports, [&Node::Int(8082), &Node::Int(9902)]);
+    let policy = at(
+        find(&docs, "ConfigMap", "web-tollgate"),
+        &["data", "gateway.yaml"],
+    )
+    .unwrap();
+    let Node::Str(policy) = policy else {
+        panic!("policy text")
+    };
+    assert!(
+        policy.contains("0.0.0.0:8082") && policy.contains("0.0.0.0:9902"),
+        "{policy}"
+    );
+    assert!(policy.contains("127.0.0.1:8080"), "{policy}");
+    assert_eq!(
+        at(
+            &seq(find(&docs, "Service", "web"), &["spec", "ports"])[0],
+            &["targetPort"]
+        ),
+        Some(&s("gateway-http"))
+    );
+
+    // Idempotent: the ports an injection chose are kept, nothing is said.
+    let (code, again, err) = inject(&[], Some(&out));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(again, out);
+    assert!(err.is_empty(), "{err}");
+
+    // Explicit ports are taken as given, unless the pod uses them.
+    let (code, out, err) = inject(&["--port", "7000", "--admin-port", "7001"], Some(manifest));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("containerPort: 7000") && out.contains("0.0.0.0:7001"),
+        "{out}"
+    );
+    let (code, _, err) = inject(&["--port", "9901"], Some(manifest));
+    assert_eq!(code, 1);
+    assert!(err.contains("--port 9901 is already used"), "{err}");
+}
