@@ -444,3 +444,35 @@ fn bodies_that_stall_get_408_within_body_timeout() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(origin.seen()[0].body, b"abcd");
 }
+
+/// Smuggling-shaped heads: each is refused with 400 and nothing reaches the origin.
+#[test]
+fn ambiguous_framing_is_400_and_never_reaches_the_origin() {
+    let origin = RecordingOrigin::start();
+    let gw = gateway(&origin, "");
+    let shapes: [(&str, &[u8]); 14] = [
+        ("te not chunked last", b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
+        ("te unknown", b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"),
+        ("te twice", b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("te in http/1.0", b"POST /x HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("cl negative", b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n"),
+        ("cl signed", b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc"),
+        ("cl hex", b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0x3\r\n\r\nabc"),
+        ("cl two numbers", b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3 3\r\n\r\nabc"),
+        ("cl differing list", b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\nabcd"),
+        ("space before colon", b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length : 3\r\n\r\nabc"),
+        ("obs-fold", b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\tX-B: 2\r\n\r\n"),
+        ("nul in value", b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\x002\r\n\r\n"),
+        ("hosts twice", b"GET /x HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n"),
+        ("junk after version", b"GET /x HTTP/1.1 junk\r\nHost: a\r\n\r\n"),
+    ];
+    let mut wrong = Vec::new();
+    for (shape, request) in shapes {
+        let (answer, _) = exchange(&gw, request);
+        if raw_status(&answer) != Some(400) {
+            wrong.push(format!("{shape}: {}", answer.lines().next().unwrap_or("(nothing)")));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert!(origin.seen().is_empty(), "{:#?}", origin.seen());
+}
