@@ -347,21 +347,8 @@ fn client_planted_forwarded_and_x_real_ip_never_reach_the_origin() {
 
 /// Reads until the gateway closes the connection (or 10 s pass): what it said, and when.
 fn until_closed(stream: &mut TcpStream, started: Instant) -> (String, Duration) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    (
-        String::from_utf8_lossy(&out).into_owned(),
-        started.elapsed(),
-    )
+    let answer = read_until_closed(stream, Duration::from_secs(10));
+    (answer, started.elapsed())
 }
 
 #[test]
@@ -470,7 +457,10 @@ fn ambiguous_framing_is_400_and_never_reaches_the_origin() {
     for (shape, request) in shapes {
         let (answer, _) = exchange(&gw, request);
         if raw_status(&answer) != Some(400) {
-            wrong.push(format!("{shape}: {}", answer.lines().next().unwrap_or("(nothing)")));
+            wrong.push(format!(
+                "{shape}: {}",
+                answer.lines().next().unwrap_or("(nothing)")
+            ));
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");

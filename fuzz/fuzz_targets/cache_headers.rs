@@ -3,11 +3,12 @@
 //! the origin marked `no-store` or `private` is ever stored.
 #![no_main]
 
+mod compiled;
+
 use libfuzzer_sys::fuzz_target;
 use pingora::cache::RespCacheable;
 use pingora::http::{RequestHeader, ResponseHeader};
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use tollgate::policy::Policy;
 
 const POLICY: &str = r#"version: 1
@@ -19,12 +20,7 @@ routes:
 
 fn policy() -> &'static Policy {
     static POLICY_COMPILED: OnceLock<Policy> = OnceLock::new();
-    POLICY_COMPILED.get_or_init(|| {
-        let metrics = tollgate::metrics::Metrics::new();
-        let events = Arc::new(tollgate::events::EventLog::default());
-        tollgate::policy::compile_text(Path::new("fuzz.yaml"), POLICY, None, &metrics, &events)
-            .expect("the fuzz policy compiles")
-    })
+    POLICY_COMPILED.get_or_init(|| compiled::compiled(POLICY))
 }
 
 const NAMES: [&str; 8] = [

@@ -15,7 +15,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let peer = IpAddr::V4(Ipv4Addr::new(if first % 2 == 0 { 10 } else { 203 }, 0, 0, first));
+    let peer = IpAddr::V4(Ipv4Addr::new(
+        if first % 2 == 0 { 10 } else { 203 },
+        0,
+        0,
+        first,
+    ));
     let mut headers = HeaderMap::new();
     for value in rest.split(|&b| b == b'\n') {
         if let Ok(value) = HeaderValue::from_bytes(value) {

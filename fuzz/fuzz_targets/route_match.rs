@@ -2,10 +2,11 @@
 //! panics, and the route chosen is the first whose matcher accepts the request.
 #![no_main]
 
+mod compiled;
+
 use libfuzzer_sys::fuzz_target;
 use pingora::http::RequestHeader;
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use tollgate::policy::Policy;
 
 const POLICY: &str = r#"version: 1
@@ -21,12 +22,7 @@ routes:
 
 fn policy() -> &'static Policy {
     static POLICY_COMPILED: OnceLock<Policy> = OnceLock::new();
-    POLICY_COMPILED.get_or_init(|| {
-        let metrics = tollgate::metrics::Metrics::new();
-        let events = Arc::new(tollgate::events::EventLog::default());
-        tollgate::policy::compile_text(Path::new("fuzz.yaml"), POLICY, None, &metrics, &events)
-            .expect("the fuzz policy compiles")
-    })
+    POLICY_COMPILED.get_or_init(|| compiled::compiled(POLICY))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -383,10 +383,13 @@ fn collect_lines(stream: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> 
 /// closes or goes quiet for a moment.
 pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(1500)))
-        .unwrap();
     stream.write_all(bytes).unwrap();
+    read_until_closed(&mut stream, Duration::from_millis(1500))
+}
+
+/// Everything the peer sends until it closes, or until nothing came for `quiet`.
+pub fn read_until_closed(stream: &mut TcpStream, quiet: Duration) -> String {
+    stream.set_read_timeout(Some(quiet)).unwrap();
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
