@@ -1,66 +1,460 @@
-//! One JSON line per request on stdout (SPEC §3 `access_log`), field names after
-//! Envoy's JSON access log. Written directly rather than through a tracing formatter
-//! so the line is plain JSON whatever `TOLLGATE_LOG_FORMAT` says; `TOLLGATE_LOG`
-//! still governs it through the `access` target (`TOLLGATE_LOG=info,access=off`).
+//! One JSON line per request (SPEC §3 `access_log`), field names after Envoy's JSON
+//! access log, written off the request path the way nginx's buffered log is.
+//!
+//! A request renders its line straight into bytes (no JSON value tree) and hands it to
+//! a bounded queue; it never waits on the log. A writer thread drains the queue into a
+//! buffer and writes it when it holds `access_log.buffer` bytes or its oldest line is
+//! `access_log.flush` old, to stdout or `access_log.path` (reopened on `SIGUSR1`, for
+//! logrotate). When the queue is full a line is dropped and counted
+//! (`tollgate_access_log_dropped_total`, `/status`). A clean stop flushes what is
+//! queued ([`Sink::flush`]). `TOLLGATE_LOG` still governs the lines through the
+//! `access` target (`TOLLGATE_LOG=info,access=off`).
 
 use crate::proxy::RequestCtx;
 use pingora::proxy::Session;
-use serde_json::{Map, Value};
+use prometheus::IntCounter;
+use std::fs::File;
 use std::io::Write;
-use std::time::{Duration, SystemTime};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-pub fn write(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) {
+/// Lines the queue holds between two drains of the writer (every [`TICK`]): room for
+/// 800,000 requests a second.
+const QUEUE_LINES: usize = 16_384;
+/// How often the writer drains the queue; a request never wakes it.
+const TICK: Duration = Duration::from_millis(20);
+
+/// Where and how the writer writes; read from the policy in force at every tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub buffer: usize,
+    pub flush: Duration,
+    /// `None`: standard output.
+    pub path: Option<PathBuf>,
+}
+
+/// The request side of the log: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Sink {
+    lines: SyncSender<Vec<u8>>,
+    dropped: IntCounter,
+    control: Arc<Control>,
+}
+
+#[derive(Default)]
+struct Control {
+    reopen: AtomicBool,
+    /// Flush requests: each is answered once everything queued before it is written.
+    flushes: Mutex<Vec<mpsc::Sender<()>>>,
+}
+
+impl Sink {
+    /// Starts the writer thread. `output` tells it, at every tick, where to write.
+    pub fn start(
+        dropped: IntCounter,
+        output: impl Fn() -> Output + Send + 'static,
+    ) -> std::io::Result<Sink> {
+        let (lines, queue) = mpsc::sync_channel(QUEUE_LINES);
+        let control = Arc::new(Control::default());
+        let writer = Writer {
+            queue,
+            control: control.clone(),
+            output,
+            current: None,
+            target: Target::Stdout,
+            pending: Vec::new(),
+            oldest: None,
+        };
+        std::thread::Builder::new()
+            .name("access log".into())
+            .spawn(move || writer.run())?;
+        Ok(Sink {
+            lines,
+            dropped,
+            control,
+        })
+    }
+
+    /// Queues one line; drops (and counts) it when the queue is full.
+    pub fn send(&self, line: Vec<u8>) {
+        match self.lines.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+
+    /// Reopens `access_log.path` at the next tick (logrotate's `postrotate`).
+    pub fn reopen(&self) {
+        self.control.reopen.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes everything queued so far; waits at most `timeout`. For a clean stop.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (done, wait) = mpsc::channel();
+        self.control
+            .flushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(done);
+        wait.recv_timeout(timeout).is_ok()
+    }
+}
+
+enum Target {
+    Stdout,
+    File(File),
+}
+
+struct Writer<F> {
+    queue: Receiver<Vec<u8>>,
+    control: Arc<Control>,
+    output: F,
+    current: Option<Output>,
+    target: Target,
+    pending: Vec<u8>,
+    /// When the oldest line in `pending` was taken from the queue.
+    oldest: Option<Instant>,
+}
+
+impl<F: Fn() -> Output> Writer<F> {
+    fn run(mut self) {
+        loop {
+            let output = (self.output)();
+            let reopen = self.control.reopen.swap(false, Ordering::Relaxed);
+            if reopen || self.current.as_ref().map(|o| &o.path) != Some(&output.path) {
+                self.write_pending();
+                self.open(&output);
+            }
+            let flushes = std::mem::take(
+                &mut *self
+                    .control
+                    .flushes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            let open = self.drain(&output);
+            let due = self.oldest.is_some_and(|t| t.elapsed() >= output.flush);
+            if due || !flushes.is_empty() || !open {
+                self.write_pending();
+            }
+            for done in flushes {
+                let _ = done.send(());
+            }
+            self.current = Some(output);
+            if !open {
+                return;
+            }
+            std::thread::sleep(TICK);
+        }
+    }
+
+    /// Moves what is queued into the buffer, writing whenever it is full; `false` when
+    /// every sink is gone.
+    fn drain(&mut self, output: &Output) -> bool {
+        loop {
+            match self.queue.try_recv() {
+                Ok(line) => {
+                    self.oldest.get_or_insert_with(Instant::now);
+                    self.pending.extend_from_slice(&line);
+                    if self.pending.len() >= output.buffer {
+                        self.write_pending();
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn open(&mut self, output: &Output) {
+        self.target = match &output.path {
+            None => Target::Stdout,
+            Some(path) => match File::options().create(true).append(true).open(path) {
+                Ok(file) => Target::File(file),
+                Err(e) => {
+                    tracing::error!(
+                        "cannot open the access log {}: {e}; writing to stdout",
+                        path.display()
+                    );
+                    Target::Stdout
+                }
+            },
+        };
+    }
+
+    fn write_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let written = match &mut self.target {
+            Target::Stdout => std::io::stdout().lock().write_all(&self.pending),
+            Target::File(file) => file.write_all(&self.pending),
+        };
+        if let Err(e) = written {
+            tracing::error!("access log write failed: {e}");
+        }
+        self.pending.clear();
+        self.oldest = None;
+    }
+}
+
+/// Renders this request's line and queues it.
+pub fn write(sink: &Sink, session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         return;
     }
+    sink.send(render(session, ctx, status, elapsed));
+}
+
+fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -> Vec<u8> {
     let req = session.req_header();
-    let redact = &ctx.policy.access_log.redact;
-    let mut headers = Map::new();
-    for (name, value) in &req.headers {
-        let shown = if redact.contains(name) {
-            Value::from("[redacted]")
-        } else {
-            Value::from(String::from_utf8_lossy(value.as_bytes()))
-        };
-        headers.insert(name.as_str().to_string(), shown);
-    }
     let route = ctx.route();
+    let mut line = Line::new();
+    line.raw(
+        "timestamp",
+        format_args!(
+            "\"{}\"",
+            humantime::format_rfc3339_millis(SystemTime::now())
+        ),
+    );
+    line.str("type", Some("access"));
+    line.str(
+        "request_id",
+        ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
+    );
+    match ctx.client_ip {
+        Some(ip) => line.ip("client_ip", ip),
+        None => line.str("client_ip", None),
+    }
+    line.str("method", Some(req.method.as_str()));
+    line.str("authority", crate::routing::request_host(req));
+    line.str("path", Some(req.uri.path()));
+    line.str("protocol", Some(protocol(req.version)));
+    line.raw("status", format_args!("{status}"));
+    line.str("route", route.map(|r| &*r.name));
+    line.str("upstream", ctx.pool.as_ref().map(|p| &*p.name));
     let upstream_addr = match (&ctx.pool, ctx.server) {
-        (Some(pool), Some(i)) => Value::from(&*pool.servers[i].label),
-        _ => Value::Null,
+        (Some(pool), Some(i)) => Some(&*pool.servers[i].label),
+        _ => None,
     };
-    let reason = match (&ctx.limited_by, ctx.answered, ctx.cache_outcome) {
-        (Some(rule), _, _) => Some(format!("rate_limited:{rule}")),
-        (None, Some(code), _) => Some(code.as_str().to_string()),
-        (None, None, Some(crate::cache::Outcome::Hit)) => Some("cache_hit".to_string()),
-        (None, None, Some(crate::cache::Outcome::Stale)) => Some("cache_stale".to_string()),
-        (None, None, _) => None,
-    };
-    let line = serde_json::json!({
-        "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        "type": "access",
-        "request_id": ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
-        "client_ip": ctx.client_ip.map(|ip| ip.to_string()),
-        "method": req.method.as_str(),
-        "authority": crate::routing::request_host(req),
-        "path": req.uri.path(),
-        "protocol": format!("{:?}", req.version),
-        "status": status,
-        "route": route.map(|r| &*r.name),
-        "upstream": ctx.pool.as_ref().map(|p| &*p.name),
-        "upstream_addr": upstream_addr,
-        "user": ctx.principal.as_ref().map(|p| &*p.user),
-        "tier": ctx.principal.as_ref().map(|p| &*p.tier),
-        "reason": reason,
-        "cache": ctx.cache_outcome.map(|o| o.header()),
-        "shadow_limited": ctx.shadow_limited.iter().map(|r| &**r).collect::<Vec<_>>(),
-        "bytes_received": session.body_bytes_read(),
-        "bytes_sent": session.body_bytes_sent(),
-        "duration_ms": elapsed.as_secs_f64() * 1000.0,
-        "upstream_duration_ms": ctx.upstream_duration.map(|d| d.as_secs_f64() * 1000.0),
-        "request_headers": headers,
-    });
-    let mut buf = serde_json::to_vec(&line).expect("JSON of plain values");
-    buf.push(b'\n');
-    let _ = std::io::stdout().lock().write_all(&buf);
+    line.str("upstream_addr", upstream_addr);
+    line.str("user", ctx.principal.as_ref().map(|p| &*p.user));
+    line.str("tier", ctx.principal.as_ref().map(|p| &*p.tier));
+    match (&ctx.limited_by, ctx.answered, ctx.cache_outcome) {
+        (Some(rule), _, _) => {
+            line.raw("reason", format_args!("\"rate_limited:{}\"", Escaped(rule)))
+        }
+        (None, Some(code), _) => line.str("reason", Some(code.as_str())),
+        (None, None, Some(crate::cache::Outcome::Hit)) => line.str("reason", Some("cache_hit")),
+        (None, None, Some(crate::cache::Outcome::Stale)) => line.str("reason", Some("cache_stale")),
+        (None, None, _) => line.str("reason", None),
+    }
+    line.str("cache", ctx.cache_outcome.map(|o| o.header()));
+    line.key("shadow_limited");
+    line.buf.push(b'[');
+    for (i, rule) in ctx.shadow_limited.iter().enumerate() {
+        if i > 0 {
+            line.buf.push(b',');
+        }
+        line.string(rule);
+    }
+    line.buf.push(b']');
+    line.raw(
+        "bytes_received",
+        format_args!("{}", session.body_bytes_read()),
+    );
+    line.raw("bytes_sent", format_args!("{}", session.body_bytes_sent()));
+    line.raw(
+        "duration_ms",
+        format_args!("{}", Millis(elapsed.as_secs_f64() * 1000.0)),
+    );
+    match ctx.upstream_duration {
+        Some(d) => line.raw(
+            "upstream_duration_ms",
+            format_args!("{}", Millis(d.as_secs_f64() * 1000.0)),
+        ),
+        None => line.str("upstream_duration_ms", None),
+    }
+    line.key("request_headers");
+    line.buf.push(b'{');
+    let redact = &ctx.policy.access_log.redact;
+    for (i, name) in req.headers.keys().enumerate() {
+        if i > 0 {
+            line.buf.push(b',');
+        }
+        line.string(name.as_str());
+        line.buf.push(b':');
+        if redact.contains(name) {
+            line.string("[redacted]");
+            continue;
+        }
+        // Repeated fields are one member, their values joined as HTTP would.
+        let mut joined = String::new();
+        for (j, value) in req.headers.get_all(name).iter().enumerate() {
+            if j > 0 {
+                joined.push_str(", ");
+            }
+            joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        }
+        line.string(&joined);
+    }
+    line.buf.extend_from_slice(b"}}\n");
+    line.buf
+}
+
+fn protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
+/// A JSON object written member by member into bytes.
+struct Line {
+    buf: Vec<u8>,
+}
+
+impl Line {
+    fn new() -> Line {
+        Line {
+            buf: Vec::with_capacity(768),
+        }
+    }
+
+    fn key(&mut self, key: &str) {
+        self.buf.push(if self.buf.is_empty() { b'{' } else { b',' });
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(key.as_bytes());
+        self.buf.extend_from_slice(b"\":");
+    }
+
+    fn string(&mut self, value: &str) {
+        serde_json::to_writer(&mut self.buf, value).expect("writing to a Vec cannot fail");
+    }
+
+    fn str(&mut self, key: &str, value: Option<&str>) {
+        self.key(key);
+        match value {
+            Some(value) => self.string(value),
+            None => self.buf.extend_from_slice(b"null"),
+        }
+    }
+
+    fn ip(&mut self, key: &str, ip: IpAddr) {
+        self.raw(key, format_args!("\"{ip}\""));
+    }
+
+    fn raw(&mut self, key: &str, value: std::fmt::Arguments<'_>) {
+        self.key(key);
+        self.buf
+            .write_fmt(value)
+            .expect("writing to a Vec cannot fail");
+    }
+}
+
+/// A string's JSON escaping, for use inside a quoted value.
+struct Escaped<'a>(&'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let quoted = serde_json::to_string(self.0).map_err(|_| std::fmt::Error)?;
+        f.write_str(&quoted[1..quoted.len() - 1])
+    }
+}
+
+/// Milliseconds as JSON numbers (finite, so always valid).
+struct Millis(f64);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_finite() {
+            write!(f, "{}", self.0)
+        } else {
+            f.write_str("0")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_json_objects() {
+        let mut line = Line::new();
+        line.str("a", Some("quote \" and\nnewline"));
+        line.str("b", None);
+        line.raw("n", format_args!("{}", Millis(1.5)));
+        line.raw("r", format_args!("\"x:{}\"", Escaped("\"y\"")));
+        line.buf.push(b'}');
+        let doc: serde_json::Value = serde_json::from_slice(&line.buf).unwrap();
+        assert_eq!(doc["a"], "quote \" and\nnewline");
+        assert!(doc["b"].is_null());
+        assert_eq!(doc["n"], 1.5);
+        assert_eq!(doc["r"], "x:\"y\"");
+    }
+
+    fn sink_to(path: PathBuf, buffer: usize, flush: Duration) -> Sink {
+        let dropped = IntCounter::new("dropped", "dropped").unwrap();
+        Sink::start(dropped, move || Output {
+            buffer,
+            flush,
+            path: Some(path.clone()),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn lines_reach_the_file_by_flush_time_and_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let sink = sink_to(path.clone(), 1 << 20, Duration::from_secs(3600));
+        sink.send(b"{\"n\":1}\n".to_vec());
+        std::thread::sleep(TICK * 3);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap_or_default(),
+            "",
+            "neither full nor due"
+        );
+        assert!(sink.flush(Duration::from_secs(5)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":1}\n");
+
+        let due = sink_to(dir.path().join("due.log"), 1 << 20, Duration::ZERO);
+        due.send(b"x\n".to_vec());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(dir.path().join("due.log")).unwrap_or_default() != "x\n" {
+            assert!(Instant::now() < deadline, "never written");
+            std::thread::sleep(TICK);
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = sink_to(dir.path().join("a.log"), 1 << 20, Duration::from_secs(3600));
+        // Faster than any writer drains: the queue fills within one tick.
+        for _ in 0..QUEUE_LINES * 4 {
+            sink.send(b"x\n".to_vec());
+        }
+        assert!(sink.dropped() > 0);
+        assert!(sink.flush(Duration::from_secs(5)));
+        let written = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+        assert_eq!(
+            written.lines().count() as u64 + sink.dropped(),
+            (QUEUE_LINES * 4) as u64,
+            "every line is written or counted"
+        );
+    }
 }

@@ -400,6 +400,10 @@ impl Admin {
             "policy_file": policy.source.display().to_string(),
             "inflight": self.gateway.inflight(),
             "draining": self.gateway.is_draining(),
+            "access_log": {
+                "enabled": policy.access_log.enabled,
+                "dropped": self.gateway.access_log.dropped(),
+            },
             "routes": routes,
             "upstreams": upstreams,
             "cache": {

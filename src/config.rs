@@ -958,6 +958,12 @@ fn default_leeway() -> Duration {
 pub struct AccessLogConfig {
     pub enabled: bool,
     pub redact_headers: Vec<String>,
+    /// Bytes gathered before a write (nginx's `buffer=`).
+    pub buffer: Size,
+    /// The longest a line waits in the buffer (nginx's `flush=`).
+    pub flush: Duration,
+    /// A file to append to (reopened on SIGUSR1); standard output when absent.
+    pub path: Option<String>,
 }
 
 impl Default for AccessLogConfig {
@@ -969,6 +975,9 @@ impl Default for AccessLogConfig {
                 "x-api-key".to_string(),
                 "cookie".to_string(),
             ],
+            buffer: Size(64 << 10),
+            flush: Duration::from_secs(1),
+            path: None,
         }
     }
 }

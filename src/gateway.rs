@@ -21,6 +21,8 @@ pub struct Gateway {
     pub unmatched: RouteMetrics,
     /// The response cache's storage, shared by every caching route and generation.
     pub cache: &'static crate::cache::Store,
+    /// The access log's queue to its writer thread.
+    pub access_log: crate::access_log::Sink,
     inflight: AtomicUsize,
     /// The factor every rate limit is multiplied by (f64 bits); 1.0 unless load
     /// shedding lowers it.
@@ -37,19 +39,34 @@ impl Gateway {
         metrics.config_generation.set(policy.generation as i64);
         metrics.config_last_success.set(unix_now() as i64);
         let seen = Some(policy.sha256.clone());
-        Arc::new(Gateway {
-            unmatched: metrics.route("_unmatched"),
-            cache: crate::cache::Store::new(policy.cache.clone()),
-            policy_path: policy.source.clone(),
-            policy: ArcSwap::from_pointee(policy),
-            metrics,
-            events,
-            load: Default::default(),
-            inflight: AtomicUsize::new(0),
-            limit_scale: AtomicU64::new(1.0f64.to_bits()),
-            draining: AtomicBool::new(false),
-            handing_over: AtomicBool::new(false),
-            reload_state: Mutex::new(seen),
+        let first_output = policy.access_log.output.clone();
+        Arc::new_cyclic(|gateway: &std::sync::Weak<Gateway>| {
+            let gateway = gateway.clone();
+            // The writer reads where to write from the policy in force at each tick.
+            let output = move || {
+                gateway.upgrade().map_or(first_output.clone(), |g| {
+                    g.policy.load().access_log.output.clone()
+                })
+            };
+            Gateway {
+                access_log: crate::access_log::Sink::start(
+                    metrics.access_log_dropped.clone(),
+                    output,
+                )
+                .expect("the access log writer thread starts"),
+                unmatched: metrics.route("_unmatched"),
+                cache: crate::cache::Store::new(policy.cache.clone()),
+                policy_path: policy.source.clone(),
+                policy: ArcSwap::from_pointee(policy),
+                metrics,
+                events,
+                load: Default::default(),
+                inflight: AtomicUsize::new(0),
+                limit_scale: AtomicU64::new(1.0f64.to_bits()),
+                draining: AtomicBool::new(false),
+                handing_over: AtomicBool::new(false),
+                reload_state: Mutex::new(seen),
+            }
         })
     }
 

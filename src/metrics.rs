@@ -49,6 +49,8 @@ pub struct Metrics {
     /// body that stalled longer than `body_timeout` between reads.
     pub header_timeouts: IntCounter,
     pub body_timeouts: IntCounter,
+    /// Access-log lines dropped because the writer's queue was full.
+    pub access_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -189,6 +191,11 @@ impl Metrics {
             &["phase"],
         )
         .expect("valid metric");
+        let access_log_dropped = IntCounter::new(
+            "tollgate_access_log_dropped_total",
+            "Access-log lines dropped because the log writer fell behind (a request never waits on it)",
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; labelled with the version"),
             &["version"],
@@ -219,6 +226,7 @@ impl Metrics {
             Box::new(cache_entries.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(client_timeouts.clone()),
+            Box::new(access_log_dropped.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -252,6 +260,7 @@ impl Metrics {
             cache_bytes,
             header_timeouts: client_timeouts.with_label_values(&["header"]),
             body_timeouts: client_timeouts.with_label_values(&["body"]),
+            access_log_dropped,
         }
     }
 

@@ -83,6 +83,7 @@ pub struct AdminSettings {
 pub struct AccessLog {
     pub enabled: bool,
     pub redact: Vec<HeaderName>,
+    pub output: crate::access_log::Output,
 }
 
 pub struct Route {
@@ -291,6 +292,15 @@ impl Compiler<'_> {
                 .iter()
                 .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
                 .collect(),
+            output: crate::access_log::Output {
+                buffer: config.access_log.buffer.0 as usize,
+                flush: config.access_log.flush.0,
+                path: config
+                    .access_log
+                    .path
+                    .as_deref()
+                    .map(|p| self.relative_path(p)),
+            },
         };
         if let (Some(server), Some(admin)) = (&server, &admin) {
             if server.listen.contains(&admin.listen) {
@@ -1059,7 +1069,7 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
             p.server.response_headers.clone(),
             p.server.shutdown_grace,
             p.admin.token.is_some(),
-            p.access_log.enabled,
+            (p.access_log.enabled, p.access_log.output.clone()),
             (
                 p.server.idle_timeout,
                 p.server.header_timeout,

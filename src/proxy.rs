@@ -1056,7 +1056,7 @@ impl ProxyHttp for Proxy {
             }
         }
         if ctx.policy.access_log.enabled {
-            access_log::write(session, ctx, status, elapsed);
+            access_log::write(&self.gateway.access_log, session, ctx, status, elapsed);
         }
     }
 }

@@ -177,7 +177,8 @@ pub fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec<Config
     }
 }
 
-/// The background service that reloads on file changes and SIGHUP.
+/// The background service that reloads on file changes and SIGHUP, and has the access
+/// log reopened on SIGUSR1.
 pub struct Watcher {
     pub gateway: Arc<Gateway>,
 }
@@ -197,6 +198,11 @@ impl BackgroundService for Watcher {
                 None
             }
         };
+        // SIGUSR1 reopens the access log file (logrotate's postrotate), as nginx does.
+        let mut user1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .map_err(|e| tracing::error!("cannot install the SIGUSR1 handler: {e}"))
+                .ok();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
         let _watch = watch_directory(&self.gateway.policy_path, tx);
         let mut poll = tokio::time::interval(POLL_INTERVAL);
@@ -211,6 +217,10 @@ impl BackgroundService for Watcher {
                 }
                 _ = poll.tick() => Trigger::FileChange,
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Signal,
+                Some(()) = async { match user1.as_mut() { Some(u) => u.recv().await, None => std::future::pending().await } } => {
+                    self.gateway.access_log.reopen();
+                    continue;
+                }
             };
             let gateway = self.gateway.clone();
             // Compiling reads files and builds regexes: keep it off the async workers.

@@ -213,6 +213,10 @@ fn exit_when_drained(server: &Server, gateway: Arc<Gateway>) {
                         "draining: waiting for in-flight requests"
                     );
                     wait_until_idle(&gateway);
+                    // The last requests' lines are in the access log before the exit.
+                    if !gateway.access_log.flush(Duration::from_secs(2)) {
+                        tracing::warn!("the access log did not flush within 2 s");
+                    }
                     tracing::info!("drained: exiting");
                     std::process::exit(0);
                 }

@@ -291,3 +291,76 @@ fn probe_is_a_healthcheck_without_curl() {
     let closed = tollgate(&["probe", &format!("http://{}/healthz", closed_addr())]);
     assert_eq!(closed.status.code(), Some(1));
 }
+
+#[test]
+fn the_last_access_log_lines_are_written_by_a_clean_stop() {
+    let app = upstream("app");
+    // Nothing is due for an hour and the buffer never fills: only the stop writes.
+    let mut gw = Tollgate::start(&format!(
+        "{}access_log:\n  flush: 1h\n  buffer: 1MiB\n",
+        simple_policy(&[app.addr.to_string()])
+    ));
+    let id = gw.get("/api/search?q=last").headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    gw.wait_idle();
+    assert!(
+        !gw.access_log()
+            .iter()
+            .any(|l| l["request_id"] == id.as_str()),
+        "written before it was due"
+    );
+    gw.signal("TERM");
+    assert!(gw
+        .wait_exit(Duration::from_secs(8))
+        .expect("exits")
+        .success());
+    assert!(
+        wait_for(Duration::from_secs(2), || gw
+            .access_log()
+            .iter()
+            .any(|l| l["request_id"] == id.as_str())),
+        "the last line was lost: {:?}",
+        gw.stdout()
+    );
+}
+
+#[test]
+fn the_access_log_file_is_reopened_on_sigusr1() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&format!(
+        "{}access_log:\n  path: access.log\n  flush: 0s\n",
+        simple_policy(&[app.addr.to_string()])
+    ));
+    let log = gw.dir.path().join("access.log");
+    let lines = |path: &std::path::Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let request = |path: &str| {
+        assert_eq!(gw.get(path).status(), 200);
+    };
+    request("/echo/before");
+    assert!(wait_for(Duration::from_secs(5), || lines(&log).len() == 1));
+    assert!(
+        !gw.stdout()
+            .iter()
+            .any(|l| l.contains("\"type\":\"access\"")),
+        "a file access log also went to stdout"
+    );
+    // logrotate: rename, then SIGUSR1; the next line goes to a new file.
+    let rotated = gw.dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.signal("USR1");
+    assert!(wait_for(Duration::from_secs(5), || {
+        request("/echo/after");
+        !lines(&log).is_empty()
+    }));
+    // Lines written before the reopen stayed with the rotated file.
+    assert_eq!(lines(&rotated)[0]["path"], "/echo/before");
+    assert!(lines(&log).iter().all(|l| l["path"] == "/echo/after"));
+}
