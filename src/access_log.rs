@@ -218,13 +218,8 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
     let req = session.req_header();
     let route = ctx.route();
     let mut line = Line::new();
-    line.raw(
-        "timestamp",
-        format_args!(
-            "\"{}\"",
-            humantime::format_rfc3339_millis(SystemTime::now())
-        ),
-    );
+    line.key("timestamp");
+    timestamp(&mut line.buf, SystemTime::now());
     line.str("type", Some("access"));
     line.str(
         "request_id",
@@ -250,7 +245,10 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
     line.str("tier", ctx.principal.as_ref().map(|p| &*p.tier));
     match (&ctx.limited_by, ctx.answered, ctx.cache_outcome) {
         (Some(rule), _, _) => {
-            line.raw("reason", format_args!("\"rate_limited:{}\"", Escaped(rule)))
+            line.key("reason");
+            line.buf.extend_from_slice(b"\"rate_limited:");
+            escape_into(&mut line.buf, rule);
+            line.buf.push(b'"');
         }
         (None, Some(code), _) => line.str("reason", Some(code.as_str())),
         (None, None, Some(crate::cache::Outcome::Hit)) => line.str("reason", Some("cache_hit")),
@@ -286,25 +284,32 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
     line.key("request_headers");
     line.buf.push(b'{');
     let redact = &ctx.policy.access_log.redact;
-    for (i, name) in req.headers.keys().enumerate() {
-        if i > 0 {
-            line.buf.push(b',');
-        }
-        line.string(name.as_str());
-        line.buf.push(b':');
-        if redact.contains(name) {
-            line.string("[redacted]");
+    // A name's values come one after another: repeated fields become one member, their
+    // values joined as HTTP would join them.
+    let mut previous: Option<&http::HeaderName> = None;
+    for (name, value) in req.headers.iter() {
+        if previous == Some(name) {
+            if !redact.contains(name) {
+                line.buf.pop();
+                line.buf.extend_from_slice(b", ");
+                escape_into(&mut line.buf, &String::from_utf8_lossy(value.as_bytes()));
+                line.buf.push(b'"');
+            }
             continue;
         }
-        // Repeated fields are one member, their values joined as HTTP would.
-        let mut joined = String::new();
-        for (j, value) in req.headers.get_all(name).iter().enumerate() {
-            if j > 0 {
-                joined.push_str(", ");
-            }
-            joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        if previous.is_some() {
+            line.buf.push(b',');
         }
-        line.string(&joined);
+        previous = Some(name);
+        line.buf.push(b'"');
+        escape_into(&mut line.buf, name.as_str());
+        line.buf.extend_from_slice(b"\":\"");
+        if redact.contains(name) {
+            line.buf.extend_from_slice(b"[redacted]");
+        } else {
+            escape_into(&mut line.buf, &String::from_utf8_lossy(value.as_bytes()));
+        }
+        line.buf.push(b'"');
     }
     line.buf.extend_from_slice(b"}}\n");
     line.buf
@@ -341,7 +346,9 @@ impl Line {
     }
 
     fn string(&mut self, value: &str) {
-        serde_json::to_writer(&mut self.buf, value).expect("writing to a Vec cannot fail");
+        self.buf.push(b'"');
+        escape_into(&mut self.buf, value);
+        self.buf.push(b'"');
     }
 
     fn str(&mut self, key: &str, value: Option<&str>) {
@@ -364,14 +371,69 @@ impl Line {
     }
 }
 
-/// A string's JSON escaping, for use inside a quoted value.
-struct Escaped<'a>(&'a str);
-
-impl std::fmt::Display for Escaped<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let quoted = serde_json::to_string(self.0).map_err(|_| std::fmt::Error)?;
-        f.write_str(&quoted[1..quoted.len() - 1])
+/// Appends `text` as the inside of a JSON string (RFC 8259 §7): quotation mark,
+/// reverse solidus and control characters escaped, everything else as it is.
+fn escape_into(buf: &mut Vec<u8>, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &byte) in bytes.iter().enumerate() {
+        let unicode;
+        let escaped: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => {
+                unicode = [
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(byte >> 4)],
+                    HEX[usize::from(byte & 0xf)],
+                ];
+                &unicode
+            }
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[start..i]);
+        buf.extend_from_slice(escaped);
+        start = i + 1;
     }
+    buf.extend_from_slice(&bytes[start..]);
+}
+
+/// `"YYYY-MM-DDTHH:MM:SS.mmmZ"`; the seconds part is formatted once a second per thread.
+fn timestamp(buf: &mut Vec<u8>, now: SystemTime) {
+    use std::cell::RefCell;
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since_epoch = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    SECOND.with(|second| {
+        let mut second = second.borrow_mut();
+        if second.0 != secs {
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            *second = (secs, text.trim_end_matches('Z').to_string());
+        }
+        buf.push(b'"');
+        buf.extend_from_slice(second.1.as_bytes());
+    });
+    let millis = since_epoch.subsec_millis();
+    buf.extend_from_slice(&[
+        b'.',
+        b'0' + (millis / 100) as u8,
+        b'0' + (millis / 10 % 10) as u8,
+        b'0' + (millis % 10) as u8,
+        b'Z',
+        b'"',
+    ]);
 }
 
 /// Milliseconds as JSON numbers (finite, so always valid).
@@ -397,13 +459,19 @@ mod tests {
         line.str("a", Some("quote \" and\nnewline"));
         line.str("b", None);
         line.raw("n", format_args!("{}", Millis(1.5)));
-        line.raw("r", format_args!("\"x:{}\"", Escaped("\"y\"")));
+        line.str("c", Some("tab\t bell\u{7} back\\slash é"));
+        line.key("t");
+        timestamp(
+            &mut line.buf,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_042),
+        );
         line.buf.push(b'}');
         let doc: serde_json::Value = serde_json::from_slice(&line.buf).unwrap();
         assert_eq!(doc["a"], "quote \" and\nnewline");
         assert!(doc["b"].is_null());
         assert_eq!(doc["n"], 1.5);
-        assert_eq!(doc["r"], "x:\"y\"");
+        assert_eq!(doc["c"], "tab\t bell\u{7} back\\slash é");
+        assert_eq!(doc["t"], "2023-11-14T22:13:20.042Z");
     }
 
     fn sink_to(path: PathBuf, buffer: usize, flush: Duration) -> Sink {

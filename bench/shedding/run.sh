@@ -16,14 +16,7 @@ FACTORS=${FACTORS:-"1 1.5 3"}
 RESULTS=${RESULTS:-bench/shedding/results.md}
 PORT=29280 ADMIN_PORT=29281 UP1=29290 UP2=29291
 
-RUN=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$RUN"
-}
-trap cleanup EXIT
+source bench/lib.sh
 
 # Capacity, the 1x rate: 80 % of what the application can serve (the usual headroom).
 capacity_rps=$(( CONCURRENCY * 1000 / LATENCY_MS * 4 / 5 ))
@@ -37,13 +30,7 @@ sed -e "s/{{PORT}}/$PORT/; s/{{ADMIN_PORT}}/$ADMIN_PORT/" \
 "$BIN/tollgate-upstream" --listen "127.0.0.1:$UP1" --listen "127.0.0.1:$UP2" \
   --latency-ms "$LATENCY_MS" > "$RUN/upstream.log" 2>&1 &
 pids+=($!)
-TOLLGATE_RUN_DIR="$RUN" "$BIN/tollgate" run -c "$RUN/gateway.yaml" > "$RUN/gateway.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do
-  curl -fs "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -fs "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null
+start_gateway "$BIN" "$RUN/gateway.yaml" "$RUN/gateway.log" "$ADMIN_PORT" /readyz
 
 shed_counts() {   # route=count per line, from /metrics
   curl -fs "http://127.0.0.1:$ADMIN_PORT/metrics" \
