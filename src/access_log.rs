@@ -233,7 +233,7 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
     line.str("authority", crate::routing::request_host(req));
     line.str("path", Some(req.uri.path()));
     line.str("protocol", Some(protocol(req.version)));
-    line.raw("status", format_args!("{status}"));
+    line.int("status", u64::from(status));
     line.str("route", route.map(|r| &*r.name));
     line.str("upstream", ctx.pool.as_ref().map(|p| &*p.name));
     let upstream_addr = match (&ctx.pool, ctx.server) {
@@ -265,22 +265,10 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
         line.string(rule);
     }
     line.buf.push(b']');
-    line.raw(
-        "bytes_received",
-        format_args!("{}", session.body_bytes_read()),
-    );
-    line.raw("bytes_sent", format_args!("{}", session.body_bytes_sent()));
-    line.raw(
-        "duration_ms",
-        format_args!("{}", Millis(elapsed.as_secs_f64() * 1000.0)),
-    );
-    match ctx.upstream_duration {
-        Some(d) => line.raw(
-            "upstream_duration_ms",
-            format_args!("{}", Millis(d.as_secs_f64() * 1000.0)),
-        ),
-        None => line.str("upstream_duration_ms", None),
-    }
+    line.int("bytes_received", session.body_bytes_read() as u64);
+    line.int("bytes_sent", session.body_bytes_sent() as u64);
+    line.millis("duration_ms", Some(elapsed));
+    line.millis("upstream_duration_ms", ctx.upstream_duration);
     line.key("request_headers");
     line.buf.push(b'{');
     let redact = &ctx.policy.access_log.redact;
@@ -360,14 +348,46 @@ impl Line {
     }
 
     fn ip(&mut self, key: &str, ip: IpAddr) {
-        self.raw(key, format_args!("\"{ip}\""));
+        self.key(key);
+        self.buf.push(b'"');
+        match ip {
+            IpAddr::V4(v4) => {
+                let mut digits = itoa::Buffer::new();
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.buf.push(b'.');
+                    }
+                    self.buf.extend_from_slice(digits.format(octet).as_bytes());
+                }
+            }
+            IpAddr::V6(v6) => {
+                write!(self.buf, "{v6}").expect("writing to a Vec cannot fail");
+            }
+        }
+        self.buf.push(b'"');
     }
 
-    fn raw(&mut self, key: &str, value: std::fmt::Arguments<'_>) {
+    fn int(&mut self, key: &str, value: u64) {
         self.key(key);
         self.buf
-            .write_fmt(value)
-            .expect("writing to a Vec cannot fail");
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    /// Milliseconds with microsecond precision, as a JSON number (`12.345`), or null.
+    fn millis(&mut self, key: &str, value: Option<Duration>) {
+        let Some(value) = value else {
+            self.str(key, None);
+            return;
+        };
+        let micros = value.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.int(key, micros / 1000);
+        let fraction = micros % 1000;
+        self.buf.extend_from_slice(&[
+            b'.',
+            b'0' + (fraction / 100) as u8,
+            b'0' + (fraction / 10 % 10) as u8,
+            b'0' + (fraction % 10) as u8,
+        ]);
     }
 }
 
@@ -376,8 +396,11 @@ impl Line {
 fn escape_into(buf: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = text.as_bytes();
-    let mut start = 0;
-    for (i, &byte) in bytes.iter().enumerate() {
+    // Most values need no escaping: skip eight bytes at a time while none does.
+    let clean = clean_prefix(bytes);
+    buf.extend_from_slice(&bytes[..clean]);
+    let mut start = clean;
+    for (i, &byte) in bytes.iter().enumerate().skip(clean) {
         let unicode;
         let escaped: &[u8] = match byte {
             b'"' => b"\\\"",
@@ -403,6 +426,26 @@ fn escape_into(buf: &mut Vec<u8>, text: &str) {
         start = i + 1;
     }
     buf.extend_from_slice(&bytes[start..]);
+}
+
+/// How many leading bytes need no escaping, in whole words of eight (SWAR: a byte is
+/// flagged when it is below 0x20, `"` or `\\`).
+fn clean_prefix(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut clean = 0;
+    for word in bytes.chunks_exact(8) {
+        let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
+        let quote = has_zero(x ^ (ONES * u64::from(b'"')));
+        let backslash = has_zero(x ^ (ONES * u64::from(b'\\')));
+        if control | quote | backslash != 0 {
+            break;
+        }
+        clean += 8;
+    }
+    clean
 }
 
 /// `"YYYY-MM-DDTHH:MM:SS.mmmZ"`; the seconds part is formatted once a second per thread.
@@ -436,29 +479,36 @@ fn timestamp(buf: &mut Vec<u8>, now: SystemTime) {
     ]);
 }
 
-/// Milliseconds as JSON numbers (finite, so always valid).
-struct Millis(f64);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_finite() {
-            write!(f, "{}", self.0)
-        } else {
-            f.write_str("0")
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_path_never_skips_a_byte_that_needs_escaping() {
+        for special in [b'"', b'\\', b'\n', 0u8, 0x1f, 0x7f, 0x80, b' '] {
+            for at in 0..17 {
+                let mut bytes = vec![b'a'; 17];
+                bytes[at] = special;
+                let clean = clean_prefix(&bytes);
+                let needs = special < 0x20 || special == b'"' || special == b'\\';
+                if needs {
+                    assert!(clean <= at, "{special:#x} at {at}: {clean}");
+                } else {
+                    assert_eq!(clean, 16, "{special:#x} at {at}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn lines_are_json_objects() {
         let mut line = Line::new();
         line.str("a", Some("quote \" and\nnewline"));
         line.str("b", None);
-        line.raw("n", format_args!("{}", Millis(1.5)));
+        line.millis("n", Some(Duration::from_micros(1_500)));
+        line.int("i", 42);
+        line.ip("v4", "10.0.0.255".parse().unwrap());
+        line.ip("v6", "2001:db8::1".parse().unwrap());
         line.str("c", Some("tab\t bell\u{7} back\\slash é"));
         line.key("t");
         timestamp(
@@ -470,6 +520,9 @@ mod tests {
         assert_eq!(doc["a"], "quote \" and\nnewline");
         assert!(doc["b"].is_null());
         assert_eq!(doc["n"], 1.5);
+        assert_eq!(doc["i"], 42);
+        assert_eq!(doc["v4"], "10.0.0.255");
+        assert_eq!(doc["v6"], "2001:db8::1");
         assert_eq!(doc["c"], "tab\t bell\u{7} back\\slash é");
         assert_eq!(doc["t"], "2023-11-14T22:13:20.042Z");
     }

@@ -432,7 +432,9 @@ fn warm_paths_fill_the_cache_at_start_and_after_a_reload() {
     assert!(wait_for(Duration::from_secs(5), || gw
         .access_log()
         .iter()
-        .any(|l| l["request_headers"]["user-agent"] == "tollgate-cache-warmer")));
+        .any(
+            |l| l["request_headers"]["user-agent"] == "tollgate-cache-warmer"
+        )));
 }
 
 /// The caching route with its entries shared through `redis`.
