@@ -1046,6 +1046,7 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
             lines.push(format!("upstream `{name}` removed"));
         }
     }
+    lines.extend(state_changes(old, new));
     let restart_only = [
         (old.server.listen != new.server.listen, "server.listen"),
         (old.server.threads != new.server.threads, "server.threads"),
@@ -1080,6 +1081,73 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
     };
     if settings(old) != settings(new) {
         lines.push("server, admin or access_log settings changed".to_string());
+    }
+    lines
+}
+
+/// Rate-limit rules added, removed and changed, and the state a reload from `old` to
+/// `new` starts afresh. `new` must have been compiled with `old` as its previous policy:
+/// state that is carried over is then the very same object, so what is reported as
+/// reset is exactly what the reload would reset.
+fn state_changes(old: &Policy, new: &Policy) -> Vec<String> {
+    let mut lines = Vec::new();
+    let rule_config = |p: &Policy, name: &str| {
+        p.config
+            .rate_limits
+            .iter()
+            .find(|r| r.name.value == name)
+            .map(|r| {
+                let routes: Option<Vec<&String>> = r
+                    .routes
+                    .as_ref()
+                    .map(|v| v.iter().map(|s| &s.value).collect());
+                format!(
+                    "{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+                    r.key.value, r.rate.value, r.burst, r.when, routes, r.shadow
+                )
+            })
+    };
+    for rule in &new.rate_limits.rules {
+        let name = &*rule.name;
+        match old.rate_limits.rules.iter().find(|o| o.name == rule.name) {
+            None => lines.push(format!("rate-limit rule `{name}` added")),
+            Some(before) if !Arc::ptr_eq(&before.store, &rule.store) => lines.push(format!(
+                "rate-limit rule `{name}` changed: its key, rate or burst differ, so its limiter state is reset ({} tracked keys)",
+                before.store.len()
+            )),
+            Some(_) if rule_config(old, name) != rule_config(new, name) => lines.push(format!(
+                "rate-limit rule `{name}` changed; its limiter state is kept"
+            )),
+            Some(_) => {}
+        }
+    }
+    for rule in &old.rate_limits.rules {
+        if !new.rate_limits.rules.iter().any(|r| r.name == rule.name) {
+            lines.push(format!(
+                "rate-limit rule `{}` removed: its limiter state is dropped ({} tracked keys)",
+                rule.name,
+                rule.store.len()
+            ));
+        }
+    }
+    for (name, pool) in &new.upstreams {
+        let Some(before) = old.upstreams.get(name) else {
+            continue;
+        };
+        if let (Some(was), Some(is)) = (&before.breaker, &pool.breaker) {
+            if !Arc::ptr_eq(&was.breaker, &is.breaker) {
+                lines.push(format!(
+                    "upstream `{name}`: its circuit breaker starts afresh (closed)"
+                ));
+            }
+        }
+        if let (Some(was), Some(is)) = (&before.bulkhead, &pool.bulkhead) {
+            if !Arc::ptr_eq(was, is) {
+                lines.push(format!(
+                    "upstream `{name}`: its bulkhead starts afresh (requests in flight keep their slots in the old one)"
+                ));
+            }
+        }
     }
     lines
 }

@@ -68,6 +68,59 @@ fn check_against_prints_what_a_reload_changes() {
 }
 
 #[test]
+fn check_against_lists_rule_changes_and_the_state_a_reload_resets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old.yaml"), dir.path().join("new.yaml"));
+    let policy = |rules: &str, open_for: &str| {
+        format!(
+            "{}upstreams:\n  app:\n    servers: [\"127.0.0.1:3000\"]\n    circuit_breaker: {{ open_for: {open_for} }}\n    max_concurrent: 10\nroutes:\n  - name: all\n    upstream: app\nrate_limits:\n{rules}",
+            head(8080, 9901, "")
+        )
+    };
+    std::fs::write(
+        &old,
+        policy(
+            "  - { name: global, key: global, rate: 1000/min }\n  - { name: per-ip, key: ip, rate: 20/min }\n  - { name: gone, key: ip, rate: 5/min }\n",
+            "60s",
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &new,
+        policy(
+            "  - { name: global, key: global, rate: 1000/min, shadow: true }\n  - { name: per-ip, key: ip, rate: 30/min }\n  - { name: fresh, key: user_or_ip, rate: 5/min }\n",
+            "30s",
+        ),
+    )
+    .unwrap();
+    let out = tollgate(&[
+        "check",
+        new.to_str().unwrap(),
+        "--against",
+        old.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "rate-limit rule `fresh` added",
+        "rate-limit rule `gone` removed: its limiter state is dropped",
+        "rate-limit rule `per-ip` changed: its key, rate or burst differ, so its limiter state is reset",
+        "rate-limit rule `global` changed; its limiter state is kept",
+        "upstream `app`: its circuit breaker starts afresh",
+    ] {
+        assert!(stdout.contains(expected), "no `{expected}` in:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("bulkhead"),
+        "the bulkhead did not change:\n{stdout}"
+    );
+}
+
+#[test]
 fn a_busy_port_is_a_clear_start_up_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
