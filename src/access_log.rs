@@ -280,7 +280,7 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
             if !redact.contains(name) {
                 line.buf.pop();
                 line.buf.extend_from_slice(b", ");
-                escape_into(&mut line.buf, &String::from_utf8_lossy(value.as_bytes()));
+                escape_into(&mut line.buf, &lossy(value.as_bytes()));
                 line.buf.push(b'"');
             }
             continue;
@@ -295,7 +295,7 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
         if redact.contains(name) {
             line.buf.extend_from_slice(b"[redacted]");
         } else {
-            escape_into(&mut line.buf, &String::from_utf8_lossy(value.as_bytes()));
+            escape_into(&mut line.buf, &lossy(value.as_bytes()));
         }
         line.buf.push(b'"');
     }
@@ -388,6 +388,15 @@ impl Line {
             b'0' + (fraction / 10 % 10) as u8,
             b'0' + (fraction % 10) as u8,
         ]);
+    }
+}
+
+/// A header value as text, invalid UTF-8 replaced. `str::from_utf8` first: it checks
+/// ASCII a word at a time, where `from_utf8_lossy` walks every byte.
+fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
     }
 }
 

@@ -1,7 +1,10 @@
 //! The request pipeline, in the order Pingora calls it. Where does an answer come from?
 //!
+//! * Beneath it, `connection` — HTTP/1 or h2c from the first bytes, and the request
+//!   head's deadline (408 `request_timeout`, written before any phase runs).
 //! * `request_filter` — everything decided before the cache, top to bottom:
-//!   request id → client address → framing (400) → route (404 `no_route`) →
+//!   request id → client address → request target and framing (`forwarding::normalise`,
+//!   400) → route (404 `no_route`) →
 //!   identity (401 `unauthorized`) → shedding (fallback or 503 `overloaded`) → rate
 //!   limits (429 `rate_limited`) → body size (413 `payload_too_large`) → pool →
 //!   deadline → a fresh cache entry (`x-cache: HIT`, `serve_fresh_hit`).
@@ -18,7 +21,8 @@
 //!   removal (before the cache stores the response).
 //! * `response_cache_filter` — whether the response is stored, and for how long.
 //! * `response_filter` — configured headers, request id, `x-cache`.
-//! * `fail_to_proxy` — 502 `upstream_unavailable` / 504 `upstream_timeout`.
+//! * `fail_to_proxy` — 502 `upstream_unavailable` / 504 `upstream_timeout`, 408 for a
+//!   request body that stalled past `server.body_timeout`.
 //! * `logging` — the breaker's verdict on the outcome, metrics, SLO windows, access log.
 
 use crate::access_log;
