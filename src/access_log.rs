@@ -10,7 +10,7 @@
 //! queued ([`Sink::flush`]). `TOLLGATE_LOG` still governs the lines through the
 //! `access` target (`TOLLGATE_LOG=info,access=off`).
 
-use crate::proxy::RequestCtx;
+use crate::proxy::ctx::RequestCtx;
 use pingora::proxy::Session;
 use prometheus::IntCounter;
 use std::fs::File;

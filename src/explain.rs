@@ -1,13 +1,14 @@
 //! `POST /explain` (SPEC §5): what the pipeline would do with a described request —
 //! route, identity, every rate-limit rule with its remaining quota, cache and shedding —
 //! computed from the live policy and buckets without consuming quota or sending
-//! anything upstream.
+//! anything upstream. The decision is the proxy's own (`proxy::admission::admit`),
+//! taken with `consume: false`.
 
-use crate::config::OnInvalid;
 use crate::forwarding;
 use crate::gateway::Gateway;
-use crate::identity::Resolution;
-use crate::ratelimit::{self, Subject};
+use crate::problem::{whole_seconds, Code};
+use crate::proxy::admission::{self, Credentials, RequestView, Verdict};
+use crate::ratelimit::Subject;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -58,84 +59,87 @@ pub async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, String> {
     }
 
     let policy = gateway.policy.load_full();
-    let mut report = serde_json::Map::new();
     let peer_trusted = described.client_ip.is_some_and(|ip| policy.is_trusted(ip));
     let client_ip = described
         .client_ip
         .map(|peer| forwarding::client_ip(peer, &req.headers, |ip| policy.is_trusted(ip)));
+    let framing = forwarding::normalise(&mut req, policy.server.allow_underscores_in_headers);
+    let view = RequestView {
+        req: &req,
+        framing,
+        client_ip,
+        peer_trusted,
+    };
+    let admission = admission::admit(&policy, gateway, &view, false).await;
+
+    let mut report = serde_json::Map::new();
     report.insert("generation".into(), policy.generation.into());
     report.insert(
         "client_ip".into(),
         json!(client_ip.map(|ip| ip.to_string())),
     );
-
-    if let Err(reason) = forwarding::normalise(&mut req, policy.server.allow_underscores_in_headers)
-    {
+    let Some(route_index) = admission.route else {
         report.insert("route".into(), Value::Null);
-        return Ok(decided(
-            report,
-            json!({ "status": 400, "error": "bad_request", "detail": reason }),
-        ));
-    }
-    let Some(route_index) = policy.route_for(&req) else {
-        report.insert("route".into(), Value::Null);
-        return Ok(decided(
-            report,
-            json!({ "status": 404, "error": "no_route" }),
-        ));
+        return Ok(decided(report, refusal(&admission.verdict)));
     };
     let route = &policy.routes[route_index];
     let pools: Vec<&str> = route.target.pools().iter().map(|p| &*p.name).collect();
-    let open_circuit = route.target.pools().into_iter().find(|p| {
-        p.breaker
-            .as_ref()
-            .is_some_and(|b| b.breaker.state() == crate::breaker::State::Open)
-    });
     report.insert(
         "route".into(),
         json!({ "name": &*route.name, "upstreams": pools }),
     );
-
-    let mut principal = None;
-    let mut refused = None;
-    let identity_report = match &policy.identity {
-        None => json!({ "user": null, "credentials": "none" }),
-        Some(identity) => match identity.resolve(&req.headers, peer_trusted) {
-            Resolution::User(p) => {
-                let report = json!({ "user": &*p.user, "tier": &*p.tier, "credentials": "valid" });
-                principal = Some(p);
-                report
-            }
-            Resolution::Anonymous => {
-                json!({ "user": null, "tier": &*identity.default_tier, "credentials": "none" })
-            }
-            Resolution::Invalid(reason) => {
-                if identity.on_invalid != OnInvalid::Anonymous {
-                    refused = Some(reason);
-                }
-                json!({ "user": null, "tier": &*identity.default_tier,
-                        "credentials": "invalid", "reason": reason })
-            }
-        },
+    let principal = admission.principal.as_deref();
+    let default_tier = policy.identity.as_ref().map(|i| &*i.default_tier);
+    let identity = match admission.credentials {
+        Some(Credentials::Valid) => principal.map_or(
+            Value::Null,
+            |p| json!({ "user": &*p.user, "tier": &*p.tier, "credentials": "valid" }),
+        ),
+        Some(Credentials::Invalid(reason)) => json!({
+            "user": null, "tier": default_tier, "credentials": "invalid", "reason": reason
+        }),
+        Some(Credentials::None) => {
+            json!({ "user": null, "tier": default_tier, "credentials": "none" })
+        }
+        Some(Credentials::NotChecked) | None => json!({ "user": null, "credentials": "none" }),
     };
-    report.insert("identity".into(), identity_report);
-    if let Some(reason) = refused {
-        return Ok(decided(
-            report,
-            json!({ "status": 401, "error": "unauthorized", "detail": reason }),
-        ));
+    report.insert("identity".into(), identity);
+    if matches!(&admission.verdict, Verdict::Refuse(p) if p.code == Code::Unauthorized) {
+        return Ok(decided(report, refusal(&admission.verdict)));
     }
 
+    let load = &gateway.load;
+    report.insert(
+        "shedding".into(),
+        match admission.shed {
+            None => json!({ "would_shed": false, "reason": "load shedding is not configured" }),
+            Some(shed) => json!({
+                "would_shed": shed,
+                "level": load.level(),
+                "load_ratio": load.ratio(),
+                "forced": load.forced().is_some(),
+                "priority": route.priority.as_str(),
+            }),
+        },
+    );
+
+    // A shed request never reaches the limits; the rules are still shown, as they
+    // stand, with `reached: false`.
     let limits = &policy.rate_limits;
     let scale = gateway.limit_scale();
-    let subject = Subject::new(
-        &policy,
-        route_index,
-        client_ip,
-        principal.as_deref(),
-        &req.headers,
-    );
-    let outcome = limits.decide(&subject, scale, false).await;
+    let reached = admission.shed != Some(true);
+    let outcome = match &admission.limits {
+        Some(outcome) => outcome,
+        None => {
+            &limits
+                .decide(
+                    &Subject::new(&policy, route_index, client_ip, principal, &req.headers),
+                    scale,
+                    false,
+                )
+                .await
+        }
+    };
     let rules: Vec<Value> = outcome
         .applied
         .iter()
@@ -147,78 +151,63 @@ pub async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, String> {
                 "quota": quota.count,
                 "window_seconds": quota.window.as_secs(),
                 "remaining": verdict.remaining,
-                "reset_seconds": ratelimit::whole_seconds(verdict.reset),
+                "reset_seconds": whole_seconds(verdict.reset),
                 "would_admit": verdict.allowed,
             })
         })
         .collect();
     report.insert(
         "rate_limits".into(),
-        json!({ "limit_scale": scale, "rules": rules }),
+        json!({ "limit_scale": scale, "reached": reached, "rules": rules }),
     );
-    report.insert(
-        "cache".into(),
-        cache_verdict(gateway, route, &req, principal.as_deref()),
-    );
-    let load = &gateway.load;
-    let shed = policy
-        .shedding
-        .as_ref()
-        .and_then(|s| crate::shed::shed_level(load, s, route.priority).map(|_| s));
-    report.insert(
-        "shedding".into(),
-        match &policy.shedding {
-            None => json!({ "would_shed": false, "reason": "load shedding is not configured" }),
-            Some(_) => json!({
-                "would_shed": shed.is_some(),
-                "level": load.level(),
-                "load_ratio": load.ratio(),
-                "forced": load.forced().is_some(),
-                "priority": route.priority.as_str(),
-            }),
-        },
-    );
-    if let Some(shedding) = shed {
-        let decision = match &route.fallback {
-            Some(fallback) => {
-                json!({ "status": fallback.status.as_u16(), "fallback": "overloaded" })
+    let cache = cache_verdict(gateway, route, &req, principal);
+    let from_cache = cache["result"] == "hit";
+    report.insert("cache".into(), cache);
+
+    let decision = match &admission.verdict {
+        Verdict::Refuse(_) => refusal(&admission.verdict),
+        Verdict::Fallback(code) => json!({
+            "status": route.fallback.as_ref().map(|f| f.status.as_u16()),
+            "fallback": code.as_str(),
+        }),
+        // As the proxy goes on: a fresh entry answers before the pool's breaker.
+        Verdict::Forward if from_cache => json!({ "status": null, "answered_by": "cache" }),
+        Verdict::Forward => {
+            let open_circuit = route.target.pools().into_iter().find(|p| {
+                p.breaker
+                    .as_ref()
+                    .is_some_and(|b| b.breaker.state() == crate::breaker::State::Open)
+            });
+            match (open_circuit, &route.fallback) {
+                (Some(pool), Some(fallback)) => json!({
+                    "status": fallback.status.as_u16(),
+                    "fallback": Code::CircuitOpen.as_str(),
+                    "upstream": &*pool.name,
+                }),
+                (Some(pool), None) => json!({
+                    "status": Code::CircuitOpen.status(),
+                    "error": Code::CircuitOpen.as_str(),
+                    "upstream": &*pool.name,
+                }),
+                (None, _) => json!({ "status": null, "forward_to": pools }),
             }
-            None => json!({
-                "status": 503,
-                "error": "overloaded",
-                "retry_after": ratelimit::retry_after_secs(shedding.retry_after),
-            }),
-        };
-        return Ok(decided(report, decision));
-    }
-    let decision = match outcome.denied {
-        Some(index) => {
-            let wait = outcome
-                .applied
-                .last()
-                .map_or(std::time::Duration::ZERO, |(_, _, v)| v.retry_after);
-            json!({
-                "status": 429,
-                "error": "rate_limited",
-                "rule": &*limits.rules[index].name,
-                "retry_after": ratelimit::retry_after_secs(wait),
-            })
         }
-        None => match (open_circuit, &route.fallback) {
-            (Some(pool), Some(fallback)) => json!({
-                "status": fallback.status.as_u16(),
-                "fallback": "circuit_open",
-                "upstream": &*pool.name,
-            }),
-            (Some(pool), None) => json!({
-                "status": 503,
-                "error": "circuit_open",
-                "upstream": &*pool.name,
-            }),
-            (None, _) => json!({ "status": null, "forward_to": pools }),
-        },
     };
     Ok(decided(report, decision))
+}
+
+/// A refusal as the client would read it: status, error code, detail and the
+/// problem's own members (`rule`, `retry_after`).
+fn refusal(verdict: &Verdict) -> Value {
+    let Verdict::Refuse(problem) = verdict else {
+        return Value::Null;
+    };
+    let mut decision = serde_json::Map::new();
+    decision.insert("status".into(), problem.code.status().into());
+    decision.insert("error".into(), problem.code.as_str().into());
+    decision.insert("detail".into(), problem.detail.clone().into());
+    decision.extend(problem.extra.clone());
+    Value::Object(decision)
 }
 
 fn decided(mut report: serde_json::Map<String, Value>, decision: Value) -> Value {

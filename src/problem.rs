@@ -4,6 +4,7 @@ use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use serde_json::{Map, Value};
+use std::time::Duration;
 
 /// The error codes of SPEC §4, each with its status and title.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,8 +105,9 @@ impl Problem {
     }
 
     /// Tells the client when to come back: the `retry_after` member and the
-    /// `Retry-After` header, in whole seconds.
-    pub fn retry_after(mut self, secs: u64) -> Self {
+    /// `Retry-After` header, in whole seconds rounded up, at least 1.
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        let secs = retry_after_secs(wait);
         self.extra.insert("retry_after".into(), secs.into());
         self.headers.push(("retry-after", secs.to_string()));
         self
@@ -154,6 +156,16 @@ impl Problem {
         }
         Ok(())
     }
+}
+
+/// Whole seconds, rounded up: a wait of 1.2 s is 2.
+pub fn whole_seconds(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
+/// Whole seconds, rounded up, at least 1: what `Retry-After` says.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    whole_seconds(wait).max(1)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod shared;
 
 use crate::config::{Backend, HeadersMode, OnRedisError, When};
 use crate::metrics::Metrics;
+use crate::problem::{whole_seconds, Code, Problem};
 use crate::units::Rate;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -688,6 +689,25 @@ impl pingora::services::background::BackgroundService for Janitor {
     }
 }
 
+impl RateLimits {
+    /// The 429 for a request `rule` denied: the rule's name, and when the tightest
+    /// applied rule lets the next request through.
+    pub fn refusal(&self, rule: usize, outcome: &Outcome) -> Problem {
+        let rule = &self.rules[rule];
+        let wait = outcome
+            .applied
+            .last()
+            .map_or(Duration::ZERO, |(_, _, v)| v.retry_after);
+        let mut problem = Problem::new(
+            Code::RateLimited,
+            format!("rate limit `{}` exceeded", rule.name),
+        )
+        .retry_after(wait);
+        problem.extra.insert("rule".into(), (&*rule.name).into());
+        problem
+    }
+}
+
 /// The response headers that describe an outcome (SPEC §4, draft-ietf-httpapi-
 /// ratelimit-headers structured fields, or the legacy `X-RateLimit-*` trio). Shadow
 /// rules are left out: they are not enforced, so they are not advertised.
@@ -728,16 +748,6 @@ pub fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(&'static str, Str
         out.push(("x-ratelimit-reset", reset.to_string()));
     }
     out
-}
-
-/// Whole seconds, rounded up (what `t` and `X-RateLimit-Reset` say).
-pub fn whole_seconds(wait: Duration) -> u64 {
-    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
-}
-
-/// Whole seconds, rounded up, at least 1: what `Retry-After` says.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    whole_seconds(wait).max(1)
 }
 
 #[cfg(test)]

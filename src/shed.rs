@@ -21,6 +21,7 @@
 use crate::config::Priority;
 use crate::gateway::Gateway;
 use crate::histogram::Histogram;
+use crate::problem::{Code, Problem};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -167,6 +168,18 @@ pub fn force(gateway: &Gateway, level: Option<(u8, Duration)>) {
             .map_or(0, |s| s.levels.len());
         set_level(gateway, level.min(levels as u8), gateway.load.ratio());
     }
+}
+
+/// The 503 a shed request of `priority` gets when its route has no fallback.
+pub fn overloaded(shedding: &Shedding, priority: Priority) -> Problem {
+    Problem::new(
+        Code::Overloaded,
+        format!(
+            "the gateway is shedding {} priority traffic under load",
+            priority.as_str()
+        ),
+    )
+    .retry_after(shedding.retry_after)
 }
 
 /// The level the request path should apply to `priority`, if it sheds it.

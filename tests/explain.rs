@@ -154,3 +154,56 @@ fn explains_denials_the_way_the_pipeline_would_answer() {
         assert_eq!(doc["error"], "bad_request");
     }
 }
+
+/// `/explain` takes the proxy's own decision: a declared body over
+/// `server.max_request_body` is a 413, and a shed request is shed before any rule
+/// looks at it — for a real request and for its description alike.
+#[test]
+fn explains_body_size_and_shedding_before_limits_as_the_proxy_answers() {
+    let app = upstream("app");
+    let gw = Tollgate::start_with(
+        &format!(
+            "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - name: reports\n    match: {{ path_prefix: /api/search }}\n    upstream: app\n    priority: low\n  - name: upload\n    match: {{ path_prefix: /api/predict }}\n    upstream: app\nrate_limits:\n  - name: reports-per-ip\n    key: ip\n    routes: [reports]\n    rate: 1/h\nshedding:\n  max_inflight: 1000\n  levels:\n    - {{ above: 80%, shed: [low] }}\n  retry_after: 9s\n",
+            app.addr
+        ),
+        "  max_request_body: 1KiB\n",
+        &[],
+    );
+    let oversized = json!({ "method": "POST", "path": "/api/predict", "headers": { "content-length": "2048" } });
+    let report = explain(&gw, oversized);
+    assert_eq!(report["decision"]["status"], 413);
+    assert_eq!(report["decision"]["error"], "payload_too_large");
+    let upload = gw
+        .client
+        .post(gw.url("/api/predict"))
+        .body(vec![b'x'; 2048])
+        .send()
+        .unwrap();
+    assert_eq!(upload.status(), 413);
+    let fits = json!({ "method": "POST", "path": "/api/predict", "headers": { "content-length": "1024" } });
+    assert_eq!(explain(&gw, fits)["decision"]["forward_to"], json!(["app"]));
+
+    assert_eq!(gw.get("/api/search").status(), 200);
+    let limited = explain(
+        &gw,
+        json!({ "path": "/api/search", "client_ip": "127.0.0.1" }),
+    );
+    assert_eq!(limited["decision"]["error"], "rate_limited");
+    assert_eq!(limited["rate_limits"]["reached"], true);
+
+    let forced = gw.admin_put_json("/shedding", &json!({ "level": 1, "for": "1m" }));
+    assert_eq!(forced.status(), 200);
+    let shed = explain(
+        &gw,
+        json!({ "path": "/api/search", "client_ip": "127.0.0.1" }),
+    );
+    assert_eq!(shed["decision"]["status"], 503);
+    assert_eq!(shed["decision"]["error"], "overloaded");
+    assert_eq!(shed["decision"]["retry_after"], 9);
+    assert_eq!(shed["shedding"]["would_shed"], true);
+    assert_eq!(shed["rate_limits"]["reached"], false);
+    assert_eq!(remaining(&shed), [("reports-per-ip".to_string(), 0)]);
+    let answered = gw.get("/api/search");
+    assert_eq!(answered.status(), 503);
+    assert_eq!(answered.json::<Value>().unwrap()["error"], "overloaded");
+}

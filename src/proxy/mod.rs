@@ -25,23 +25,25 @@
 //!   request body that stalled past `server.body_timeout`.
 //! * `logging` — the breaker's verdict on the outcome, metrics, SLO windows, access log.
 
+pub(crate) mod admission;
+pub(crate) mod ctx;
+
 use crate::access_log;
 use crate::breaker;
 use crate::bulkhead;
 use crate::cache;
-use crate::config::{OnInvalid, Priority};
+use crate::config::Priority;
 use crate::connection;
 use crate::forwarding;
-use crate::gateway::{Gateway, InflightRequest};
-use crate::identity::{Principal, Resolution};
-use crate::policy::{Fallback, Policy, Route};
+use crate::gateway::Gateway;
+use crate::policy::Fallback;
 use crate::problem::{Code, Problem};
 use crate::ratelimit;
-use crate::shed;
 use crate::upstream::{HashOn, InflightGuard, Pool, SelectionKey};
+use admission::Verdict;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::HeaderValue;
+pub use ctx::RequestCtx;
 use pingora::cache::key::HashBinary;
 use pingora::cache::{
     CacheKey, CacheMeta, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
@@ -50,82 +52,11 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 pub struct Proxy {
     pub gateway: Arc<Gateway>,
-}
-
-/// Everything one request carries through the phases. The policy is loaded once, in
-/// `new_ctx`, so a request sees a single generation even if a reload lands mid-way.
-pub struct RequestCtx {
-    pub policy: Arc<Policy>,
-    _inflight: InflightRequest,
-    pub started: Instant,
-    pub route: Option<usize>,
-    pub client_ip: Option<IpAddr>,
-    peer_trusted: bool,
-    /// The resolved user; `None` is anonymous.
-    pub principal: Option<Arc<Principal>>,
-    /// Rate-limit headers for the response.
-    ratelimit_headers: Vec<(&'static str, String)>,
-    /// The rule that denied the request, or the shadow rules that would have.
-    pub limited_by: Option<Arc<str>>,
-    pub shadow_limited: Vec<Arc<str>>,
-    pub request_id: Option<HeaderValue>,
-    deadline: Option<Instant>,
-    pub pool: Option<Arc<Pool>>,
-    pub server: Option<usize>,
-    failed_servers: Vec<usize>,
-    server_inflight: Option<InflightGuard>,
-    upstream_sent: Option<Instant>,
-    pub upstream_duration: Option<Duration>,
-    upstream_status: Option<u16>,
-    /// The pool's breaker let this request through; its outcome is recorded at the end.
-    breaker_ticket: Option<breaker::Ticket>,
-    /// A place in the pool's bulkhead, held until the request ends.
-    bulkhead_slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// The upstream outcome has been counted (breaker, outlier ejection).
-    settled: bool,
-    /// Retries taken so far, and the wait before the next attempt.
-    retries: u32,
-    retry_backoff: Option<Duration>,
-    request_body_bytes: u64,
-    /// Set when the gateway answered itself: the error code, for logs and metrics.
-    pub answered: Option<Code>,
-    /// What the cache did, once known; a caching route's requests without one were
-    /// answered by the gateway before the cache (BYPASS).
-    pub cache_outcome: Option<cache::Outcome>,
-    /// The key computed for the fast hit check, handed on to Pingora's cache on a miss.
-    cache_key: Option<CacheKey>,
-}
-
-impl RequestCtx {
-    pub fn route(&self) -> Option<&Route> {
-        self.route.map(|i| &self.policy.routes[i])
-    }
-
-    fn remaining(&self) -> Option<Duration> {
-        self.deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
-    }
-
-    /// Headers on every response: the request id and the policy's security headers.
-    fn decorate(&self, header: &mut ResponseHeader) {
-        for (name, value) in &self.policy.server.response_headers {
-            let _ = header.insert_header(name.clone(), value.clone());
-        }
-        if let Some(id) = &self.request_id {
-            let _ = header.insert_header(self.policy.server.request_id_header.clone(), id.clone());
-        }
-        if self.route().is_some_and(|r| r.cache.is_some())
-            && !header.headers.contains_key(&cache::X_CACHE)
-        {
-            let _ = header.insert_header("x-cache", cache::Outcome::Bypass.header());
-        }
-    }
 }
 
 impl Proxy {
@@ -326,7 +257,6 @@ impl Proxy {
         ctx: &mut RequestCtx,
         rejected: breaker::Rejected,
     ) -> Result<bool> {
-        let retry_after = ratelimit::retry_after_secs(rejected.retry_after);
         let policy = ctx.policy.clone();
         let route = ctx.route.map(|i| &policy.routes[i]);
         if let Some(fallback) = route.and_then(|r| r.fallback.as_ref()) {
@@ -339,7 +269,7 @@ impl Proxy {
             Code::CircuitOpen,
             format!("upstream `{pool}` is failing; its circuit is open"),
         )
-        .retry_after(retry_after);
+        .retry_after(rejected.retry_after);
         self.answer(session, ctx, problem).await
     }
 }
@@ -380,36 +310,7 @@ impl ProxyHttp for Proxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            policy: self.gateway.policy.load_full(),
-            _inflight: InflightRequest::new(&self.gateway),
-            started: Instant::now(),
-            route: None,
-            client_ip: None,
-            peer_trusted: false,
-            principal: None,
-            ratelimit_headers: Vec::new(),
-            limited_by: None,
-            shadow_limited: Vec::new(),
-            request_id: None,
-            deadline: None,
-            pool: None,
-            server: None,
-            failed_servers: Vec::new(),
-            server_inflight: None,
-            upstream_sent: None,
-            upstream_duration: None,
-            upstream_status: None,
-            breaker_ticket: None,
-            bulkhead_slot: None,
-            settled: false,
-            retries: 0,
-            retry_backoff: None,
-            request_body_bytes: 0,
-            answered: None,
-            cache_outcome: None,
-            cache_key: None,
-        }
+        RequestCtx::new(&self.gateway)
     }
 
     /// No downstream modules: Pingora adds a (disabled) response-compression module by
@@ -451,113 +352,43 @@ impl ProxyHttp for Proxy {
             }));
         }
 
-        if let Err(reason) = framing {
-            return self
-                .answer(session, ctx, Problem::new(Code::BadRequest, reason))
-                .await;
-        }
-
-        let Some(route_index) = policy.route_for(req) else {
-            let detail = format!("no route matches {} {}", req.method, req.uri.path());
-            return self
-                .answer(session, ctx, Problem::new(Code::NoRoute, detail))
-                .await;
+        let view = admission::RequestView {
+            req,
+            framing,
+            client_ip: ctx.client_ip,
+            peer_trusted: ctx.peer_trusted,
         };
-        ctx.route = Some(route_index);
-        let route = &policy.routes[route_index];
-
-        if let Some(identity) = &policy.identity {
-            match identity.resolve(&req.headers, ctx.peer_trusted) {
-                Resolution::User(principal) => ctx.principal = Some(principal),
-                Resolution::Anonymous => {}
-                Resolution::Invalid(_) if identity.on_invalid == OnInvalid::Anonymous => {}
-                Resolution::Invalid(reason) => {
-                    let mut problem = Problem::new(Code::Unauthorized, reason);
-                    if identity.uses_bearer_tokens() {
-                        problem.headers.push((
-                            "www-authenticate",
-                            "Bearer error=\"invalid_token\"".to_string(),
-                        ));
-                    }
-                    return self.answer(session, ctx, problem).await;
-                }
-            }
-        }
-
-        if let Some(shedding) = &policy.shedding {
-            if shed::shed_level(&self.gateway.load, shedding, route.priority).is_some() {
-                route.shed.inc();
-                self.gateway.load.count_shed();
-                if let Some(fallback) = &route.fallback {
-                    return self
-                        .fallback(session, ctx, fallback, Code::Overloaded)
-                        .await;
-                }
-                let retry_after = ratelimit::retry_after_secs(shedding.retry_after);
-                let problem = Problem::new(
-                    Code::Overloaded,
-                    format!(
-                        "the gateway is shedding {} priority traffic under load",
-                        route.priority.as_str()
-                    ),
-                )
-                .retry_after(retry_after);
-                return self.answer(session, ctx, problem).await;
-            }
-        }
-
-        let limits = &policy.rate_limits;
-        if !limits.rules.is_empty() {
-            let subject = ratelimit::Subject::new(
-                &policy,
-                route_index,
-                ctx.client_ip,
-                ctx.principal.as_deref(),
-                &req.headers,
-            );
-            let outcome = limits
-                .decide(&subject, self.gateway.limit_scale(), true)
-                .await;
+        let admission = admission::admit(&policy, &self.gateway, &view, true).await;
+        ctx.route = admission.route;
+        ctx.principal = admission.principal;
+        if let Some(outcome) = &admission.limits {
+            let limits = &policy.rate_limits;
             ctx.shadow_limited = outcome
                 .shadow_limited
                 .iter()
                 .map(|&i| limits.rules[i].name.clone())
                 .collect();
-            ctx.ratelimit_headers = ratelimit::headers(limits, &outcome);
-            if let Some(denied) = outcome.denied {
-                let rule = &limits.rules[denied];
-                let wait = outcome
-                    .applied
-                    .last()
-                    .map_or(Duration::ZERO, |(_, _, v)| v.retry_after);
-                let retry_after = ratelimit::retry_after_secs(wait);
-                let mut problem = Problem::new(
-                    Code::RateLimited,
-                    format!("rate limit `{}` exceeded", rule.name),
-                )
-                .retry_after(retry_after);
-                problem.extra.insert("rule".into(), (&*rule.name).into());
-                problem.headers.append(&mut ctx.ratelimit_headers);
-                ctx.limited_by = Some(rule.name.clone());
+            ctx.ratelimit_headers = ratelimit::headers(limits, outcome);
+            ctx.limited_by = outcome.denied.map(|i| limits.rules[i].name.clone());
+        }
+        match admission.verdict {
+            Verdict::Forward => {}
+            Verdict::Refuse(mut problem) => {
+                if problem.code == Code::RateLimited {
+                    problem.headers.append(&mut ctx.ratelimit_headers);
+                }
                 return self.answer(session, ctx, problem).await;
+            }
+            Verdict::Fallback(code) => {
+                let fallback = admission
+                    .route
+                    .and_then(|i| policy.routes[i].fallback.as_ref())
+                    .expect("a fallback verdict is given only on a route with a fallback");
+                return self.fallback(session, ctx, fallback, code).await;
             }
         }
 
-        let declared_length = req
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next()?.trim().parse::<u64>().ok());
-        if declared_length.is_some_and(|len| len > policy.server.max_request_body) {
-            let detail = format!(
-                "the request body exceeds the limit of {} bytes",
-                policy.server.max_request_body
-            );
-            return self
-                .answer(session, ctx, Problem::new(Code::PayloadTooLarge, detail))
-                .await;
-        }
-
+        let route = &policy.routes[admission.route.expect("a forwarded request has a route")];
         ctx.pool = Some(route.target.choose().clone());
         ctx.deadline = route.timeout.map(|t| ctx.started + t);
         self.serve_fresh_hit(session, ctx).await

@@ -1,0 +1,118 @@
+//! What one request carries from phase to phase.
+
+use crate::breaker;
+use crate::cache;
+use crate::gateway::{Gateway, InflightRequest};
+use crate::identity::Principal;
+use crate::policy::{Policy, Route};
+use crate::problem::Code;
+use crate::upstream::{InflightGuard, Pool};
+use http::HeaderValue;
+use pingora::cache::CacheKey;
+use pingora::http::ResponseHeader;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything one request carries through the phases. The policy is loaded once, in
+/// `new_ctx`, so a request sees a single generation even if a reload lands mid-way.
+pub struct RequestCtx {
+    pub(crate) policy: Arc<Policy>,
+    _inflight: InflightRequest,
+    pub(crate) started: Instant,
+    pub(crate) route: Option<usize>,
+    pub(crate) client_ip: Option<IpAddr>,
+    pub(crate) peer_trusted: bool,
+    /// The resolved user; `None` is anonymous.
+    pub(crate) principal: Option<Arc<Principal>>,
+    /// Rate-limit headers for the response.
+    pub(crate) ratelimit_headers: Vec<(&'static str, String)>,
+    /// The rule that denied the request, or the shadow rules that would have.
+    pub(crate) limited_by: Option<Arc<str>>,
+    pub(crate) shadow_limited: Vec<Arc<str>>,
+    pub(crate) request_id: Option<HeaderValue>,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) pool: Option<Arc<Pool>>,
+    pub(crate) server: Option<usize>,
+    pub(crate) failed_servers: Vec<usize>,
+    pub(crate) server_inflight: Option<InflightGuard>,
+    pub(crate) upstream_sent: Option<Instant>,
+    pub(crate) upstream_duration: Option<Duration>,
+    pub(crate) upstream_status: Option<u16>,
+    /// The pool's breaker let this request through; its outcome is recorded at the end.
+    pub(crate) breaker_ticket: Option<breaker::Ticket>,
+    /// A place in the pool's bulkhead, held until the request ends.
+    pub(crate) bulkhead_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The upstream outcome has been counted (breaker, outlier ejection).
+    pub(crate) settled: bool,
+    /// Retries taken so far, and the wait before the next attempt.
+    pub(crate) retries: u32,
+    pub(crate) retry_backoff: Option<Duration>,
+    pub(crate) request_body_bytes: u64,
+    /// Set when the gateway answered itself: the error code, for logs and metrics.
+    pub(crate) answered: Option<Code>,
+    /// What the cache did, once known; a caching route's requests without one were
+    /// answered by the gateway before the cache (BYPASS).
+    pub(crate) cache_outcome: Option<cache::Outcome>,
+    /// The key computed for the fast hit check, handed on to Pingora's cache on a miss.
+    pub(crate) cache_key: Option<CacheKey>,
+}
+
+impl RequestCtx {
+    pub(crate) fn new(gateway: &Arc<Gateway>) -> RequestCtx {
+        RequestCtx {
+            policy: gateway.policy.load_full(),
+            _inflight: InflightRequest::new(gateway),
+            started: Instant::now(),
+            route: None,
+            client_ip: None,
+            peer_trusted: false,
+            principal: None,
+            ratelimit_headers: Vec::new(),
+            limited_by: None,
+            shadow_limited: Vec::new(),
+            request_id: None,
+            deadline: None,
+            pool: None,
+            server: None,
+            failed_servers: Vec::new(),
+            server_inflight: None,
+            upstream_sent: None,
+            upstream_duration: None,
+            upstream_status: None,
+            breaker_ticket: None,
+            bulkhead_slot: None,
+            settled: false,
+            retries: 0,
+            retry_backoff: None,
+            request_body_bytes: 0,
+            answered: None,
+            cache_outcome: None,
+            cache_key: None,
+        }
+    }
+
+    pub fn route(&self) -> Option<&Route> {
+        self.route.map(|i| &self.policy.routes[i])
+    }
+
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Headers on every response: the request id and the policy's security headers.
+    pub(crate) fn decorate(&self, header: &mut ResponseHeader) {
+        for (name, value) in &self.policy.server.response_headers {
+            let _ = header.insert_header(name.clone(), value.clone());
+        }
+        if let Some(id) = &self.request_id {
+            let _ = header.insert_header(self.policy.server.request_id_header.clone(), id.clone());
+        }
+        if self.route().is_some_and(|r| r.cache.is_some())
+            && !header.headers.contains_key(&cache::X_CACHE)
+        {
+            let _ = header.insert_header("x-cache", cache::Outcome::Bypass.header());
+        }
+    }
+}
