@@ -573,12 +573,27 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = sink_to(dir.path().join("a.log"), 1 << 20, Duration::from_secs(3600));
-        // Faster than any writer drains: the queue fills within one tick.
+        let path = dir.path().join("a.log");
+        // The writer asks for its output at every tick: holding `gate` stalls it, so
+        // the queue fills whatever the machine's speed.
+        let gate = Arc::new(Mutex::new(()));
+        let stalled = gate.lock().unwrap();
+        let writer_gate = gate.clone();
+        let dropped = IntCounter::new("dropped", "dropped").unwrap();
+        let sink = Sink::start(dropped, move || {
+            drop(writer_gate.lock().unwrap_or_else(|e| e.into_inner()));
+            Output {
+                buffer: 1 << 20,
+                flush: Duration::from_secs(3600),
+                path: Some(path.clone()),
+            }
+        })
+        .unwrap();
         for _ in 0..QUEUE_LINES * 4 {
             sink.send(b"x\n".to_vec());
         }
-        assert!(sink.dropped() > 0);
+        assert_eq!(sink.dropped(), (QUEUE_LINES * 3) as u64);
+        drop(stalled);
         assert!(sink.flush(Duration::from_secs(5)));
         let written = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
         assert_eq!(

@@ -14,7 +14,8 @@
 //! replica whose subscription was broken drops its own copies when it is back, since it
 //! cannot know which purges it missed.
 
-use super::{Entry, Selector, Store};
+use super::rfc9111::keep_for;
+use super::store::{Entry, Selector, Store, MAX_TAGS};
 use crate::redis::{Address, Link, RedisStore};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
@@ -76,7 +77,7 @@ fn decode(bytes: &[u8]) -> Option<Entry> {
     let meta = (field()?.to_vec(), field()?.to_vec());
     let path: Box<str> = std::str::from_utf8(field()?).ok()?.into();
     let count = u32::from_be_bytes(field()?.try_into().ok()?) as usize;
-    let tags = (0..count.min(super::MAX_TAGS))
+    let tags = (0..count.min(MAX_TAGS))
         .map(|_| Some(Box::from(std::str::from_utf8(field()?).ok()?)))
         .collect::<Option<Box<[Box<str>]>>>()?;
     let meta_parsed = pingora::cache::CacheMeta::deserialize(&meta.0, &meta.1).ok()?;
@@ -85,7 +86,7 @@ fn decode(bytes: &[u8]) -> Option<Entry> {
         bytes::Bytes::copy_from_slice(rest),
         path,
         tags,
-        super::keep_for(&meta_parsed),
+        keep_for(&meta_parsed),
     ))
 }
 

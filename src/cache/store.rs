@@ -1,520 +1,35 @@
-//! The response cache (SPEC §3 `cache` and `routes[].cache`, §4 "Caching").
-//!
-//! Pingora's `pingora-cache` runs the HTTP state machine: lookup, collapsed forwarding
-//! through its cache lock, stale-while-revalidate with one background refresh,
-//! stale-if-error, conditional revalidation and 304 merging, HEAD from a GET entry.
-//! This module gives it what it leaves to the application: the storage (its bundled
-//! one is for tests only), the key, and the RFC 9111 decision whether a response may
-//! be stored and for how long.
-//!
-//! The storage is a moka cache with LRU eviction, bounded twice: by bytes (`max_size`)
-//! and by entries (`max_entries`). moka weighs against one capacity, so each entry
-//! weighs at least one slot of `max_size / max_entries` bytes: the byte total and the
-//! entry count then both stay within their bounds.
+//! The storage behind Pingora's cache: a moka cache bounded by bytes and by entries,
+//! the path index for purges, hits and fills (Pingora's `Storage` trait), and the
+//! hand-off to the shared Redis tier.
 
-use crate::config::ConfigError;
-mod paths;
-mod shared;
-pub mod warm;
-
-use crate::config::{self, RouteCacheConfig};
-use crate::units;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderName, Method};
-use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
 use pingora::cache::eviction::CacheEntryId;
-use pingora::cache::filters::{calculate_expires_header_time, calculate_serve_stale_durations};
-use pingora::cache::key::{CacheHashKey, HashBinary};
+use pingora::cache::key::CacheHashKey;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora::cache::storage::{
     HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
     PurgeType,
 };
 use pingora::cache::trace::SpanHandle;
-use pingora::cache::{
-    CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason,
-    RespCacheable, Storage, VarianceBuilder,
-};
+use pingora::cache::{CacheKey, CacheMeta, Storage};
 use pingora::http::{RequestHeader, ResponseHeader};
-use serde_saphyr::Location;
 use std::any::Any;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-/// How long a request waits for another one filling the same key before it goes
-/// upstream itself (NGINX's `proxy_cache_lock_timeout`).
-pub const LOCK_WAIT: Duration = Duration::from_secs(5);
-pub fn lock_options() -> CacheOptionOverrides {
-    let mut options = CacheOptionOverrides::default();
-    options.wait_timeout = Some(LOCK_WAIT);
-    options
-}
+use super::rfc9111::{keep_for, key_path, variance};
+use super::{paths, shared, Outcome, Settings};
 
 /// A filling request that holds the lock longer than this is presumed stuck; its
 /// waiters are released.
 const LOCK_AGE: Duration = Duration::from_secs(30);
 /// Purge tags kept per entry, and their length: tags come from upstream headers and
 /// must not make an entry's bookkeeping unbounded.
-const MAX_TAGS: usize = 32;
-const MAX_TAG_LEN: usize = 256;
-
-/// A route's compiled cache settings.
-pub struct RouteCache {
-    pub ttl: Duration,
-    pub force_ttl: bool,
-    pub stale_while_revalidate: u32,
-    pub stale_if_error: u32,
-    pub per_user: bool,
-    pub vary: Vec<HeaderName>,
-    pub methods: Vec<Method>,
-    pub statuses: Vec<u16>,
-    pub warm: Vec<WarmTarget>,
-    /// `tollgate_cache_requests_total{route, result}`, indexed by [`Outcome`].
-    pub requests: [prometheus::IntCounter; 4],
-}
-
-/// The process-wide limits every caching route shares.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settings {
-    pub max_size: u64,
-    pub max_entries: u64,
-    pub max_object: usize,
-    pub tag_header: HeaderName,
-    /// The shared second tier: its URL and per-call timeout.
-    pub redis: Option<(String, Duration)>,
-}
-
-impl Settings {
-    /// Whether `other` keeps this shelf: the same bounds and tag header.
-    fn same_shelf(&self, other: &Settings) -> bool {
-        (
-            self.max_size,
-            self.max_entries,
-            self.max_object,
-            &self.tag_header,
-        ) == (
-            other.max_size,
-            other.max_entries,
-            other.max_object,
-            &other.tag_header,
-        )
-    }
-}
-
-pub fn compile_settings(
-    path: &Path,
-    c: &config::CacheConfig,
-    errors: &mut Vec<ConfigError>,
-) -> Option<Settings> {
-    let mut ok = true;
-    let mut error = |at: &Location, message: String| {
-        errors.push(ConfigError::at(path, at, message));
-        ok = false;
-    };
-    if c.max_entries.value == 0 {
-        error(
-            &c.max_entries.referenced,
-            "cache.max_entries must be at least 1".into(),
-        );
-    }
-    if c.max_size.0 == 0 {
-        error(&Location::UNKNOWN, "cache.max_size must be above 0".into());
-    }
-    if c.max_object.0 > c.max_size.0 {
-        error(
-            &Location::UNKNOWN,
-            format!(
-                "cache.max_object ({}) is larger than cache.max_size ({})",
-                c.max_object, c.max_size
-            ),
-        );
-    }
-    let tag_header = HeaderName::from_bytes(c.tag_header.as_bytes());
-    if tag_header.is_err() {
-        error(
-            &Location::UNKNOWN,
-            format!("cache.tag_header `{}` is not a header name", c.tag_header),
-        );
-    }
-    let redis = c.redis.as_ref().map(|r| {
-        if let Err(e) = ::redis::Client::open(r.url.value.as_str()) {
-            error(
-                &r.url.referenced,
-                format!(
-                    "cache.redis url `{}`: {e}",
-                    crate::redis::Address::Server(r.url.value.clone())
-                ),
-            );
-        }
-        if r.timeout.0.is_zero() {
-            error(
-                &r.url.referenced,
-                "cache.redis timeout must be above 0s".into(),
-            );
-        }
-        (r.url.value.clone(), r.timeout.0)
-    });
-    ok.then(|| Settings {
-        max_size: c.max_size.0,
-        max_entries: c.max_entries.value,
-        max_object: usize::try_from(c.max_object.0).unwrap_or(usize::MAX),
-        tag_header: tag_header.expect("checked above"),
-        redis,
-    })
-}
-
-pub fn compile_route(
-    path: &Path,
-    route: &str,
-    c: &RouteCacheConfig,
-    metrics: &crate::metrics::Metrics,
-    errors: &mut Vec<ConfigError>,
-) -> Option<RouteCache> {
-    let before = errors.len();
-    let vary = c
-        .vary
-        .iter()
-        .filter_map(|h| match HeaderName::from_bytes(h.value.as_bytes()) {
-            Ok(name) => Some(name),
-            Err(_) => {
-                errors.push(ConfigError::at(
-                    path,
-                    &h.referenced,
-                    format!(
-                        "route `{route}`: cache.vary `{}` is not a header name",
-                        h.value
-                    ),
-                ));
-                None
-            }
-        })
-        .collect();
-    let methods = c
-        .methods
-        .iter()
-        .filter_map(|m| match m.value.to_ascii_uppercase().as_str() {
-            "GET" => Some(Method::GET),
-            "HEAD" => Some(Method::HEAD),
-            other => {
-                errors.push(ConfigError::at(
-                    path,
-                    &m.referenced,
-                    format!("route `{route}`: cache.methods can hold GET and HEAD, not `{other}`: other methods are not cacheable"),
-                ));
-                None
-            }
-        })
-        .collect();
-    for status in &c.statuses {
-        if !(200..600).contains(&status.value) || status.value == 206 || status.value == 304 {
-            errors.push(ConfigError::at(
-                path,
-                &status.referenced,
-                format!(
-                    "route `{route}`: cache.statuses cannot hold {}: use final statuses 200-599 other than 206 and 304",
-                    status.value
-                ),
-            ));
-        }
-    }
-    let warm = c
-        .warm
-        .iter()
-        .filter_map(|w| match WarmTarget::parse(&w.value) {
-            Some(target) => Some(target),
-            None => {
-                errors.push(ConfigError::at(
-                    path,
-                    &w.referenced,
-                    format!(
-                        "route `{route}`: cache.warm `{}` must be a path starting with / or an http(s):// URL",
-                        w.value
-                    ),
-                ));
-                None
-            }
-        })
-        .collect();
-    let seconds = |d: units::Duration| u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX);
-    (errors.len() == before).then(|| RouteCache {
-        ttl: c.ttl.0,
-        force_ttl: c.force_ttl,
-        stale_while_revalidate: seconds(c.stale_while_revalidate),
-        stale_if_error: seconds(c.stale_if_error),
-        per_user: c.per_user,
-        vary,
-        methods,
-        statuses: c.statuses.iter().map(|s| s.value).collect(),
-        warm,
-        requests: Outcome::ALL.map(|o| metrics.cache_requests(route, o.label())),
-    })
-}
-
-/// One `warm` entry. Keys hold the Host, so a path alone is fetched with the gateway's
-/// listener address as Host; a URL names the Host clients use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WarmTarget {
-    pub host: Option<String>,
-    pub path: String,
-}
-
-impl WarmTarget {
-    fn parse(text: &str) -> Option<WarmTarget> {
-        if text.starts_with('/') {
-            return Some(WarmTarget {
-                host: None,
-                path: text.to_string(),
-            });
-        }
-        let uri: http::Uri = text.parse().ok()?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return None;
-        }
-        Some(WarmTarget {
-            host: Some(uri.authority()?.to_string()),
-            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
-        })
-    }
-}
-
-/// The field that tells the client what the cache did (a `static`: looking a `&str` up
-/// parses the name on every call).
-pub static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
-
-/// What the cache did for one request: the `x-cache` header and the metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Hit,
-    Miss,
-    Stale,
-    Bypass,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 4] = [Outcome::Hit, Outcome::Miss, Outcome::Stale, Outcome::Bypass];
-
-    pub fn header(self) -> &'static str {
-        match self {
-            Outcome::Hit => "HIT",
-            Outcome::Miss => "MISS",
-            Outcome::Stale => "STALE",
-            Outcome::Bypass => "BYPASS",
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Stale => "stale",
-            Outcome::Bypass => "bypass",
-        }
-    }
-
-    /// A revalidated entry (the upstream answered 304) is served from the cache: a hit.
-    pub fn of(phase: CachePhase) -> Outcome {
-        match phase {
-            CachePhase::Hit | CachePhase::Revalidated => Outcome::Hit,
-            CachePhase::Stale | CachePhase::StaleUpdating => Outcome::Stale,
-            _ => Outcome::Miss,
-        }
-    }
-}
-
-/// Why a request does not use the cache, or `None` when it may.
-pub fn request_bypass(rc: &RouteCache, req: &RequestHeader) -> Option<&'static str> {
-    if !rc.methods.contains(&req.method) {
-        return Some("the method is not cached on this route");
-    }
-    if CacheControl::from_req_headers(req).is_some_and(|cc| cc.no_store()) {
-        return Some("the request says Cache-Control: no-store");
-    }
-    None
-}
-
-/// Whether a stored response may answer this request (SPEC §4, RFC 9111 §3.5): a
-/// request with credentials, on a route that does not cache per user, only gets what
-/// the origin marked shareable (`public`, `s-maxage`, `must-revalidate`), never what an
-/// anonymous request stored.
-pub fn credentials_allow(rc: &RouteCache, req: &RequestHeader, stored: &ResponseHeader) -> bool {
-    rc.per_user
-        || !req.headers.contains_key(http::header::AUTHORIZATION)
-        || CacheControl::from_resp_headers(stored)
-            .is_some_and(|cc| cc.allow_caching_authorized_req())
-}
-
-/// Whether the request asks for a stored response to be revalidated before use
-/// (`no-cache`, `max-age=0`, or `Pragma: no-cache` without Cache-Control).
-pub fn request_wants_revalidation(req: &RequestHeader) -> bool {
-    match CacheControl::from_req_headers(req) {
-        Some(cc) => cc.no_cache() || cc.max_age().ok().flatten() == Some(0),
-        None => req
-            .headers
-            .get_all(http::header::PRAGMA)
-            .iter()
-            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache")),
-    }
-}
-
-/// The key: scheme and host always (a key without them lets one host's response be
-/// served for another), the path and query, the route, the user when the route caches
-/// per user, and the route's `vary` headers. The upstream's own `Vary` is a variance
-/// on top (see [`variance`]).
-pub fn key(
-    rc: &RouteCache,
-    route: &str,
-    req: &RequestHeader,
-    tls: bool,
-    user: Option<&str>,
-) -> CacheKey {
-    let host = req
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
-        .unwrap_or("");
-    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    let scheme = if tls { "https://" } else { "http://" };
-    let mut primary = String::with_capacity(scheme.len() + host.len() + path.len() + 64);
-    primary.push_str(scheme);
-    primary.push_str(host);
-    primary[scheme.len()..].make_ascii_lowercase();
-    primary.push_str(path);
-    primary.push('\n');
-    primary.push_str(route);
-    if rc.per_user {
-        primary.push_str("\nuser:");
-        match user {
-            Some(user) => primary.push_str(user),
-            // No verified identity: credentials still never share an entry.
-            None => {
-                if let Some(auth) = req.headers.get(http::header::AUTHORIZATION) {
-                    let digest = pingora::cache::key::hash_key(auth.as_bytes());
-                    primary.push_str("auth-");
-                    primary.push_str(&crate::policy::hex(&digest));
-                }
-            }
-        }
-    }
-    for name in &rc.vary {
-        primary.push('\n');
-        primary.push_str(name.as_str());
-        primary.push(':');
-        for value in req.headers.get_all(name) {
-            primary.push_str(&String::from_utf8_lossy(value.as_bytes()));
-            primary.push(',');
-        }
-    }
-    CacheKey::new(primary, "")
-}
-
-/// The path and query a key was made for (see [`key`]), for purges.
-fn key_path(primary: &str) -> &str {
-    let uri = primary.split('\n').next().unwrap_or("");
-    let after_scheme = uri.split_once("://").map_or(uri, |(_, rest)| rest);
-    after_scheme
-        .find('/')
-        .map_or("/", |slash| &after_scheme[slash..])
-}
-
-/// The upstream's `Vary` headers, read from the request: `None` when the response
-/// does not vary.
-pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
-    let mut builder = VarianceBuilder::new();
-    for value in meta.headers().get_all(http::header::VARY) {
-        for name in value.to_str().unwrap_or("").split(',') {
-            let name = name.trim().to_ascii_lowercase();
-            if name.is_empty() {
-                continue;
-            }
-            let seen: Vec<u8> = req
-                .headers
-                .get_all(name.as_str())
-                .iter()
-                .flat_map(|v| v.as_bytes().iter().copied().chain([b',']))
-                .collect();
-            builder.add_owned_name_value(name, seen);
-        }
-    }
-    builder.finalize()
-}
-
-/// RFC 9111 §3: whether a response may be stored, and its freshness and stale windows.
-/// `authorized` is a request with credentials on a route that does not key by user:
-/// then only `public`, `s-maxage` or `must-revalidate` allow storing (§3.5).
-pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) -> RespCacheable {
-    use RespCacheable::{Cacheable as Store, Uncacheable};
-    let uncacheable = || Uncacheable(NoCacheReason::OriginNotCache);
-    if !rc.statuses.contains(&resp.status.as_u16()) {
-        return uncacheable();
-    }
-    // Like NGINX and Varnish: a response that sets a cookie is somebody's.
-    if resp.headers.contains_key(http::header::SET_COOKIE) {
-        return uncacheable();
-    }
-    let vary_any = resp
-        .headers
-        .get_all(http::header::VARY)
-        .iter()
-        .any(|v| v.to_str().unwrap_or("").split(',').any(|n| n.trim() == "*"));
-    if vary_any {
-        return uncacheable();
-    }
-    let cc = CacheControl::from_resp_headers(resp);
-    if authorized
-        && !cc
-            .as_ref()
-            .is_some_and(|cc| cc.allow_caching_authorized_req())
-    {
-        return uncacheable();
-    }
-    if cc
-        .as_ref()
-        .is_some_and(|cc| cc.is_cacheable() == Cacheable::No)
-    {
-        return uncacheable();
-    }
-    let now = SystemTime::now();
-    let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
-    let fresh_for = if no_cache {
-        Some(Duration::ZERO)
-    } else if rc.force_ttl {
-        Some(rc.ttl)
-    } else {
-        cc.as_ref().and_then(|cc| cc.fresh_duration())
-    };
-    // Zero freshness or an Expires in the past: stored already stale, served only after
-    // revalidation.
-    let stale_now = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
-    let fresh_until = match fresh_for {
-        Some(Duration::ZERO) => stale_now,
-        Some(fresh) => now + fresh,
-        None => calculate_expires_header_time(resp)
-            .unwrap_or(now + rc.ttl)
-            .max(stale_now),
-    };
-    let defaults = CacheMetaDefaults::new(|_| None, rc.stale_while_revalidate, rc.stale_if_error);
-    let (stale_while_revalidate, stale_if_error) = if no_cache {
-        (0, 0)
-    } else {
-        calculate_serve_stale_durations(cc.as_ref(), &defaults)
-    };
-    let mut header = resp.clone();
-    if let Some(cc) = &cc {
-        cc.strip_private_headers(&mut header);
-    }
-    Store(CacheMeta::new(
-        fresh_until,
-        now,
-        stale_while_revalidate,
-        stale_if_error,
-        header,
-    ))
-}
+pub(super) const MAX_TAGS: usize = 32;
+pub(super) const MAX_TAG_LEN: usize = 256;
 
 /// Which entries `POST /cache/purge` removes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -529,7 +44,7 @@ pub enum Selector {
 
 impl Selector {
     /// The form purges are broadcast in to other replicas.
-    fn encode(&self) -> String {
+    pub(super) fn encode(&self) -> String {
         match self {
             Selector::Path(path) => format!("path {path}"),
             Selector::Prefix(prefix) => format!("prefix {prefix}"),
@@ -538,7 +53,7 @@ impl Selector {
         }
     }
 
-    fn decode(text: &str) -> Option<Selector> {
+    pub(super) fn decode(text: &str) -> Option<Selector> {
         match text.split_once(' ') {
             Some(("path", path)) => Some(Selector::Path(path.to_string())),
             Some(("prefix", prefix)) => Some(Selector::Prefix(prefix.to_string())),
@@ -561,13 +76,13 @@ impl Selector {
 
 /// One stored response. The meta stays serialized, as Pingora hands out a fresh
 /// `CacheMeta` per hit.
-struct Entry {
-    meta: (Vec<u8>, Vec<u8>),
-    body: Bytes,
-    path: Box<str>,
-    tags: Box<[Box<str>]>,
+pub(super) struct Entry {
+    pub(super) meta: (Vec<u8>, Vec<u8>),
+    pub(super) body: Bytes,
+    pub(super) path: Box<str>,
+    pub(super) tags: Box<[Box<str>]>,
     /// How long to keep the entry: its freshness plus the longest stale window.
-    keep_for: Duration,
+    pub(super) keep_for: Duration,
     /// The meta decoded once, for hits the gateway answers itself; `None` inside when
     /// the entry varies (Pingora resolves variants).
     decoded: OnceLock<Option<Decoded>>,
@@ -581,7 +96,7 @@ struct Decoded {
 }
 
 impl Entry {
-    fn new(
+    pub(super) fn new(
         meta: (Vec<u8>, Vec<u8>),
         body: Bytes,
         path: Box<str>,
@@ -599,7 +114,7 @@ impl Entry {
     }
 
     /// Bytes held, the decoded header estimated at four times its compressed size.
-    fn size(&self) -> u64 {
+    pub(super) fn size(&self) -> u64 {
         let tags: usize = self.tags.iter().map(|t| t.len()).sum();
         (self.meta.0.len() + 5 * self.meta.1.len() + self.body.len() + self.path.len() + tags)
             as u64
@@ -864,7 +379,7 @@ impl Store {
         }
     }
 
-    fn purge_local(&self, selector: &Selector) -> Vec<u128> {
+    pub(super) fn purge_local(&self, selector: &Selector) -> Vec<u128> {
         let shelf = self.shelf.load();
         let doomed: Vec<u128> = match selector {
             // What every successful unsafe request asks for: looked up, not scanned.
@@ -1018,19 +533,6 @@ impl Storage for Store {
     }
 }
 
-/// Kept while fresh or servable stale; at least a second so a just-stale entry can
-/// still be revalidated.
-fn keep_for(meta: &CacheMeta) -> Duration {
-    let stale = meta
-        .stale_while_revalidate_sec()
-        .max(meta.stale_if_error_sec());
-    let fresh = meta
-        .fresh_until()
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    fresh + Duration::from_secs(u64::from(stale).max(1))
-}
-
 /// A stored body being served: whole, or the ranges Pingora's range filter seeks to
 /// (single and multipart `Range` requests on hits).
 struct Hit {
@@ -1134,121 +636,10 @@ impl HandleMiss for Fill {
     }
 }
 
-/// Whether an upstream outcome lets a stale entry stand in (RFC 5861 stale-if-error):
-/// the upstream failed, timed out, answered 5xx, or its circuit is open.
-pub fn error_allows_stale(error: &pingora::Error) -> bool {
-    use pingora::ErrorType::*;
-    match error.etype() {
-        HTTPStatus(status) => *status >= 500,
-        _ => !matches!(error.esource(), pingora::ErrorSource::Downstream),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn route_cache(c: RouteCacheConfig) -> RouteCache {
-        let metrics = crate::metrics::Metrics::new();
-        compile_route(Path::new("t.yaml"), "r", &c, &metrics, &mut Vec::new()).unwrap()
-    }
-
-    fn response(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
-        let mut resp = ResponseHeader::build(status, None).unwrap();
-        for (name, value) in headers {
-            resp.append_header(name.to_string(), *value).unwrap();
-        }
-        resp
-    }
-
-    fn fresh_secs(outcome: RespCacheable) -> Option<i64> {
-        match outcome {
-            RespCacheable::Cacheable(meta) => {
-                Some(match meta.fresh_until().duration_since(meta.created()) {
-                    Ok(d) => d.as_secs() as i64,
-                    Err(_) => -1,
-                })
-            }
-            RespCacheable::Uncacheable(_) => None,
-        }
-    }
-
-    #[test]
-    fn freshness_follows_rfc_9111() {
-        let rc = route_cache(RouteCacheConfig::default());
-        let fresh = |h: &[(&str, &str)]| fresh_secs(cacheability(&rc, &response(200, h), false));
-        assert_eq!(
-            fresh(&[]),
-            Some(300),
-            "route ttl without upstream freshness"
-        );
-        assert_eq!(fresh(&[("cache-control", "max-age=60")]), Some(60));
-        assert_eq!(
-            fresh(&[("cache-control", "max-age=60, s-maxage=7")]),
-            Some(7),
-            "s-maxage wins in a shared cache"
-        );
-        assert_eq!(fresh(&[("cache-control", "no-store")]), None);
-        assert_eq!(fresh(&[("cache-control", "private")]), None);
-        assert_eq!(
-            fresh(&[("cache-control", "no-cache")]),
-            Some(-1),
-            "stored stale"
-        );
-        assert_eq!(fresh(&[("set-cookie", "a=b")]), None);
-        assert_eq!(fresh(&[("vary", "*")]), None);
-        assert_eq!(
-            fresh_secs(cacheability(&rc, &response(500, &[]), false)),
-            None,
-            "status not listed"
-        );
-        let forced = route_cache(RouteCacheConfig {
-            force_ttl: true,
-            ..Default::default()
-        });
-        let forced_fresh =
-            |h: &[(&str, &str)]| fresh_secs(cacheability(&forced, &response(200, h), false));
-        assert_eq!(forced_fresh(&[("cache-control", "max-age=5")]), Some(300));
-        assert_eq!(forced_fresh(&[("cache-control", "no-store")]), None);
-    }
-
-    #[test]
-    fn authorized_requests_store_only_what_the_origin_allows() {
-        let rc = route_cache(RouteCacheConfig::default());
-        let stored =
-            |h: &[(&str, &str)]| fresh_secs(cacheability(&rc, &response(200, h), true)).is_some();
-        assert!(!stored(&[("cache-control", "max-age=60")]));
-        assert!(stored(&[("cache-control", "public, max-age=60")]));
-        assert!(stored(&[("cache-control", "s-maxage=60")]));
-    }
-
-    #[test]
-    fn keys_hold_scheme_host_user_and_vary() {
-        let rc = route_cache(RouteCacheConfig {
-            per_user: true,
-            vary: vec![serde_saphyr::Spanned::new(
-                "accept-language".into(),
-                Location::UNKNOWN,
-                Location::UNKNOWN,
-            )],
-            ..Default::default()
-        });
-        let req = |host: &str, lang: &str| {
-            let mut r = RequestHeader::build("GET", b"/a?b=1", None).unwrap();
-            r.insert_header("host", host).unwrap();
-            r.insert_header("accept-language", lang).unwrap();
-            r
-        };
-        let k = |r: &RequestHeader, tls, user| key(&rc, "r", r, tls, user).combined_bin();
-        let base = k(&req("a.example", "en"), false, Some("u1"));
-        assert_ne!(base, k(&req("b.example", "en"), false, Some("u1")));
-        assert_ne!(base, k(&req("a.example", "en"), true, Some("u1")));
-        assert_ne!(base, k(&req("a.example", "en"), false, Some("u2")));
-        assert_ne!(base, k(&req("a.example", "fr"), false, Some("u1")));
-        assert_eq!(base, k(&req("A.example", "en"), false, Some("u1")));
-        let primary = key(&rc, "r", &req("a.example", "en"), false, None);
-        assert_eq!(key_path(primary.primary_key_str().unwrap()), "/a?b=1");
-    }
+    use http::HeaderName;
 
     #[test]
     fn both_bounds_hold_under_a_flood() {

@@ -1,0 +1,308 @@
+//! The response cache (SPEC §3 `cache` and `routes[].cache`, §4 "Caching").
+//!
+//! Pingora's `pingora-cache` runs the HTTP state machine: lookup, collapsed forwarding
+//! through its cache lock, stale-while-revalidate with one background refresh,
+//! stale-if-error, conditional revalidation and 304 merging, HEAD from a GET entry.
+//! This module gives it what it leaves to the application: the storage (its bundled
+//! one is for tests only), the key, and the RFC 9111 decision whether a response may
+//! be stored and for how long.
+//!
+//! The storage is a moka cache with LRU eviction, bounded twice: by bytes (`max_size`)
+//! and by entries (`max_entries`). moka weighs against one capacity, so each entry
+//! weighs at least one slot of `max_size / max_entries` bytes: the byte total and the
+//! entry count then both stay within their bounds.
+//!
+//! `rfc9111` holds the HTTP caching rules, `store` the storage, `shared` the Redis
+//! tier, `paths` the path index purges use, `warm` the warmer; this file the settings.
+
+mod paths;
+mod rfc9111;
+mod shared;
+mod store;
+pub mod warm;
+
+pub use rfc9111::{
+    cacheability, credentials_allow, error_allows_stale, key, request_bypass,
+    request_wants_revalidation, variance,
+};
+pub use store::{Fresh, Selector, Store};
+
+use crate::config::{self, ConfigError, RouteCacheConfig};
+use crate::units;
+use http::{HeaderName, Method};
+use pingora::cache::{CacheOptionOverrides, CachePhase};
+use serde_saphyr::Location;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a request waits for another one filling the same key before it goes
+/// upstream itself (NGINX's `proxy_cache_lock_timeout`).
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+pub fn lock_options() -> CacheOptionOverrides {
+    let mut options = CacheOptionOverrides::default();
+    options.wait_timeout = Some(LOCK_WAIT);
+    options
+}
+
+/// A route's compiled cache settings.
+pub struct RouteCache {
+    pub ttl: Duration,
+    pub force_ttl: bool,
+    pub stale_while_revalidate: u32,
+    pub stale_if_error: u32,
+    pub per_user: bool,
+    pub vary: Vec<HeaderName>,
+    pub methods: Vec<Method>,
+    pub statuses: Vec<u16>,
+    pub warm: Vec<WarmTarget>,
+    /// `tollgate_cache_requests_total{route, result}`, indexed by [`Outcome`].
+    pub requests: [prometheus::IntCounter; 4],
+}
+
+/// The process-wide limits every caching route shares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub max_size: u64,
+    pub max_entries: u64,
+    pub max_object: usize,
+    pub tag_header: HeaderName,
+    /// The shared second tier: its URL and per-call timeout.
+    pub redis: Option<(String, Duration)>,
+}
+
+impl Settings {
+    /// Whether `other` keeps this shelf: the same bounds and tag header.
+    fn same_shelf(&self, other: &Settings) -> bool {
+        (
+            self.max_size,
+            self.max_entries,
+            self.max_object,
+            &self.tag_header,
+        ) == (
+            other.max_size,
+            other.max_entries,
+            other.max_object,
+            &other.tag_header,
+        )
+    }
+}
+
+pub fn compile_settings(
+    path: &Path,
+    c: &config::CacheConfig,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Settings> {
+    let mut ok = true;
+    let mut error = |at: &Location, message: String| {
+        errors.push(ConfigError::at(path, at, message));
+        ok = false;
+    };
+    if c.max_entries.value == 0 {
+        error(
+            &c.max_entries.referenced,
+            "cache.max_entries must be at least 1".into(),
+        );
+    }
+    if c.max_size.0 == 0 {
+        error(&Location::UNKNOWN, "cache.max_size must be above 0".into());
+    }
+    if c.max_object.0 > c.max_size.0 {
+        error(
+            &Location::UNKNOWN,
+            format!(
+                "cache.max_object ({}) is larger than cache.max_size ({})",
+                c.max_object, c.max_size
+            ),
+        );
+    }
+    let tag_header = HeaderName::from_bytes(c.tag_header.as_bytes());
+    if tag_header.is_err() {
+        error(
+            &Location::UNKNOWN,
+            format!("cache.tag_header `{}` is not a header name", c.tag_header),
+        );
+    }
+    let redis = c.redis.as_ref().map(|r| {
+        if let Err(e) = ::redis::Client::open(r.url.value.as_str()) {
+            error(
+                &r.url.referenced,
+                format!(
+                    "cache.redis url `{}`: {e}",
+                    crate::redis::Address::Server(r.url.value.clone())
+                ),
+            );
+        }
+        if r.timeout.0.is_zero() {
+            error(
+                &r.url.referenced,
+                "cache.redis timeout must be above 0s".into(),
+            );
+        }
+        (r.url.value.clone(), r.timeout.0)
+    });
+    ok.then(|| Settings {
+        max_size: c.max_size.0,
+        max_entries: c.max_entries.value,
+        max_object: usize::try_from(c.max_object.0).unwrap_or(usize::MAX),
+        tag_header: tag_header.expect("checked above"),
+        redis,
+    })
+}
+
+pub fn compile_route(
+    path: &Path,
+    route: &str,
+    c: &RouteCacheConfig,
+    metrics: &crate::metrics::Metrics,
+    errors: &mut Vec<ConfigError>,
+) -> Option<RouteCache> {
+    let before = errors.len();
+    let vary = c
+        .vary
+        .iter()
+        .filter_map(|h| match HeaderName::from_bytes(h.value.as_bytes()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                errors.push(ConfigError::at(
+                    path,
+                    &h.referenced,
+                    format!(
+                        "route `{route}`: cache.vary `{}` is not a header name",
+                        h.value
+                    ),
+                ));
+                None
+            }
+        })
+        .collect();
+    let methods = c
+        .methods
+        .iter()
+        .filter_map(|m| match m.value.to_ascii_uppercase().as_str() {
+            "GET" => Some(Method::GET),
+            "HEAD" => Some(Method::HEAD),
+            other => {
+                errors.push(ConfigError::at(
+                    path,
+                    &m.referenced,
+                    format!("route `{route}`: cache.methods can hold GET and HEAD, not `{other}`: other methods are not cacheable"),
+                ));
+                None
+            }
+        })
+        .collect();
+    for status in &c.statuses {
+        if !(200..600).contains(&status.value) || status.value == 206 || status.value == 304 {
+            errors.push(ConfigError::at(
+                path,
+                &status.referenced,
+                format!(
+                    "route `{route}`: cache.statuses cannot hold {}: use final statuses 200-599 other than 206 and 304",
+                    status.value
+                ),
+            ));
+        }
+    }
+    let warm = c
+        .warm
+        .iter()
+        .filter_map(|w| match WarmTarget::parse(&w.value) {
+            Some(target) => Some(target),
+            None => {
+                errors.push(ConfigError::at(
+                    path,
+                    &w.referenced,
+                    format!(
+                        "route `{route}`: cache.warm `{}` must be a path starting with / or an http(s):// URL",
+                        w.value
+                    ),
+                ));
+                None
+            }
+        })
+        .collect();
+    let seconds = |d: units::Duration| u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX);
+    (errors.len() == before).then(|| RouteCache {
+        ttl: c.ttl.0,
+        force_ttl: c.force_ttl,
+        stale_while_revalidate: seconds(c.stale_while_revalidate),
+        stale_if_error: seconds(c.stale_if_error),
+        per_user: c.per_user,
+        vary,
+        methods,
+        statuses: c.statuses.iter().map(|s| s.value).collect(),
+        warm,
+        requests: Outcome::ALL.map(|o| metrics.cache_requests(route, o.label())),
+    })
+}
+
+/// One `warm` entry. Keys hold the Host, so a path alone is fetched with the gateway's
+/// listener address as Host; a URL names the Host clients use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WarmTarget {
+    pub host: Option<String>,
+    pub path: String,
+}
+
+impl WarmTarget {
+    fn parse(text: &str) -> Option<WarmTarget> {
+        if text.starts_with('/') {
+            return Some(WarmTarget {
+                host: None,
+                path: text.to_string(),
+            });
+        }
+        let uri: http::Uri = text.parse().ok()?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return None;
+        }
+        Some(WarmTarget {
+            host: Some(uri.authority()?.to_string()),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        })
+    }
+}
+
+/// The field that tells the client what the cache did (a `static`: looking a `&str` up
+/// parses the name on every call).
+pub static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
+
+/// What the cache did for one request: the `x-cache` header and the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Stale,
+    Bypass,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [Outcome::Hit, Outcome::Miss, Outcome::Stale, Outcome::Bypass];
+
+    pub fn header(self) -> &'static str {
+        match self {
+            Outcome::Hit => "HIT",
+            Outcome::Miss => "MISS",
+            Outcome::Stale => "STALE",
+            Outcome::Bypass => "BYPASS",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+        }
+    }
+
+    /// A revalidated entry (the upstream answered 304) is served from the cache: a hit.
+    pub fn of(phase: CachePhase) -> Outcome {
+        match phase {
+            CachePhase::Hit | CachePhase::Revalidated => Outcome::Hit,
+            CachePhase::Stale | CachePhase::StaleUpdating => Outcome::Stale,
+            _ => Outcome::Miss,
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! RFC 9111 decisions, and nothing else: whether a request may use the cache, the key
+//! it uses, whether a response may be stored and for how long, when a stale entry may
+//! stand in. What a reviewer checks against the RFC and the cache-tests suite.
+
+use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
+use pingora::cache::filters::{calculate_expires_header_time, calculate_serve_stale_durations};
+use pingora::cache::key::HashBinary;
+use pingora::cache::{
+    CacheKey, CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable, VarianceBuilder,
+};
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::time::{Duration, SystemTime};
+
+use super::RouteCache;
+
+/// Why a request does not use the cache, or `None` when it may.
+pub fn request_bypass(rc: &RouteCache, req: &RequestHeader) -> Option<&'static str> {
+    if !rc.methods.contains(&req.method) {
+        return Some("the method is not cached on this route");
+    }
+    if CacheControl::from_req_headers(req).is_some_and(|cc| cc.no_store()) {
+        return Some("the request says Cache-Control: no-store");
+    }
+    None
+}
+
+/// Whether a stored response may answer this request (SPEC §4, RFC 9111 §3.5): a
+/// request with credentials, on a route that does not cache per user, only gets what
+/// the origin marked shareable (`public`, `s-maxage`, `must-revalidate`), never what an
+/// anonymous request stored.
+pub fn credentials_allow(rc: &RouteCache, req: &RequestHeader, stored: &ResponseHeader) -> bool {
+    rc.per_user
+        || !req.headers.contains_key(http::header::AUTHORIZATION)
+        || CacheControl::from_resp_headers(stored)
+            .is_some_and(|cc| cc.allow_caching_authorized_req())
+}
+
+/// Whether the request asks for a stored response to be revalidated before use
+/// (`no-cache`, `max-age=0`, or `Pragma: no-cache` without Cache-Control).
+pub fn request_wants_revalidation(req: &RequestHeader) -> bool {
+    match CacheControl::from_req_headers(req) {
+        Some(cc) => cc.no_cache() || cc.max_age().ok().flatten() == Some(0),
+        None => req
+            .headers
+            .get_all(http::header::PRAGMA)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache")),
+    }
+}
+
+/// The key: scheme and host always (a key without them lets one host's response be
+/// served for another), the path and query, the route, the user when the route caches
+/// per user, and the route's `vary` headers. The upstream's own `Vary` is a variance
+/// on top (see [`variance`]).
+pub fn key(
+    rc: &RouteCache,
+    route: &str,
+    req: &RequestHeader,
+    tls: bool,
+    user: Option<&str>,
+) -> CacheKey {
+    let host = req
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
+        .unwrap_or("");
+    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let scheme = if tls { "https://" } else { "http://" };
+    let mut primary = String::with_capacity(scheme.len() + host.len() + path.len() + 64);
+    primary.push_str(scheme);
+    primary.push_str(host);
+    primary[scheme.len()..].make_ascii_lowercase();
+    primary.push_str(path);
+    primary.push('\n');
+    primary.push_str(route);
+    if rc.per_user {
+        primary.push_str("\nuser:");
+        match user {
+            Some(user) => primary.push_str(user),
+            // No verified identity: credentials still never share an entry.
+            None => {
+                if let Some(auth) = req.headers.get(http::header::AUTHORIZATION) {
+                    let digest = pingora::cache::key::hash_key(auth.as_bytes());
+                    primary.push_str("auth-");
+                    primary.push_str(&crate::policy::hex(&digest));
+                }
+            }
+        }
+    }
+    for name in &rc.vary {
+        primary.push('\n');
+        primary.push_str(name.as_str());
+        primary.push(':');
+        for value in req.headers.get_all(name) {
+            primary.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            primary.push(',');
+        }
+    }
+    CacheKey::new(primary, "")
+}
+
+/// The path and query a key was made for (see [`key`]), for purges.
+pub(super) fn key_path(primary: &str) -> &str {
+    let uri = primary.split('\n').next().unwrap_or("");
+    let after_scheme = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    after_scheme
+        .find('/')
+        .map_or("/", |slash| &after_scheme[slash..])
+}
+
+/// The upstream's `Vary` headers, read from the request: `None` when the response
+/// does not vary.
+pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
+    let mut builder = VarianceBuilder::new();
+    for value in meta.headers().get_all(http::header::VARY) {
+        for name in value.to_str().unwrap_or("").split(',') {
+            let name = name.trim().to_ascii_lowercase();
+            if name.is_empty() {
+                continue;
+            }
+            let seen: Vec<u8> = req
+                .headers
+                .get_all(name.as_str())
+                .iter()
+                .flat_map(|v| v.as_bytes().iter().copied().chain([b',']))
+                .collect();
+            builder.add_owned_name_value(name, seen);
+        }
+    }
+    builder.finalize()
+}
+
+/// RFC 9111 §3: whether a response may be stored, and its freshness and stale windows.
+/// `authorized` is a request with credentials on a route that does not key by user:
+/// then only `public`, `s-maxage` or `must-revalidate` allow storing (§3.5).
+pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) -> RespCacheable {
+    use RespCacheable::{Cacheable as Store, Uncacheable};
+    let uncacheable = || Uncacheable(NoCacheReason::OriginNotCache);
+    if !rc.statuses.contains(&resp.status.as_u16()) {
+        return uncacheable();
+    }
+    // Like NGINX and Varnish: a response that sets a cookie is somebody's.
+    if resp.headers.contains_key(http::header::SET_COOKIE) {
+        return uncacheable();
+    }
+    let vary_any = resp
+        .headers
+        .get_all(http::header::VARY)
+        .iter()
+        .any(|v| v.to_str().unwrap_or("").split(',').any(|n| n.trim() == "*"));
+    if vary_any {
+        return uncacheable();
+    }
+    let cc = CacheControl::from_resp_headers(resp);
+    if authorized
+        && !cc
+            .as_ref()
+            .is_some_and(|cc| cc.allow_caching_authorized_req())
+    {
+        return uncacheable();
+    }
+    if cc
+        .as_ref()
+        .is_some_and(|cc| cc.is_cacheable() == Cacheable::No)
+    {
+        return uncacheable();
+    }
+    let now = SystemTime::now();
+    let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
+    let fresh_for = if no_cache {
+        Some(Duration::ZERO)
+    } else if rc.force_ttl {
+        Some(rc.ttl)
+    } else {
+        cc.as_ref().and_then(|cc| cc.fresh_duration())
+    };
+    // Zero freshness or an Expires in the past: stored already stale, served only after
+    // revalidation.
+    let stale_now = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+    let fresh_until = match fresh_for {
+        Some(Duration::ZERO) => stale_now,
+        Some(fresh) => now + fresh,
+        None => calculate_expires_header_time(resp)
+            .unwrap_or(now + rc.ttl)
+            .max(stale_now),
+    };
+    let defaults = CacheMetaDefaults::new(|_| None, rc.stale_while_revalidate, rc.stale_if_error);
+    let (stale_while_revalidate, stale_if_error) = if no_cache {
+        (0, 0)
+    } else {
+        calculate_serve_stale_durations(cc.as_ref(), &defaults)
+    };
+    let mut header = resp.clone();
+    if let Some(cc) = &cc {
+        cc.strip_private_headers(&mut header);
+    }
+    Store(CacheMeta::new(
+        fresh_until,
+        now,
+        stale_while_revalidate,
+        stale_if_error,
+        header,
+    ))
+}
+
+/// Kept while fresh or servable stale; at least a second so a just-stale entry can
+/// still be revalidated.
+pub(super) fn keep_for(meta: &CacheMeta) -> Duration {
+    let stale = meta
+        .stale_while_revalidate_sec()
+        .max(meta.stale_if_error_sec());
+    let fresh = meta
+        .fresh_until()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    fresh + Duration::from_secs(u64::from(stale).max(1))
+}
+
+/// Whether an upstream outcome lets a stale entry stand in (RFC 5861 stale-if-error):
+/// the upstream failed, timed out, answered 5xx, or its circuit is open.
+pub fn error_allows_stale(error: &pingora::Error) -> bool {
+    use pingora::ErrorType::*;
+    match error.etype() {
+        HTTPStatus(status) => *status >= 500,
+        _ => !matches!(error.esource(), pingora::ErrorSource::Downstream),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::compile_route;
+    use super::*;
+    use crate::config::RouteCacheConfig;
+    use pingora::cache::key::CacheHashKey;
+    use serde_saphyr::Location;
+    use std::path::Path;
+
+    fn route_cache(c: RouteCacheConfig) -> RouteCache {
+        let metrics = crate::metrics::Metrics::new();
+        compile_route(Path::new("t.yaml"), "r", &c, &metrics, &mut Vec::new()).unwrap()
+    }
+
+    fn response(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(status, None).unwrap();
+        for (name, value) in headers {
+            resp.append_header(name.to_string(), *value).unwrap();
+        }
+        resp
+    }
+
+    fn fresh_secs(outcome: RespCacheable) -> Option<i64> {
+        match outcome {
+            RespCacheable::Cacheable(meta) => {
+                Some(match meta.fresh_until().duration_since(meta.created()) {
+                    Ok(d) => d.as_secs() as i64,
+                    Err(_) => -1,
+                })
+            }
+            RespCacheable::Uncacheable(_) => None,
+        }
+    }
+
+    #[test]
+    fn freshness_follows_rfc_9111() {
+        let rc = route_cache(RouteCacheConfig::default());
+        let fresh = |h: &[(&str, &str)]| fresh_secs(cacheability(&rc, &response(200, h), false));
+        assert_eq!(
+            fresh(&[]),
+            Some(300),
+            "route ttl without upstream freshness"
+        );
+        assert_eq!(fresh(&[("cache-control", "max-age=60")]), Some(60));
+        assert_eq!(
+            fresh(&[("cache-control", "max-age=60, s-maxage=7")]),
+            Some(7),
+            "s-maxage wins in a shared cache"
+        );
+        assert_eq!(fresh(&[("cache-control", "no-store")]), None);
+        assert_eq!(fresh(&[("cache-control", "private")]), None);
+        assert_eq!(
+            fresh(&[("cache-control", "no-cache")]),
+            Some(-1),
+            "stored stale"
+        );
+        assert_eq!(fresh(&[("set-cookie", "a=b")]), None);
+        assert_eq!(fresh(&[("vary", "*")]), None);
+        assert_eq!(
+            fresh_secs(cacheability(&rc, &response(500, &[]), false)),
+            None,
+            "status not listed"
+        );
+        let forced = route_cache(RouteCacheConfig {
+            force_ttl: true,
+            ..Default::default()
+        });
+        let forced_fresh =
+            |h: &[(&str, &str)]| fresh_secs(cacheability(&forced, &response(200, h), false));
+        assert_eq!(forced_fresh(&[("cache-control", "max-age=5")]), Some(300));
+        assert_eq!(forced_fresh(&[("cache-control", "no-store")]), None);
+    }
+
+    #[test]
+    fn authorized_requests_store_only_what_the_origin_allows() {
+        let rc = route_cache(RouteCacheConfig::default());
+        let stored =
+            |h: &[(&str, &str)]| fresh_secs(cacheability(&rc, &response(200, h), true)).is_some();
+        assert!(!stored(&[("cache-control", "max-age=60")]));
+        assert!(stored(&[("cache-control", "public, max-age=60")]));
+        assert!(stored(&[("cache-control", "s-maxage=60")]));
+    }
+
+    #[test]
+    fn keys_hold_scheme_host_user_and_vary() {
+        let rc = route_cache(RouteCacheConfig {
+            per_user: true,
+            vary: vec![serde_saphyr::Spanned::new(
+                "accept-language".into(),
+                Location::UNKNOWN,
+                Location::UNKNOWN,
+            )],
+            ..Default::default()
+        });
+        let req = |host: &str, lang: &str| {
+            let mut r = RequestHeader::build("GET", b"/a?b=1", None).unwrap();
+            r.insert_header("host", host).unwrap();
+            r.insert_header("accept-language", lang).unwrap();
+            r
+        };
+        let k = |r: &RequestHeader, tls, user| key(&rc, "r", r, tls, user).combined_bin();
+        let base = k(&req("a.example", "en"), false, Some("u1"));
+        assert_ne!(base, k(&req("b.example", "en"), false, Some("u1")));
+        assert_ne!(base, k(&req("a.example", "en"), true, Some("u1")));
+        assert_ne!(base, k(&req("a.example", "en"), false, Some("u2")));
+        assert_ne!(base, k(&req("a.example", "fr"), false, Some("u1")));
+        assert_eq!(base, k(&req("A.example", "en"), false, Some("u1")));
+        let primary = key(&rc, "r", &req("a.example", "en"), false, None);
+        assert_eq!(key_path(primary.primary_key_str().unwrap()), "/a?b=1");
+    }
+}
