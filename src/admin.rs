@@ -2,8 +2,8 @@
 //! reload, events, SLO reports, explain and forced shedding. Never served on the public
 //! port.
 
+use crate::gateway::reload::{self, Outcome, Trigger};
 use crate::gateway::{unix_now, Gateway};
-use crate::reload::{self, Outcome, Trigger};
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -159,7 +159,7 @@ impl Admin {
         let policy = self.gateway.policy.load();
         let levels = policy.shedding.as_ref().map_or(0, |s| s.levels.len());
         match force.level {
-            None => crate::shed::force(&self.gateway, None),
+            None => crate::gateway::load_monitor::force(&self.gateway, None),
             Some(level) if usize::from(level) > levels => {
                 return bad(format!(
                     "level {level} does not exist: the policy defines {levels} shedding level(s)"
@@ -171,7 +171,7 @@ impl Admin {
                     Ok(d) if !d.0.is_zero() => d.0,
                     _ => return bad(format!("`for`: `{text}` is not a duration such as \"10m\"")),
                 };
-                crate::shed::force(&self.gateway, Some((level, duration)));
+                crate::gateway::load_monitor::force(&self.gateway, Some((level, duration)));
             }
         }
         let forced = self.gateway.load.forced();

@@ -8,7 +8,6 @@ use crate::forwarding;
 use crate::gateway::Gateway;
 use crate::problem::{whole_seconds, Code};
 use crate::proxy::admission::{self, Credentials, RequestView, Verdict};
-use crate::ratelimit::Subject;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -133,7 +132,7 @@ pub async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, String> {
         None => {
             &limits
                 .decide(
-                    &Subject::new(&policy, route_index, client_ip, principal, &req.headers),
+                    &policy.subject(route_index, client_ip, principal, &req.headers),
                     scale,
                     false,
                 )

@@ -462,7 +462,7 @@ mod tests {
     }
 
     fn sha(key: &str) -> String {
-        crate::policy::hex(&Sha256::digest(key.as_bytes()))
+        crate::digest::sha256_hex(key)
     }
 
     #[test]

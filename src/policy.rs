@@ -20,7 +20,6 @@ use crate::upstream::{HashOn, Pool, PoolSpec};
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -147,6 +146,26 @@ impl Policy {
             .position(|r| r.matcher.matches(req, host))
     }
 
+    /// The request as the rate-limit rules see it; anonymous requests are in the
+    /// identity's default tier.
+    pub fn subject<'a>(
+        &'a self,
+        route: usize,
+        client_ip: Option<IpAddr>,
+        principal: Option<&'a crate::identity::Principal>,
+        headers: &'a http::HeaderMap,
+    ) -> crate::ratelimit::Subject<'a> {
+        let default_tier = self.identity.as_ref().map_or("free", |i| &*i.default_tier);
+        crate::ratelimit::Subject {
+            route,
+            route_name: &self.routes[route].name,
+            client_ip,
+            user: principal.map(|p| &*p.user),
+            tier: principal.map_or(default_tier, |p| &*p.tier),
+            headers,
+        }
+    }
+
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         self.server
             .trusted_proxies
@@ -190,24 +209,13 @@ pub fn compile_text(
         read_files: Vec::new(),
     }
     .compile(config)?;
-    policy.sha256 = fingerprint(text, &policy.read_files);
+    policy.sha256 = crate::digest::fingerprint(text, &policy.read_files);
     policy.generation = match previous {
         Some(p) if p.sha256 == policy.sha256 => p.generation,
         Some(p) => p.generation + 1,
         None => 1,
     };
     Ok(policy)
-}
-
-/// The content hash of a policy: its text and every file it reads.
-pub fn fingerprint(text: &str, read_files: &[PathBuf]) -> String {
-    let mut hash = Sha256::new();
-    hash.update(text.as_bytes());
-    for file in read_files {
-        hash.update(file.as_os_str().as_encoded_bytes());
-        hash.update(std::fs::read(file).unwrap_or_default());
-    }
-    hex(&hash.finalize())
 }
 
 /// Reads the PEM certificates of a CA bundle for verifying upstream servers.
@@ -231,10 +239,6 @@ fn load_ca(path: &Path) -> Result<Arc<pingora::protocols::tls::CaType>, String> 
         return Err("no certificate in the file".to_string());
     }
     Ok(Arc::from(anchors))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 struct Compiler<'a> {

@@ -242,7 +242,7 @@ pub struct RateLimits {
     shared: Option<shared::SharedBuckets>,
 }
 
-/// What the request looks like to the rules.
+/// What the request looks like to the rules (`Policy::subject`).
 pub struct Subject<'a> {
     pub route: usize,
     pub route_name: &'a str,
@@ -250,31 +250,6 @@ pub struct Subject<'a> {
     pub user: Option<&'a str>,
     pub tier: &'a str,
     pub headers: &'a http::HeaderMap,
-}
-
-impl<'a> Subject<'a> {
-    /// The request as the rules see it; anonymous requests are in the identity's
-    /// default tier.
-    pub fn new(
-        policy: &'a crate::policy::Policy,
-        route: usize,
-        client_ip: Option<std::net::IpAddr>,
-        principal: Option<&'a crate::identity::Principal>,
-        headers: &'a http::HeaderMap,
-    ) -> Subject<'a> {
-        let default_tier = policy
-            .identity
-            .as_ref()
-            .map_or("free", |i| &*i.default_tier);
-        Subject {
-            route,
-            route_name: &policy.routes[route].name,
-            client_ip,
-            user: principal.map(|p| &*p.user),
-            tier: principal.map_or(default_tier, |p| &*p.tier),
-            headers,
-        }
-    }
 }
 
 /// The outcome for one request: every rule that applied, and the denial if any.
@@ -664,29 +639,6 @@ fn shared_backend(
         timeout: redis.timeout.0,
         on_error: redis.on_error,
     })
-}
-
-/// Drops refilled buckets every few seconds, so `max_keys` is a ceiling rarely touched
-/// rather than the steady state.
-pub struct Janitor {
-    pub gateway: std::sync::Arc<crate::gateway::Gateway>,
-}
-
-const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for Janitor {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let mut tick = tokio::time::interval(JANITOR_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {}
-            }
-            let policy = self.gateway.policy.load_full();
-            let _ = tokio::task::spawn_blocking(move || policy.rate_limits.evict_refilled()).await;
-        }
-    }
 }
 
 impl RateLimits {

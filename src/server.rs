@@ -4,11 +4,11 @@
 use crate::admin::Admin;
 use crate::connection::Connections;
 use crate::events::EventLog;
+use crate::gateway::reload::Watcher;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy};
 use crate::proxy::Proxy;
-use crate::reload::Watcher;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
@@ -16,7 +16,6 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use sha2::{Digest, Sha256};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,25 +103,25 @@ pub fn run(options: RunOptions) -> Result<(), String> {
     ));
     server.add_service(background_service(
         "load monitor",
-        crate::shed::LoadMonitor {
+        crate::gateway::load_monitor::LoadMonitor {
             gateway: gateway.clone(),
         },
     ));
     server.add_service(background_service(
         "health checks",
-        crate::health::HealthChecker {
+        crate::gateway::health_checker::HealthChecker {
             gateway: gateway.clone(),
         },
     ));
     server.add_service(background_service(
         "cache warmer",
-        crate::cache::warm::Warmer {
+        crate::gateway::warmer::Warmer {
             gateway: gateway.clone(),
         },
     ));
     server.add_service(background_service(
         "rate limit janitor",
-        crate::ratelimit::Janitor {
+        crate::gateway::janitor::Janitor {
             gateway: gateway.clone(),
         },
     ));
@@ -187,7 +186,7 @@ fn run_dir(listen: &[SocketAddr]) -> PathBuf {
         Some(dir) => PathBuf::from(dir),
         None => {
             let key = format!("{listen:?}");
-            let digest = policy::hex(&Sha256::digest(key.as_bytes()));
+            let digest = crate::digest::sha256_hex(&key);
             std::env::temp_dir().join(format!("tollgate-{}", &digest[..12]))
         }
     };

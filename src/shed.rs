@@ -19,13 +19,10 @@
 //! rate limit is scaled by the level's `limit_scale`.
 
 use crate::config::Priority;
-use crate::gateway::Gateway;
 use crate::histogram::Histogram;
 use crate::problem::{Code, Problem};
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How often the monitor samples the signals.
@@ -134,6 +131,26 @@ impl Load {
         }
     }
 
+    fn publish(&self, level: u8, ratio: f64, signals: Signals) -> Reading {
+        self.ratio.store(ratio.to_bits(), Ordering::Relaxed);
+        let store = |i: usize, v: f64| self.signals[i].store(v.to_bits(), Ordering::Relaxed);
+        store(0, signals.inflight);
+        store(1, signals.latency.unwrap_or(f64::NAN));
+        store(2, signals.cpu.unwrap_or(f64::NAN));
+        Reading {
+            level,
+            ratio,
+            signals,
+        }
+    }
+
+    /// Puts `level` in force for the request path (one atomic); the level it replaced,
+    /// if it changed.
+    pub fn set_level(&self, level: u8) -> Option<u8> {
+        let previous = self.level.swap(level, Ordering::Relaxed);
+        (previous != level).then_some(previous)
+    }
+
     /// The forced level and until when, if one is in force.
     pub fn forced(&self) -> Option<(u8, Instant)> {
         let forced = *self.forced.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,7 +159,7 @@ impl Load {
             .map(|f| (f.level, f.until))
     }
 
-    fn set_forced(&self, level: Option<(u8, Duration)>) {
+    pub fn set_forced(&self, level: Option<(u8, Duration)>) {
         let mut forced = self.forced.lock().unwrap_or_else(|e| e.into_inner());
         if forced.is_some() && level.is_none() {
             self.released.store(true, Ordering::Relaxed);
@@ -151,22 +168,6 @@ impl Load {
             level,
             until: Instant::now() + d,
         });
-    }
-}
-
-/// Forces `level` for `duration`, in force for the very next request (an operator
-/// forcing a level in an incident expects that); `None` returns to automatic at the
-/// monitor's next tick.
-pub fn force(gateway: &Gateway, level: Option<(u8, Duration)>) {
-    gateway.load.set_forced(level);
-    if let Some((level, _)) = level {
-        let levels = gateway
-            .policy
-            .load()
-            .shedding
-            .as_ref()
-            .map_or(0, |s| s.levels.len());
-        set_level(gateway, level.min(levels as u8), gateway.load.ratio());
     }
 }
 
@@ -195,7 +196,7 @@ pub fn shed_level<'a>(
 
 /// The monitor's memory between ticks: smoothed signals, CPU counters, and since when
 /// the load has been low enough to leave the current level.
-struct Monitor {
+pub struct Monitor {
     smoothed: Option<Signals>,
     /// The smoothed in-flight ratio the shed requests would add.
     shed_extra: f64,
@@ -208,9 +209,42 @@ struct Monitor {
     was_forced: bool,
 }
 
+impl Default for Monitor {
+    fn default() -> Monitor {
+        Monitor::new()
+    }
+}
+
+/// One tick's verdict: the level to put in force, the load ratio and its signals.
+pub struct Reading {
+    pub level: u8,
+    pub ratio: f64,
+    pub signals: Signals,
+}
+
 impl Monitor {
-    fn tick(&mut self, gateway: &Gateway, shedding: Option<&Shedding>, now: Instant) {
-        let load = &gateway.load;
+    pub fn new() -> Monitor {
+        Monitor {
+            smoothed: None,
+            shed_extra: 0.0,
+            shed_seen: 0,
+            sheddable_latency: [None; SHEDDABLE],
+            cpu: CpuMeter::new(),
+            recovering_since: None,
+            was_forced: false,
+        }
+    }
+
+    /// Reads the load's signals since the last tick (`inflight` requests now) and
+    /// decides the level; the ratio and signals are published in `load` at once, the
+    /// level by the caller, which knows what a new level changes.
+    pub fn tick(
+        &mut self,
+        load: &Load,
+        inflight: usize,
+        shedding: Option<&Shedding>,
+        now: Instant,
+    ) -> Reading {
         let latency_counts = load.upstream_latency.drain();
         for (latest, histogram) in self
             .sheddable_latency
@@ -225,11 +259,10 @@ impl Monitor {
         let Some(shedding) = shedding else {
             self.smoothed = None;
             self.recovering_since = None;
-            self.publish(gateway, 0, 0.0, Signals::default());
-            return;
+            return load.publish(0, 0.0, Signals::default());
         };
         let raw = Signals {
-            inflight: gateway.inflight() as f64 / shedding.max_inflight.max(1) as f64,
+            inflight: inflight as f64 / shedding.max_inflight.max(1) as f64,
             latency: shedding.latency_target.map(|target| {
                 crate::histogram::quantile(&latency_counts, 0.95).map_or(0.0, |p95| {
                     p95.as_secs_f64() / target.as_secs_f64().max(1e-6)
@@ -281,7 +314,7 @@ impl Monitor {
         let level = load
             .forced()
             .map_or(level, |(forced, _)| forced.min(shedding.levels.len() as u8));
-        self.publish(gateway, level, ratio, smoothed);
+        load.publish(level, ratio, smoothed)
     }
 
     /// The upstream time a shed request would take: the slowest recent median among
@@ -330,49 +363,6 @@ impl Monitor {
             current
         }
     }
-
-    fn publish(&self, gateway: &Gateway, level: u8, ratio: f64, signals: Signals) {
-        let load = &gateway.load;
-        load.ratio.store(ratio.to_bits(), Ordering::Relaxed);
-        let store = |i: usize, v: f64| load.signals[i].store(v.to_bits(), Ordering::Relaxed);
-        store(0, signals.inflight);
-        store(1, signals.latency.unwrap_or(f64::NAN));
-        store(2, signals.cpu.unwrap_or(f64::NAN));
-        gateway.metrics.load_ratio.set(ratio);
-        set_level(gateway, level, ratio);
-    }
-}
-
-/// Puts `level` in force for the request path (one atomic), with its rate-limit scale,
-/// metric and event when it changed.
-fn set_level(gateway: &Gateway, level: u8, ratio: f64) {
-    let load = &gateway.load;
-    let previous = load.level.swap(level, Ordering::Relaxed);
-    if previous == level {
-        return;
-    }
-    let policy = gateway.policy.load();
-    let scale = policy
-        .shedding
-        .as_ref()
-        .and_then(|s| s.levels.get((level as usize).checked_sub(1)?))
-        .map_or(1.0, |l| l.limit_scale);
-    gateway.set_limit_scale(scale);
-    gateway.metrics.shedding_level.set(i64::from(level));
-    let forced = load.forced().is_some();
-    tracing::warn!(
-        from = previous,
-        to = level,
-        ratio,
-        forced,
-        limit_scale = scale,
-        "shedding level"
-    );
-    gateway.events.record(
-        "shedding",
-        &format!("shedding level {previous} -> {level}"),
-        serde_json::json!({ "from": previous, "to": level, "ratio": ratio, "forced": forced, "limit_scale": scale }),
-    );
 }
 
 /// The highest level whose threshold `ratio` passes.
@@ -443,34 +433,6 @@ fn cgroup_cpus() -> Option<f64> {
     (quota > 0.0).then(|| quota / read("cpu.cfs_period_us").unwrap_or(100_000.0))
 }
 
-pub struct LoadMonitor {
-    pub gateway: Arc<Gateway>,
-}
-
-#[async_trait::async_trait]
-impl BackgroundService for LoadMonitor {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut monitor = Monitor {
-            smoothed: None,
-            shed_extra: 0.0,
-            shed_seen: 0,
-            sheddable_latency: [None; SHEDDABLE],
-            cpu: CpuMeter::new(),
-            recovering_since: None,
-            was_forced: false,
-        };
-        let mut tick = tokio::time::interval(TICK);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {}
-            }
-            let policy = self.gateway.policy.load_full();
-            monitor.tick(&self.gateway, policy.shedding.as_ref(), Instant::now());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,15 +467,7 @@ mod tests {
     }
 
     fn monitor() -> Monitor {
-        Monitor {
-            smoothed: None,
-            shed_extra: 0.0,
-            shed_seen: 0,
-            sheddable_latency: [None; SHEDDABLE],
-            cpu: CpuMeter::new(),
-            recovering_since: None,
-            was_forced: false,
-        }
+        Monitor::new()
     }
 
     #[test]

@@ -12,14 +12,13 @@
 //! weighs at least one slot of `max_size / max_entries` bytes: the byte total and the
 //! entry count then both stay within their bounds.
 //!
-//! `rfc9111` holds the HTTP caching rules, `store` the storage, `shared` the Redis
-//! tier, `paths` the path index purges use, `warm` the warmer; this file the settings.
+//! `rfc9111` holds the HTTP caching rules, `store` the storage (and `store::shared`
+//! its Redis tier), `paths` the path index purges use; this file the settings
+//! (the warmer is a service of the running gateway, `gateway::warmer`).
 
 mod paths;
 mod rfc9111;
-mod shared;
 mod store;
-pub mod warm;
 
 pub use rfc9111::{
     cacheability, credentials_allow, error_allows_stale, key, request_bypass,

@@ -83,7 +83,7 @@ pub fn key(
                 if let Some(auth) = req.headers.get(http::header::AUTHORIZATION) {
                     let digest = pingora::cache::key::hash_key(auth.as_bytes());
                     primary.push_str("auth-");
-                    primary.push_str(&crate::policy::hex(&digest));
+                    primary.push_str(&crate::digest::hex(&digest));
                 }
             }
         }

@@ -131,8 +131,7 @@ pub async fn admit(
 
     let limits = &policy.rate_limits;
     if !limits.rules.is_empty() {
-        let subject = ratelimit::Subject::new(
-            policy,
+        let subject = policy.subject(
             route_index,
             view.client_ip,
             admission.principal.as_deref(),
@@ -332,7 +331,7 @@ mod tests {
         let gw = gateway(&format!(
             "{BASE}rate_limits:\n  - name: per-ip\n    key: ip\n    rate: 1/min\nshedding:\n  max_inflight: 10\n  levels:\n    - {{ above: 50%, shed: [normal] }}\n"
         ));
-        shed::force(&gw, Some((1, Duration::from_secs(60))));
+        crate::gateway::load_monitor::force(&gw, Some((1, Duration::from_secs(60))));
         let req = request("GET", "/api/x", &[]);
         for _ in 0..2 {
             let shed = decide(&gw, &req, true).await;
@@ -340,7 +339,7 @@ mod tests {
             assert_eq!(shed.shed, Some(true));
             assert!(shed.limits.is_none(), "a shed request reached the limits");
         }
-        shed::force(&gw, Some((0, Duration::from_secs(60))));
+        crate::gateway::load_monitor::force(&gw, Some((0, Duration::from_secs(60))));
         assert!(matches!(
             decide(&gw, &req, true).await.verdict,
             Verdict::Forward
@@ -352,7 +351,7 @@ mod tests {
         let gw = gateway(
             "upstreams:\n  app:\n    servers: [\"127.0.0.1:9\"]\nroutes:\n  - name: api\n    match: { path_prefix: /api }\n    upstream: app\n    priority: low\n    fallback: { status: 200, body: \"{}\" }\nshedding:\n  max_inflight: 10\n  levels:\n    - { above: 50%, shed: [low] }\n",
         );
-        shed::force(&gw, Some((1, Duration::from_secs(60))));
+        crate::gateway::load_monitor::force(&gw, Some((1, Duration::from_secs(60))));
         let admission = decide(&gw, &request("GET", "/api/x", &[]), true).await;
         assert!(matches!(
             admission.verdict,

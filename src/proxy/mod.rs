@@ -25,10 +25,10 @@
 //!   request body that stalled past `server.body_timeout`.
 //! * `logging` — the breaker's verdict on the outcome, metrics, SLO windows, access log.
 
+mod access_log;
 pub(crate) mod admission;
 pub(crate) mod ctx;
 
-use crate::access_log;
 use crate::breaker;
 use crate::bulkhead;
 use crate::cache;

@@ -1,14 +1,24 @@
-//! The state shared by the proxy, the admin API and the background services of one
-//! process: the policy in force, metrics, events, and the in-flight count that
-//! graceful shutdown waits on.
+//! The running gateway: the state shared by the proxy, the admin API and the
+//! background services of one process (the policy in force, metrics, events, and the
+//! in-flight count that graceful shutdown waits on), and those services. The concerns
+//! (`shed`, `health`, `ratelimit`, `cache`) know their own state; only this module
+//! knows the gateway.
+
+pub mod health_checker;
+pub mod janitor;
+pub mod load_monitor;
+pub mod reload;
+pub mod warmer;
 
 use crate::events::EventLog;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::Policy;
 use arc_swap::ArcSwap;
+use pingora::server::ShutdownWatch;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub struct Gateway {
     pub policy: ArcSwap<Policy>,
@@ -131,4 +141,28 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The beat of a background service: `while ticks.next().await { … }` runs its body
+/// every `period`, the first time at once, until the server shuts down.
+pub(crate) struct Ticks {
+    interval: tokio::time::Interval,
+    shutdown: ShutdownWatch,
+}
+
+impl Ticks {
+    pub(crate) fn every(period: Duration, shutdown: ShutdownWatch) -> Ticks {
+        Ticks {
+            interval: tokio::time::interval(period),
+            shutdown,
+        }
+    }
+
+    /// Waits for the next tick; `false` once the server is shutting down.
+    pub(crate) async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.shutdown.changed() => false,
+            _ = self.interval.tick() => true,
+        }
+    }
 }

@@ -76,7 +76,7 @@ pub fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec<Config
     };
     let current = gateway.policy.load_full();
     // The files the policy in force reads count too: a new API key file is a new policy.
-    let hash = policy::fingerprint(&text, &current.read_files);
+    let hash = crate::digest::fingerprint(&text, &current.read_files);
     if trigger == Trigger::FileChange && last_seen.as_deref() == Some(hash.as_str()) {
         return Ok(Outcome::NotAttempted);
     }

@@ -5,8 +5,8 @@
 //! as Host, a warm URL with its own. A path whose upstream is down is tried again on the next ticks, then
 //! given up on with a warning until the next reload.
 
-use super::WarmTarget;
-use crate::gateway::Gateway;
+use super::{Gateway, Ticks};
+use crate::cache::WarmTarget;
 use pingora::connectors::http::Connector;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -26,17 +26,13 @@ pub struct Warmer {
 
 #[async_trait::async_trait]
 impl BackgroundService for Warmer {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, shutdown: ShutdownWatch) {
         let connector = Connector::new(None);
-        let mut tick = tokio::time::interval(TICK);
         let mut warmed_generation = 0;
         let mut pending: Vec<WarmTarget> = Vec::new();
         let mut rounds = 0;
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {}
-            }
+        let mut ticks = Ticks::every(TICK, shutdown);
+        while ticks.next().await {
             let policy = self.gateway.policy.load_full();
             if policy.generation != warmed_generation {
                 warmed_generation = policy.generation;

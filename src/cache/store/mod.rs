@@ -20,8 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+mod shared;
+
 use super::rfc9111::{keep_for, key_path, variance};
-use super::{paths, shared, Outcome, Settings};
+use super::{paths, Outcome, Settings};
 
 /// A filling request that holds the lock longer than this is presumed stuck; its
 /// waiters are released.

@@ -14,8 +14,8 @@
 //! replica whose subscription was broken drops its own copies when it is back, since it
 //! cannot know which purges it missed.
 
-use super::rfc9111::keep_for;
-use super::store::{Entry, Selector, Store, MAX_TAGS};
+use super::{Entry, Selector, Store, MAX_TAGS};
+use crate::cache::rfc9111::keep_for;
 use crate::redis::{Address, Link, RedisStore};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
