@@ -13,6 +13,7 @@ use crate::config::{CircuitBreakerConfig, FailureCondition};
 use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::window::RollingPair;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -316,11 +317,22 @@ impl Default for FailureOn {
     }
 }
 
-/// A pool's breaker. `definition` decides whether a reload keeps its state: the pool's
-/// servers and breaker settings.
+/// A pool's breaker. `key` decides whether a reload keeps its state.
 pub struct PoolBreaker {
     pub breaker: Arc<Breaker>,
-    definition: String,
+    key: BreakerKey,
+}
+
+/// A pool server as the breaker sees it: address, the address as written, weight and
+/// whether it is a backup.
+pub type Server = (SocketAddr, Arc<str>, u32, bool);
+
+/// What a breaker watches: a reload that keeps the pool's servers and the breaker
+/// settings keeps the breaker and its state.
+#[derive(Debug, Clone, PartialEq)]
+struct BreakerKey {
+    servers: Vec<Server>,
+    settings: Settings,
 }
 
 impl std::fmt::Debug for PoolBreaker {
@@ -356,7 +368,7 @@ impl Observer for Report {
 pub fn compile(
     pool: &str,
     config: &CircuitBreakerConfig,
-    servers: &impl std::fmt::Debug,
+    servers: &[Server],
     previous: Option<&PoolBreaker>,
     metrics: &Metrics,
     events: &Arc<EventLog>,
@@ -371,13 +383,17 @@ pub fn compile(
         half_open_requests: config.half_open_requests.max(1),
         success_threshold: config.success_threshold.max(1),
     };
-    let definition = format!("{servers:?}|{settings:?}");
-    if let Some(previous) = previous.filter(|p| p.definition == definition) {
+    let key = BreakerKey {
+        servers: servers.to_vec(),
+        settings,
+    };
+    if let Some(previous) = previous.filter(|p| p.key == key) {
         return PoolBreaker {
             breaker: previous.breaker.clone(),
-            definition,
+            key,
         };
     }
+    let settings = key.settings.clone();
     let state = metrics.circuit_state(pool);
     state.set(State::Closed as i64);
     let report = Report {
@@ -389,7 +405,7 @@ pub fn compile(
     };
     PoolBreaker {
         breaker: Breaker::new(settings, Box::new(report)),
-        definition,
+        key,
     }
 }
 

@@ -7,13 +7,13 @@
 
 use crate::units::{Duration, Percent, Size};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub version: Spanned<u32>,
@@ -38,7 +38,7 @@ pub struct Config {
 }
 
 /// SPEC §3 `cache`: the bounds of the response cache shared by every caching route.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     pub max_size: Size,
@@ -49,7 +49,7 @@ pub struct CacheConfig {
 }
 
 /// SPEC §3 `cache.redis`: a second tier shared by replicas.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheRedisConfig {
     pub url: Spanned<String>,
@@ -75,7 +75,7 @@ impl Default for CacheConfig {
 
 /// SPEC §3 `routes[].cache`: `false` (or absent) turns caching off for the route, a
 /// map turns it on with these settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouteCacheConfig {
     pub ttl: Duration,
@@ -136,7 +136,7 @@ fn route_cache<'de, D: serde::Deserializer<'de>>(
 }
 
 /// SPEC §3 `shedding`: the load signal and the levels it moves through.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SheddingConfig {
     pub max_inflight: usize,
@@ -180,7 +180,7 @@ impl Default for SheddingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShedLevelConfig {
     pub above: Percent,
@@ -195,7 +195,7 @@ fn default_limit_scale() -> f64 {
 }
 
 /// How much a route matters when the gateway is overloaded (`critical` is never shed).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     Critical,
@@ -216,7 +216,7 @@ impl Priority {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: Vec<Spanned<String>>,
@@ -252,7 +252,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub listen: Spanned<String>,
@@ -260,7 +260,7 @@ pub struct TlsConfig {
     pub key: Spanned<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Spanned<String>,
@@ -277,7 +277,7 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub servers: Spanned<Vec<ServerEntry>>,
@@ -306,7 +306,7 @@ pub struct UpstreamConfig {
 }
 
 /// Active health checks per server (SPEC §3 `upstreams.*.health_check`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckConfig {
     pub path: Spanned<String>,
@@ -332,7 +332,7 @@ impl Default for HealthCheckConfig {
 }
 
 /// Passive outlier ejection per server (SPEC §3 `upstreams.*.outlier`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierConfig {
     pub consecutive_failures: u32,
@@ -351,7 +351,7 @@ impl Default for OutlierConfig {
 }
 
 /// SPEC §3 `upstreams.*.retry`; omitted keys take the SPEC's values.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     pub attempts: u32,
@@ -388,7 +388,7 @@ impl Default for RetryConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackoffConfig {
     pub base: Duration,
@@ -405,7 +405,7 @@ impl Default for BackoffConfig {
 }
 
 /// The waiting room in front of a full bulkhead.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub max: usize,
@@ -418,7 +418,7 @@ fn default_queue_timeout() -> Duration {
 }
 
 /// SPEC §3 `upstreams.*.circuit_breaker`; omitted keys take the SPEC's values.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitBreakerConfig {
     pub consecutive_failures: u32,
@@ -459,7 +459,7 @@ impl Default for CircuitBreakerConfig {
 }
 
 /// One entry of `failure_on`: a status code, or `5xx`, `connect_error`, `timeout`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum FailureCondition {
     Status(u16),
@@ -471,14 +471,14 @@ fn default_keepalive() -> usize {
 }
 
 /// One upstream server: `"127.0.0.1:3000"` or `{ addr: …, weight: 2, backup: true }`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct ServerEntry {
     pub addr: Spanned<String>,
     pub weight: u32,
     pub backup: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ServerEntryMap {
     addr: Spanned<String>,
@@ -535,7 +535,7 @@ impl<'de> Deserialize<'de> for ServerEntry {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     #[default]
@@ -546,7 +546,7 @@ pub enum Balance {
 }
 
 /// `tls: false`, `tls: true` or `tls: { sni, verify, ca }` towards the upstream servers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct UpstreamTls {
     pub enabled: bool,
     pub sni: Option<String>,
@@ -554,7 +554,7 @@ pub struct UpstreamTls {
     pub ca: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct UpstreamTlsMap {
     #[serde(default)]
@@ -598,7 +598,7 @@ impl<'de> Deserialize<'de> for UpstreamTls {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     pub connect: Duration,
@@ -618,7 +618,7 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: Spanned<String>,
@@ -640,7 +640,7 @@ pub struct RouteConfig {
 }
 
 /// What a route answers instead of 503 when its pool's circuit is open.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FallbackConfig {
     #[serde(default = "default_fallback_status")]
@@ -663,7 +663,7 @@ fn default_fallback_content_type() -> String {
     "application/json".into()
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
     pub path: Option<Spanned<String>>,
@@ -677,7 +677,8 @@ pub struct MatchConfig {
 }
 
 /// A route's target: one pool, or a weighted split `{ app: 95, app-v2: 5 }` for canaries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum UpstreamRef {
     Pool(String),
     Split(Vec<(String, u32)>),
@@ -711,7 +712,7 @@ impl<'de> Deserialize<'de> for UpstreamRef {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SloConfig {
     pub availability: Option<Percent>,
@@ -720,7 +721,7 @@ pub struct SloConfig {
 }
 
 /// One rate-limit rule (SPEC §3 `rate_limits`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitRule {
     pub name: Spanned<String>,
@@ -737,7 +738,7 @@ pub struct RateLimitRule {
 }
 
 /// `key: user` or `key: [user, route]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum RuleKey {
     One(String),
@@ -745,7 +746,8 @@ pub enum RuleKey {
 }
 
 /// `rate: 20/min` or per tier `rate: { free: 10/min, standard: 100/min }`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum RuleRate {
     One(crate::units::Rate),
     PerTier(BTreeMap<String, crate::units::Rate>),
@@ -773,7 +775,7 @@ impl<'de> Deserialize<'de> for RuleRate {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum When {
     #[default]
@@ -782,7 +784,7 @@ pub enum When {
     Authenticated,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitingConfig {
     pub backend: Spanned<Backend>,
@@ -807,7 +809,7 @@ impl Default for RateLimitingConfig {
 }
 
 /// Where buckets live: in this process, or in Redis so that replicas share them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     #[default]
@@ -816,7 +818,7 @@ pub enum Backend {
 }
 
 /// The shared bucket store (SPEC §3 `rate_limiting.redis`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     pub url: Option<Spanned<String>>,
@@ -833,7 +835,7 @@ fn default_redis_timeout() -> Duration {
 }
 
 /// What a request gets when Redis does not answer within `timeout`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnRedisError {
     /// This replica's own buckets decide (each replica then admits up to the full rate).
@@ -843,7 +845,7 @@ pub enum OnRedisError {
     Deny,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HeadersMode {
     #[default]
@@ -854,7 +856,7 @@ pub enum HeadersMode {
 }
 
 /// Who the user of a request is (SPEC §3 `identity`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     #[serde(default)]
@@ -873,7 +875,7 @@ fn default_tier() -> String {
     "free".to_string()
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OnInvalid {
     #[default]
@@ -881,7 +883,7 @@ pub enum OnInvalid {
     Anonymous,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeysConfig {
     #[serde(default = "default_api_key_header")]
@@ -897,7 +899,7 @@ fn default_api_key_header() -> Spanned<String> {
 }
 
 /// One API key, stored only as the sha256 of the raw key.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyEntry {
     pub sha256: Spanned<String>,
@@ -906,7 +908,7 @@ pub struct ApiKeyEntry {
     pub tier: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     #[serde(default = "default_jwt_header")]
@@ -953,7 +955,7 @@ fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessLogConfig {
     pub enabled: bool,

@@ -10,7 +10,7 @@
 
 mod shared;
 
-use crate::config::{Backend, HeadersMode, OnRedisError, When};
+use crate::config::{Backend, HeadersMode, OnRedisError, RuleRate, When};
 use crate::metrics::Metrics;
 use crate::problem::{whole_seconds, Code, Problem};
 use crate::units::Rate;
@@ -224,8 +224,31 @@ pub struct Rule {
     pub store: std::sync::Arc<Store>,
     /// What identifies the bucket set across reloads: a rule keeps its state when this
     /// is unchanged.
-    identity: String,
+    pub bucket_key: BucketKey,
     pub metrics: RuleMetrics,
+}
+
+/// What a rule's buckets count against: its key, rate and burst as written. A rule
+/// whose `BucketKey` is unchanged keeps its buckets across a reload; `policy::diff`
+/// reports the others as reset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketKey {
+    key: Vec<String>,
+    rate: RuleRate,
+    burst: Option<u32>,
+    /// The same, as text: what Redis bucket names are derived from, computed once.
+    text: String,
+}
+
+impl BucketKey {
+    fn new(key: &[&str], rate: &RuleRate, burst: Option<u32>) -> BucketKey {
+        BucketKey {
+            key: key.iter().map(|w| w.to_string()).collect(),
+            rate: rate.clone(),
+            burst,
+            text: format!("{key:?}|{rate:?}|{burst:?}"),
+        }
+    }
 }
 
 enum RuleRates {
@@ -275,7 +298,7 @@ impl RateLimits {
                 continue;
             };
             let Some(key) = rule.with_key(subject, |parts| {
-                shared::bucket_key(&rule.name, &rule.identity, parts)
+                shared::bucket_key(&rule.name, &rule.bucket_key.text, parts)
             }) else {
                 continue;
             };
@@ -531,12 +554,12 @@ pub fn compile(
                 )
                 .collect()
         });
-        let identity = format!("{:?}|{:?}|{:?}", words, r.rate.value, r.burst);
+        let bucket_key = BucketKey::new(&words, &r.rate.value, r.burst);
         let store = previous
             .and_then(|p| {
                 p.rules
                     .iter()
-                    .find(|old| &*old.name == name && old.identity == identity)
+                    .find(|old| &*old.name == name && old.bucket_key == bucket_key)
             })
             .map(|old| old.store.clone())
             .unwrap_or_else(|| std::sync::Arc::new(Store::new(settings.max_keys)));
@@ -548,7 +571,7 @@ pub fn compile(
             routes,
             shadow: r.shadow,
             store,
-            identity,
+            bucket_key,
             metrics: RuleMetrics::new(metrics, name),
         });
     }

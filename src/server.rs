@@ -255,7 +255,7 @@ pub fn check(path: &Path, against: Option<&Path>) -> Result<Vec<String>, Vec<Str
     };
     let new = policy::load(path, old.as_ref(), &metrics, &events).map_err(to_lines)?;
     Ok(match &old {
-        Some(old) => policy::diff(old, &new),
+        Some(old) => policy::PolicyDiff::between(old, &new).lines(),
         None => Vec::new(),
     })
 }

@@ -215,6 +215,23 @@ macro_rules! deserialize_from_scalar {
     };
 }
 
+/// Written back as the operator would write it (`5s`, `100/min`, `10MiB`, `50%`):
+/// what `check --against` and the reload event compare and show.
+macro_rules! serialize_as_text {
+    ($ty:ty) => {
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+    };
+}
+
+serialize_as_text!(Duration);
+serialize_as_text!(Rate);
+serialize_as_text!(Size);
+serialize_as_text!(Percent);
+
 deserialize_from_scalar!(Duration, "a duration such as `5s`");
 deserialize_from_scalar!(Rate, "a rate such as `100/min`");
 deserialize_from_scalar!(Size, "a size such as `10MiB`");

@@ -33,6 +33,14 @@ fn in_place_write_reloads_and_bumps_the_generation() {
     let events = gw.admin_json("/events");
     assert_eq!(events["events"][0]["kind"], "reload");
     assert_eq!(events["events"][0]["trigger"], "file_change");
+    // The event carries the change as data as well as lines.
+    let diff = &events["events"][0]["diff"];
+    assert_eq!(diff["upstreams"]["changed"], serde_json::json!(["app"]));
+    assert_eq!(diff["routes"]["changed"], serde_json::json!([]));
+    assert_eq!(
+        events["events"][0]["changes"],
+        serde_json::json!(["upstream `app` changed"])
+    );
     assert_eq!(gw.metric("tollgate_config_generation"), Some(2.0));
     assert_eq!(
         gw.metric("tollgate_config_reloads_total{result=\"success\"}"),

@@ -103,55 +103,29 @@ pub fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec<Config
                     generation: new.generation,
                 });
             }
-            let changes = policy::diff(&current, &new);
-            let gone_routes: Vec<String> = current
-                .routes
-                .iter()
-                .filter(|r| !new.routes.iter().any(|n| n.name == r.name))
-                .map(|r| r.name.to_string())
-                .collect();
-            let gone_pools: Vec<String> = current
-                .upstreams
-                .keys()
-                .filter(|k| !new.upstreams.contains_key(*k))
-                .cloned()
-                .collect();
-            let gone_rules: Vec<String> = current
-                .rate_limits
-                .rules
-                .iter()
-                .filter(|r| !new.rate_limits.rules.iter().any(|n| n.name == r.name))
-                .map(|r| r.name.to_string())
-                .collect();
-            let health_checked = |p: &crate::policy::Policy| -> Vec<(String, String)> {
-                p.upstreams
-                    .iter()
-                    .filter(|(_, pool)| pool.health_check.is_some())
-                    .flat_map(|(name, pool)| {
-                        pool.servers
-                            .iter()
-                            .map(move |s| (name.clone(), s.label.to_string()))
-                    })
-                    .collect()
-            };
-            let kept = health_checked(&new);
-            let gone_servers: Vec<(String, String)> = health_checked(&current)
-                .into_iter()
-                .filter(|s| !kept.contains(s))
-                .collect();
+            let diff = policy::PolicyDiff::between(&current, &new);
+            let changes = diff.lines();
             let generation = new.generation;
             metrics.config_generation.set(generation as i64);
             gateway.cache.configure(&new.cache);
             gateway.policy.store(Arc::new(new));
-            metrics.forget(&gone_routes, &gone_pools, &gone_rules, &gone_servers);
-            for change in changes.iter().filter(|c| c.contains("after a restart")) {
-                tracing::warn!(trigger = trigger.as_str(), "{change}");
+            metrics.forget(
+                &diff.routes.removed,
+                &diff.upstreams.removed,
+                &diff.rules.removed,
+                &diff.servers_removed,
+            );
+            for setting in &diff.restart_only {
+                tracing::warn!(
+                    trigger = trigger.as_str(),
+                    "{setting} changed: takes effect only after a restart"
+                );
             }
             tracing::info!(trigger = trigger.as_str(), generation, changes = ?changes, "policy reloaded");
             gateway.events.record(
                 "reload",
                 "policy reloaded",
-                json!({ "trigger": trigger.as_str(), "generation": generation, "changes": changes }),
+                json!({ "trigger": trigger.as_str(), "generation": generation, "changes": changes, "diff": diff }),
             );
             Ok(Outcome::Reloaded {
                 generation,

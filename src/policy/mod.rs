@@ -7,6 +7,10 @@
 //! SLO windows, metric handles) of the previous policy wherever their definition
 //! did not change.
 
+mod diff;
+
+pub use diff::{Difference, Moved, PolicyDiff, Reset};
+
 use crate::breaker::FailureOn;
 use crate::bulkhead::Bulkhead;
 use crate::config::{self, Config, ConfigError, Priority, SloConfig, UpstreamRef};
@@ -20,7 +24,7 @@ use crate::upstream::{HashOn, Pool, PoolSpec};
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -974,188 +978,6 @@ impl Compiler<'_> {
     }
 }
 
-/// What a reload from `old` to `new` changes, for `tollgate check --against` and the
-/// reload event: one line per added, removed or changed route or upstream.
-pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
-    let mut lines = Vec::new();
-    let describe_route = |r: &config::RouteConfig| {
-        format!(
-            "{:?} {:?} timeout={:?} strip_prefix={} slo={:?}",
-            r.matcher, r.upstream.value, r.timeout, r.strip_prefix, r.slo
-        )
-    };
-    let old_routes: HashMap<&str, (usize, &config::RouteConfig)> = old
-        .config
-        .routes
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.value.as_str(), (i, r)))
-        .collect();
-    let new_routes: HashMap<&str, (usize, &config::RouteConfig)> = new
-        .config
-        .routes
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.value.as_str(), (i, r)))
-        .collect();
-    for r in &new.config.routes {
-        let name = r.name.value.as_str();
-        match old_routes.get(name) {
-            None => lines.push(format!("route `{name}` added")),
-            Some((old_index, old_route)) => {
-                if describe_route(old_route) != describe_route(r) {
-                    lines.push(format!("route `{name}` changed"));
-                }
-                if *old_index != new_routes[name].0 {
-                    lines.push(format!(
-                        "route `{name}` moved from position {} to {}",
-                        old_index + 1,
-                        new_routes[name].0 + 1
-                    ));
-                }
-            }
-        }
-    }
-    for r in &old.config.routes {
-        if !new_routes.contains_key(r.name.value.as_str()) {
-            lines.push(format!("route `{}` removed", r.name.value));
-        }
-    }
-    let describe_pool = |u: &config::UpstreamConfig| {
-        format!(
-            "{:?} {:?} {:?} {:?} {:?} {}",
-            u.servers
-                .value
-                .iter()
-                .map(|s| (&s.addr.value, s.weight, s.backup))
-                .collect::<Vec<_>>(),
-            u.balance,
-            u.hash_on.as_ref().map(|h| &h.value),
-            u.tls,
-            u.timeouts,
-            u.keepalive
-        )
-    };
-    for (name, u) in &new.config.upstreams.value {
-        match old.config.upstreams.value.get(name) {
-            None => lines.push(format!("upstream `{name}` added")),
-            Some(old_u) if describe_pool(old_u) != describe_pool(u) => {
-                lines.push(format!("upstream `{name}` changed"))
-            }
-            Some(_) => {}
-        }
-    }
-    for name in old.config.upstreams.value.keys() {
-        if !new.config.upstreams.value.contains_key(name) {
-            lines.push(format!("upstream `{name}` removed"));
-        }
-    }
-    lines.extend(state_changes(old, new));
-    let restart_only = [
-        (old.server.listen != new.server.listen, "server.listen"),
-        (old.server.threads != new.server.threads, "server.threads"),
-        (old.admin.listen != new.admin.listen, "admin.listen"),
-        (
-            old.server.tls.as_ref().map(|t| (t.listen, &t.cert, &t.key))
-                != new.server.tls.as_ref().map(|t| (t.listen, &t.cert, &t.key)),
-            "server.tls",
-        ),
-    ];
-    for (changed, what) in restart_only {
-        if changed {
-            lines.push(format!("{what} changed: takes effect only after a restart"));
-        }
-    }
-    let settings = |p: &Policy| {
-        (
-            p.server.max_request_body,
-            p.server.trusted_proxies.clone(),
-            p.server.request_id_header.clone(),
-            p.server.response_headers.clone(),
-            p.server.shutdown_grace,
-            p.admin.token.is_some(),
-            (p.access_log.enabled, p.access_log.output.clone()),
-            (
-                p.server.idle_timeout,
-                p.server.header_timeout,
-                p.server.body_timeout,
-                p.server.allow_underscores_in_headers,
-            ),
-        )
-    };
-    if settings(old) != settings(new) {
-        lines.push("server, admin or access_log settings changed".to_string());
-    }
-    lines
-}
-
-/// Rate-limit rules added, removed and changed, and the state a reload from `old` to
-/// `new` starts afresh. `new` must have been compiled with `old` as its previous policy:
-/// state that is carried over is then the very same object, so what is reported as
-/// reset is exactly what the reload would reset.
-fn state_changes(old: &Policy, new: &Policy) -> Vec<String> {
-    let mut lines = Vec::new();
-    let rule_config = |p: &Policy, name: &str| {
-        p.config
-            .rate_limits
-            .iter()
-            .find(|r| r.name.value == name)
-            .map(|r| {
-                let routes: Option<Vec<&String>> = r
-                    .routes
-                    .as_ref()
-                    .map(|v| v.iter().map(|s| &s.value).collect());
-                format!(
-                    "{:?}|{:?}|{:?}|{:?}|{:?}|{}",
-                    r.key.value, r.rate.value, r.burst, r.when, routes, r.shadow
-                )
-            })
-    };
-    for rule in &new.rate_limits.rules {
-        let name = &*rule.name;
-        match old.rate_limits.rules.iter().find(|o| o.name == rule.name) {
-            None => lines.push(format!("rate-limit rule `{name}` added")),
-            Some(before) if !Arc::ptr_eq(&before.store, &rule.store) => lines.push(format!(
-                "rate-limit rule `{name}` changed: its key, rate or burst differ, so its limiter state is reset ({} tracked keys)",
-                before.store.len()
-            )),
-            Some(_) if rule_config(old, name) != rule_config(new, name) => lines.push(format!(
-                "rate-limit rule `{name}` changed; its limiter state is kept"
-            )),
-            Some(_) => {}
-        }
-    }
-    for rule in &old.rate_limits.rules {
-        if !new.rate_limits.rules.iter().any(|r| r.name == rule.name) {
-            lines.push(format!(
-                "rate-limit rule `{}` removed: its limiter state is dropped ({} tracked keys)",
-                rule.name,
-                rule.store.len()
-            ));
-        }
-    }
-    for (name, pool) in &new.upstreams {
-        let Some(before) = old.upstreams.get(name) else {
-            continue;
-        };
-        if let (Some(was), Some(is)) = (&before.breaker, &pool.breaker) {
-            if !Arc::ptr_eq(&was.breaker, &is.breaker) {
-                lines.push(format!(
-                    "upstream `{name}`: its circuit breaker starts afresh (closed)"
-                ));
-            }
-        }
-        if let (Some(was), Some(is)) = (&before.bulkhead, &pool.bulkhead) {
-            if !Arc::ptr_eq(was, is) {
-                lines.push(format!(
-                    "upstream `{name}`: its bulkhead starts afresh (requests in flight keep their slots in the old one)"
-                ));
-            }
-        }
-    }
-    lines
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1254,8 +1076,8 @@ routes:
             &new_pool.servers[1].state
         ));
         assert_eq!(
-            diff(&first, &changed),
-            vec!["upstream `app` changed".to_string()]
+            PolicyDiff::between(&first, &changed).lines(),
+            ["upstream `app` changed"]
         );
     }
 }
