@@ -11,7 +11,7 @@
 
 use crate::config::{CircuitBreakerConfig, FailureCondition};
 use crate::events::EventLog;
-use crate::metrics::Metrics;
+use crate::policy::compile::Compile;
 use crate::window::RollingPair;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
@@ -366,13 +366,13 @@ impl Observer for Report {
 /// Compiles a pool's `circuit_breaker`, keeping the previous breaker (and its state)
 /// when the pool's servers and the breaker settings are unchanged.
 pub fn compile(
+    cx: &mut Compile<'_>,
     pool: &str,
     config: &CircuitBreakerConfig,
     servers: &[Server],
     previous: Option<&PoolBreaker>,
-    metrics: &Metrics,
-    events: &Arc<EventLog>,
 ) -> PoolBreaker {
+    let (metrics, events) = (cx.metrics, cx.events);
     let settings = Settings {
         consecutive_failures: Some(config.consecutive_failures).filter(|&n| n > 0),
         failure_rate: Some(config.failure_rate.0).filter(|&r| r > 0.0),

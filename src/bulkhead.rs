@@ -3,6 +3,8 @@
 //! most the queue timeout, and the rest get 503 `bulkhead_full` at once. A slow pool
 //! then holds a bounded number of the gateway's connections instead of all of them.
 
+use crate::config;
+use crate::policy::compile::Compile;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +80,44 @@ impl Bulkhead {
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
     }
+}
+
+/// A pool's bulkhead, kept across a reload (with its in-flight count) while its
+/// limits are unchanged.
+pub(crate) fn compile(
+    cx: &mut Compile<'_>,
+    pool: &str,
+    u: &config::UpstreamConfig,
+    previous: Option<&Arc<Bulkhead>>,
+) -> Option<Arc<Bulkhead>> {
+    let Some(max) = &u.max_concurrent else {
+        if u.queue.is_some() {
+            cx.error(
+                &u.servers.referenced,
+                format!("upstream `{pool}`: queue needs max_concurrent"),
+            );
+        }
+        return None;
+    };
+    if max.value == 0 {
+        cx.error(&max.referenced, "max_concurrent must be at least 1");
+        return None;
+    }
+    let (queue_max, queue_timeout) = u
+        .queue
+        .as_ref()
+        .map_or((0, std::time::Duration::ZERO), |q| (q.max, q.timeout.0));
+    if let Some(previous) = previous.filter(|b| {
+        (b.max_concurrent, b.queue_max, b.queue_timeout) == (max.value, queue_max, queue_timeout)
+    }) {
+        return Some(previous.clone());
+    }
+    Some(Arc::new(Bulkhead::new(
+        max.value,
+        queue_max,
+        queue_timeout,
+        cx.metrics.bulkhead_rejections(pool),
+    )))
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! server, and a new server starts healthy (traffic is not refused before the first
 //! probe has run; its first probe is due at once).
 
+use crate::config;
+use crate::policy::compile::Compile;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,35 @@ pub fn parse_expect(text: &str) -> Result<(u16, u16), String> {
         return Err(bad());
     }
     Ok((low, high))
+}
+
+pub(crate) fn compile(cx: &mut Compile<'_>, h: &config::HealthCheckConfig) -> Option<HealthCheck> {
+    if !h.path.value.starts_with('/') {
+        cx.error(&h.path.referenced, "health_check path must start with /");
+        return None;
+    }
+    let expect = match crate::health::parse_expect(&h.expect.value) {
+        Ok(expect) => expect,
+        Err(e) => {
+            cx.error(&h.expect.referenced, e);
+            return None;
+        }
+    };
+    if h.interval.0.is_zero() || h.timeout.0.is_zero() {
+        cx.error(
+            &h.path.referenced,
+            "health_check interval and timeout must be above 0s",
+        );
+        return None;
+    }
+    Some(HealthCheck {
+        path: h.path.value.clone(),
+        interval: h.interval.0,
+        timeout: h.timeout.0,
+        healthy_after: h.healthy_after.max(1),
+        unhealthy_after: h.unhealthy_after.max(1),
+        expect,
+    })
 }
 
 #[cfg(test)]

@@ -6,13 +6,14 @@
 //! hash until it expires, so a client reusing its token pays the signature check once.
 
 use crate::config::{self, ApiKeyEntry, ConfigError, IdentityConfig, OnInvalid};
+use crate::policy::compile::Compile;
 use http::{HeaderMap, HeaderName};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,12 +194,9 @@ impl Jwt {
 
 /// Compiles the `identity` section, appending located errors to `errors`. Files it reads
 /// are appended to `read_files`, so that the reload watcher notices when they change.
-pub fn compile(
-    policy_path: &Path,
-    config: &IdentityConfig,
-    errors: &mut Vec<ConfigError>,
-    read_files: &mut Vec<PathBuf>,
-) -> Option<Identity> {
+pub fn compile(cx: &mut Compile<'_>, config: &IdentityConfig) -> Option<Identity> {
+    let policy_path = cx.path;
+    let (errors, read_files) = (&mut cx.errors, &mut cx.read_files);
     let errors_before = errors.len();
     let base = policy_path.parent().unwrap_or(Path::new("."));
     let err = |errors: &mut Vec<ConfigError>, at: &Location, message: String| {
@@ -434,18 +432,15 @@ fn load_jwks(path: &Path) -> Result<Vec<(Option<String>, DecodingKey)>, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
     use jsonwebtoken::{encode, EncodingKey, Header};
 
     fn identity(yaml: &str) -> Identity {
         let config: IdentityConfig = serde_saphyr::from_str(yaml).unwrap();
-        let mut errors = Vec::new();
-        let id = compile(
-            Path::new("gateway.yaml"),
-            &config,
-            &mut errors,
-            &mut Vec::new(),
-        );
-        assert!(errors.is_empty(), "{errors:?}");
+        let (metrics, events) = (Metrics::new(), Default::default());
+        let mut cx = Compile::new(Path::new("gateway.yaml"), &metrics, &events);
+        let id = compile(&mut cx, &config);
+        assert!(cx.errors.is_empty(), "{:?}", cx.errors);
         id.unwrap()
     }
 
@@ -562,8 +557,10 @@ mod tests {
     fn bad_hashes_are_located_errors() {
         let config: IdentityConfig =
             serde_saphyr::from_str("api_keys:\n  keys:\n    - { sha256: abc, user: x }\n").unwrap();
-        let mut errors = Vec::new();
-        assert!(compile(Path::new("g.yaml"), &config, &mut errors, &mut Vec::new()).is_none());
+        let (metrics, events) = (Metrics::new(), Default::default());
+        let mut cx = Compile::new(Path::new("g.yaml"), &metrics, &events);
+        assert!(compile(&mut cx, &config).is_none());
+        let errors = cx.errors;
         assert_eq!((errors[0].line, errors[0].column), (3, 17), "{}", errors[0]);
     }
 }

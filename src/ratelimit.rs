@@ -12,6 +12,7 @@ mod shared;
 
 use crate::config::{Backend, HeadersMode, OnRedisError, RuleRate, When};
 use crate::metrics::Metrics;
+use crate::policy::compile::Compile;
 use crate::problem::{whole_seconds, Code, Problem};
 use crate::units::Rate;
 use std::collections::HashMap;
@@ -467,14 +468,13 @@ fn narrowness(key: &[KeyPart]) -> u8 {
 /// Compiles `rate_limits`, taking over the bucket state of every rule of `previous`
 /// whose name, key and rates are unchanged.
 pub fn compile(
-    path: &std::path::Path,
+    cx: &mut Compile<'_>,
     rules: &[crate::config::RateLimitRule],
     settings: &crate::config::RateLimitingConfig,
     route_names: &[&str],
     previous: Option<&RateLimits>,
-    metrics: &Metrics,
-    errors: &mut Vec<crate::config::ConfigError>,
 ) -> RateLimits {
+    let (path, metrics, errors) = (cx.path, cx.metrics, &mut cx.errors);
     use crate::config::{ConfigError, RuleKey, RuleRate};
     let mut compiled = Vec::new();
     let mut names = std::collections::HashSet::new();

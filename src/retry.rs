@@ -7,6 +7,8 @@
 //! quiet pool can still retry (Finagle's and linkerd's retry budgets work this way).
 
 use crate::breaker::FailureOn;
+use crate::config;
+use crate::policy::compile::Compile;
 use crate::window::RollingPair;
 use http::Method;
 use std::time::Duration;
@@ -96,6 +98,42 @@ impl RetryPolicy {
             .min(self.backoff_max);
         ceiling.mul_f64(fastrand::f64())
     }
+}
+
+pub(crate) fn compile(
+    cx: &mut Compile<'_>,
+    pool: &str,
+    r: &config::RetryConfig,
+) -> Option<RetryPolicy> {
+    let on = match FailureOn::parse(&r.on.value) {
+        Ok(on) => on,
+        Err(e) => {
+            cx.error(&r.on.referenced, e.replace("failure_on", "retry.on"));
+            return None;
+        }
+    };
+    let mut methods = Vec::new();
+    for m in &r.methods {
+        match Method::from_bytes(m.value.to_ascii_uppercase().as_bytes()) {
+            Ok(method) => methods.push(method),
+            Err(_) => cx.error(
+                &m.referenced,
+                format!("`{}` is not an HTTP method", m.value),
+            ),
+        }
+    }
+    Some(RetryPolicy::new(
+        RetrySettings {
+            attempts: r.attempts,
+            on,
+            methods,
+            backoff_base: r.backoff.base.0,
+            backoff_max: r.backoff.max.0.max(r.backoff.base.0),
+            budget: r.budget.0,
+            min_retries_per_second: r.min_retries_per_second,
+        },
+        cx.metrics.retries(pool),
+    ))
 }
 
 #[cfg(test)]

@@ -3,9 +3,12 @@
 //! Matchers are compiled once per policy; matching borrows from the request and
 //! allocates nothing.
 
+use crate::config;
+use crate::policy::compile::Compile;
 use http::{HeaderName, HeaderValue, Method};
 use pingora::http::RequestHeader;
 use regex::Regex;
+use serde_saphyr::Location;
 
 #[derive(Debug)]
 pub enum PathMatch {
@@ -92,6 +95,85 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':')
         .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
         .map_or(host, |(name, _)| name)
+}
+
+pub(crate) fn compile(cx: &mut Compile<'_>, m: &config::MatchConfig) -> Option<RouteMatcher> {
+    let errors_before = cx.errors.len();
+    let given = [&m.path, &m.path_prefix, &m.path_regex];
+    let mut paths = given.iter().filter_map(|p| p.as_ref());
+    let path = match (
+        m.path.as_ref(),
+        m.path_prefix.as_ref(),
+        m.path_regex.as_ref(),
+    ) {
+        (None, None, None) => PathMatch::Any,
+        (Some(p), None, None) => PathMatch::Exact(p.value.clone()),
+        (None, Some(p), None) => PathMatch::Prefix(p.value.clone()),
+        (None, None, Some(p)) => match regex::Regex::new(&p.value) {
+            Ok(re) => PathMatch::Regex(re),
+            Err(e) => {
+                cx.error(&p.referenced, format!("invalid path_regex: {e}"));
+                PathMatch::Any
+            }
+        },
+        _ => {
+            let second = paths.nth(1).expect("two or more are set");
+            cx.error(
+                &second.referenced,
+                "use only one of path, path_prefix and path_regex",
+            );
+            PathMatch::Any
+        }
+    };
+    for p in [&m.path, &m.path_prefix].into_iter().flatten() {
+        if !p.value.starts_with('/') {
+            cx.error(
+                &p.referenced,
+                format!("path `{}` must start with '/'", p.value),
+            );
+        }
+    }
+    let mut methods = Vec::new();
+    for method in &m.methods {
+        match Method::from_bytes(method.value.to_ascii_uppercase().as_bytes()) {
+            Ok(parsed) => methods.push(parsed),
+            Err(_) => cx.error(
+                &method.referenced,
+                format!("`{}` is not an HTTP method", method.value),
+            ),
+        }
+    }
+    let host = m.host.as_ref().map(|h| {
+        if h.value.contains('*') && !h.value.starts_with("*.") || h.value.matches('*').count() > 1 {
+            cx.error(
+                &h.referenced,
+                format!(
+                    "host `{}`: a wildcard is only allowed as a leading `*.`",
+                    h.value
+                ),
+            );
+        }
+        HostMatch::parse(&h.value)
+    });
+    let mut headers = Vec::new();
+    for (name, value) in &m.headers {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            _ => cx.error(
+                &Location::UNKNOWN,
+                format!("match.headers: `{name}: {value}` is not a valid header"),
+            ),
+        }
+    }
+    (cx.errors.len() == errors_before).then_some(RouteMatcher {
+        path,
+        methods,
+        host,
+        headers,
+    })
 }
 
 #[cfg(test)]

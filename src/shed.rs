@@ -18,8 +18,10 @@
 //! priority it lists are answered with their fallback or 503 `overloaded`, and every
 //! rate limit is scaled by the level's `limit_scale`.
 
+use crate::config;
 use crate::config::Priority;
 use crate::histogram::Histogram;
+use crate::policy::compile::Compile;
 use crate::problem::{Code, Problem};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -431,6 +433,60 @@ fn cgroup_cpus() -> Option<f64> {
     };
     let quota = read("cpu.cfs_quota_us")?;
     (quota > 0.0).then(|| quota / read("cpu.cfs_period_us").unwrap_or(100_000.0))
+}
+
+pub(crate) fn compile(
+    cx: &mut Compile<'_>,
+    s: &config::SheddingConfig,
+) -> Option<crate::shed::Shedding> {
+    let levels: Vec<crate::shed::Level> = s
+        .levels
+        .value
+        .iter()
+        .map(|l| crate::shed::Level {
+            above: l.above.0,
+            shed: l.shed.clone(),
+            limit_scale: l.limit_scale,
+        })
+        .collect();
+    if levels.is_empty() || levels.len() > 8 {
+        cx.error(&s.levels.referenced, "shedding: define one to eight levels");
+        return None;
+    }
+    if levels.windows(2).any(|w| w[0].above >= w[1].above) {
+        cx.error(
+            &s.levels.referenced,
+            "shedding levels must be listed by rising `above`",
+        );
+        return None;
+    }
+    if levels
+        .iter()
+        .any(|l| !(l.limit_scale > 0.0 && l.limit_scale <= 1.0))
+    {
+        cx.error(
+            &s.levels.referenced,
+            "a level's limit_scale must be above 0 and at most 1",
+        );
+        return None;
+    }
+    if s.max_inflight == 0 {
+        cx.error(
+            &s.levels.referenced,
+            "shedding max_inflight must be at least 1",
+        );
+        return None;
+    }
+    Some(crate::shed::Shedding {
+        max_inflight: s.max_inflight,
+        latency_target: s.latency_target.map(|d| d.0),
+        cpu: s.cpu,
+        smoothing: s.smoothing.0,
+        levels,
+        margin: s.recover_below_margin.0,
+        hold: s.hold.0,
+        retry_after: s.retry_after.0,
+    })
 }
 
 #[cfg(test)]

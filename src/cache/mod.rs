@@ -27,11 +27,11 @@ pub use rfc9111::{
 pub use store::{Fresh, Selector, Store};
 
 use crate::config::{self, ConfigError, RouteCacheConfig};
+use crate::policy::compile::Compile;
 use crate::units;
 use http::{HeaderName, Method};
 use pingora::cache::{CacheOptionOverrides, CachePhase};
 use serde_saphyr::Location;
-use std::path::Path;
 use std::time::Duration;
 
 /// How long a request waits for another one filling the same key before it goes
@@ -86,11 +86,8 @@ impl Settings {
     }
 }
 
-pub fn compile_settings(
-    path: &Path,
-    c: &config::CacheConfig,
-    errors: &mut Vec<ConfigError>,
-) -> Option<Settings> {
+pub fn compile_settings(cx: &mut Compile<'_>, c: &config::CacheConfig) -> Option<Settings> {
+    let (path, errors) = (cx.path, &mut cx.errors);
     let mut ok = true;
     let mut error = |at: &Location, message: String| {
         errors.push(ConfigError::at(path, at, message));
@@ -149,12 +146,11 @@ pub fn compile_settings(
 }
 
 pub fn compile_route(
-    path: &Path,
+    cx: &mut Compile<'_>,
     route: &str,
     c: &RouteCacheConfig,
-    metrics: &crate::metrics::Metrics,
-    errors: &mut Vec<ConfigError>,
 ) -> Option<RouteCache> {
+    let (path, metrics, errors) = (cx.path, cx.metrics, &mut cx.errors);
     let before = errors.len();
     let vary = c
         .vary

@@ -237,8 +237,9 @@ mod tests {
     use std::path::Path;
 
     fn route_cache(c: RouteCacheConfig) -> RouteCache {
-        let metrics = crate::metrics::Metrics::new();
-        compile_route(Path::new("t.yaml"), "r", &c, &metrics, &mut Vec::new()).unwrap()
+        let (metrics, events) = (crate::metrics::Metrics::new(), Default::default());
+        let mut cx = crate::policy::compile::Compile::new(Path::new("t.yaml"), &metrics, &events);
+        compile_route(&mut cx, "r", &c).unwrap()
     }
 
     fn response(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {

@@ -7,25 +7,23 @@
 //! SLO windows, metric handles) of the previous policy wherever their definition
 //! did not change.
 
+pub mod compile;
 mod diff;
 
 pub use diff::{Difference, Moved, PolicyDiff, Reset};
 
-use crate::breaker::FailureOn;
-use crate::bulkhead::Bulkhead;
 use crate::config::{self, Config, ConfigError, Priority, SloConfig, UpstreamRef};
 use crate::events::EventLog;
-use crate::health::HealthCheck;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::retry::{RetryPolicy, RetrySettings};
-use crate::routing::{HostMatch, PathMatch, RouteMatcher};
+use crate::routing::RouteMatcher;
 use crate::slo::SloTracker;
-use crate::upstream::{HashOn, Pool, PoolSpec};
-use http::{HeaderName, HeaderValue, Method};
+use crate::upstream::Pool;
+use compile::Compile;
+use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -205,12 +203,8 @@ pub fn compile_text(
 ) -> Result<Policy, Vec<ConfigError>> {
     let config = config::parse(path, text).map_err(|e| vec![e])?;
     let mut policy = Compiler {
-        path,
-        errors: Vec::new(),
+        cx: Compile::new(path, metrics, events),
         previous,
-        metrics,
-        events,
-        read_files: Vec::new(),
     }
     .compile(config)?;
     policy.sha256 = crate::digest::fingerprint(text, &policy.read_files);
@@ -222,46 +216,16 @@ pub fn compile_text(
     Ok(policy)
 }
 
-/// Reads the PEM certificates of a CA bundle for verifying upstream servers.
-fn load_ca(path: &Path) -> Result<Arc<pingora::protocols::tls::CaType>, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut anchors = Vec::new();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("cannot read: {e}"))? {
-        let der = cert
-            .map_err(|e| format!("not a PEM certificate bundle: {e}"))?
-            .to_vec();
-        // Pingora's wrapper panics on DER it cannot parse: check first.
-        x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| format!("invalid certificate: {e}"))?;
-        anchors.push(pingora::utils::tls::WrappedX509::new(
-            der,
-            pingora::utils::tls::parse_x509,
-        ));
-    }
-    if anchors.is_empty() {
-        return Err("no certificate in the file".to_string());
-    }
-    Ok(Arc::from(anchors))
-}
-
+/// The sections in order, and the checks that span sections.
 struct Compiler<'a> {
-    path: &'a Path,
-    errors: Vec<ConfigError>,
+    cx: Compile<'a>,
     previous: Option<&'a Policy>,
-    metrics: &'a Metrics,
-    events: &'a Arc<EventLog>,
-    read_files: Vec<PathBuf>,
 }
 
 impl Compiler<'_> {
-    fn error(&mut self, at: &Location, message: impl Into<String>) {
-        self.errors.push(ConfigError::at(self.path, at, message));
-    }
-
     fn compile(mut self, config: Config) -> Result<Policy, Vec<ConfigError>> {
         if config.version.value != 1 {
-            self.error(
+            self.cx.error(
                 &config.version.referenced,
                 format!(
                     "unsupported version {}: this gateway reads version 1",
@@ -271,27 +235,33 @@ impl Compiler<'_> {
         }
         let server = self.server(&config.server);
         let admin = self.admin(&config.admin);
-        let upstreams = self.upstreams(&config.upstreams);
+        let upstreams = crate::upstream::compile(
+            &mut self.cx,
+            &config.upstreams,
+            self.previous.map(|p| &p.upstreams),
+        );
         let routes = self.routes(&config.routes, &upstreams);
-        let identity = config.identity.as_ref().and_then(|c| {
-            crate::identity::compile(self.path, c, &mut self.errors, &mut self.read_files)
-        });
+        let identity = config
+            .identity
+            .as_ref()
+            .and_then(|c| crate::identity::compile(&mut self.cx, c));
         let route_names: Vec<&str> = config
             .routes
             .iter()
             .map(|r| r.name.value.as_str())
             .collect();
         let rate_limits = crate::ratelimit::compile(
-            self.path,
+            &mut self.cx,
             &config.rate_limits,
             &config.rate_limiting,
             &route_names,
             self.previous.map(|p| &p.rate_limits),
-            self.metrics,
-            &mut self.errors,
         );
-        let shedding = config.shedding.as_ref().and_then(|s| self.shedding(s));
-        let cache = crate::cache::compile_settings(self.path, &config.cache, &mut self.errors);
+        let shedding = config
+            .shedding
+            .as_ref()
+            .and_then(|s| crate::shed::compile(&mut self.cx, s));
+        let cache = crate::cache::compile_settings(&mut self.cx, &config.cache);
         let access_log = AccessLog {
             enabled: config.access_log.enabled,
             redact: config
@@ -307,23 +277,23 @@ impl Compiler<'_> {
                     .access_log
                     .path
                     .as_deref()
-                    .map(|p| self.relative_path(p)),
+                    .map(|p| self.cx.relative_path(p)),
             },
         };
         if let (Some(server), Some(admin)) = (&server, &admin) {
             if server.listen.contains(&admin.listen) {
-                self.error(&config.admin.listen.referenced, "admin.listen must differ from server.listen: the admin API never shares the public listener");
+                self.cx.error(&config.admin.listen.referenced, "admin.listen must differ from server.listen: the admin API never shares the public listener");
             }
         }
-        if !self.errors.is_empty() {
-            return Err(self.errors);
+        if !self.cx.errors.is_empty() {
+            return Err(self.cx.errors);
         }
         Ok(Policy {
             // Both are set by `compile_text`, which knows the text and the read files.
             generation: 0,
             sha256: String::new(),
             loaded_at: SystemTime::now(),
-            source: self.path.to_path_buf(),
+            source: self.cx.path.to_path_buf(),
             server: server.expect("no errors means the section compiled"),
             admin: admin.expect("no errors means the section compiled"),
             routes,
@@ -333,52 +303,31 @@ impl Compiler<'_> {
             rate_limits,
             shedding,
             cache: cache.expect("no errors means the section compiled"),
-            read_files: self.read_files,
+            read_files: self.cx.read_files,
             config,
         })
     }
 
-    fn socket_addr(&mut self, text: &Spanned<String>, what: &str) -> Option<SocketAddr> {
-        match text.value.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => match text.value.to_socket_addrs().map(|mut a| a.next()) {
-                Ok(Some(addr)) => Some(addr),
-                _ => {
-                    self.error(
-                        &text.referenced,
-                        format!("{what} `{}` is not a valid host:port address", text.value),
-                    );
-                    None
-                }
-            },
-        }
-    }
-
-    fn relative_path(&self, file: &str) -> PathBuf {
-        let base = self.path.parent().unwrap_or(Path::new("."));
-        base.join(file)
-    }
-
     fn server(&mut self, s: &config::ServerConfig) -> Option<ServerSettings> {
-        let errors_before = self.errors.len();
+        let errors_before = self.cx.errors.len();
         let listen: Vec<SocketAddr> = s
             .listen
             .iter()
-            .filter_map(|l| self.socket_addr(l, "listen address"))
+            .filter_map(|l| self.cx.socket_addr(l, "listen address"))
             .collect();
         if s.listen.is_empty() {
-            self.error(
+            self.cx.error(
                 &Location::UNKNOWN,
                 "server.listen needs at least one address",
             );
         }
         let tls = s.tls.as_ref().and_then(|t| {
-            let listen = self.socket_addr(&t.listen, "TLS listen address")?;
-            let cert = self.relative_path(&t.cert.value);
-            let key = self.relative_path(&t.key.value);
+            let listen = self.cx.socket_addr(&t.listen, "TLS listen address")?;
+            let cert = self.cx.relative_path(&t.cert.value);
+            let key = self.cx.relative_path(&t.key.value);
             for (file, spanned) in [(&cert, &t.cert), (&key, &t.key)] {
                 if !file.is_file() {
-                    self.error(
+                    self.cx.error(
                         &spanned.referenced,
                         format!("cannot read `{}`", file.display()),
                     );
@@ -394,7 +343,7 @@ impl Compiler<'_> {
                 .or_else(|_| cidr.value.parse::<IpAddr>().map(IpNet::from));
             match parsed {
                 Ok(net) => trusted_proxies.push(net),
-                Err(_) => self.error(
+                Err(_) => self.cx.error(
                     &cidr.referenced,
                     format!("`{}` is not an IP address or CIDR range", cidr.value),
                 ),
@@ -403,7 +352,7 @@ impl Compiler<'_> {
         let request_id_header = match HeaderName::from_bytes(s.request_id_header.value.as_bytes()) {
             Ok(h) => Some(h),
             Err(_) => {
-                self.error(
+                self.cx.error(
                     &s.request_id_header.referenced,
                     format!("`{}` is not a valid header name", s.request_id_header.value),
                 );
@@ -417,7 +366,7 @@ impl Compiler<'_> {
                 HeaderValue::from_str(value),
             ) {
                 (Ok(n), Ok(v)) => response_headers.push((n, v)),
-                _ => self.error(
+                _ => self.cx.error(
                     &Location::UNKNOWN,
                     format!("server.response_headers: `{name}: {value}` is not a valid header"),
                 ),
@@ -428,7 +377,7 @@ impl Compiler<'_> {
             ("body_timeout", s.body_timeout.0),
         ] {
             if value.is_zero() {
-                self.error(
+                self.cx.error(
                     &Location::UNKNOWN,
                     format!("server.{name}: must be more than 0"),
                 );
@@ -439,7 +388,7 @@ impl Compiler<'_> {
         } else {
             s.threads
         };
-        (self.errors.len() == errors_before).then(|| ServerSettings {
+        (self.cx.errors.len() == errors_before).then(|| ServerSettings {
             listen,
             tls,
             threads,
@@ -456,151 +405,9 @@ impl Compiler<'_> {
     }
 
     fn admin(&mut self, a: &config::AdminConfig) -> Option<AdminSettings> {
-        let listen = self.socket_addr(&a.listen, "admin listen address")?;
+        let listen = self.cx.socket_addr(&a.listen, "admin listen address")?;
         let token = std::env::var(&a.token_env).ok().filter(|t| !t.is_empty());
         Some(AdminSettings { listen, token })
-    }
-
-    fn upstreams(
-        &mut self,
-        upstreams: &Spanned<BTreeMap<String, config::UpstreamConfig>>,
-    ) -> BTreeMap<String, Arc<Pool>> {
-        if upstreams.value.is_empty() {
-            self.error(&upstreams.referenced, "upstreams: define at least one pool");
-        }
-        let mut pools = BTreeMap::new();
-        for (name, u) in &upstreams.value {
-            if u.servers.value.is_empty() {
-                self.error(
-                    &u.servers.referenced,
-                    format!("upstream `{name}` has no servers"),
-                );
-                continue;
-            }
-            let mut servers = Vec::new();
-            let mut seen = HashSet::new();
-            for entry in &u.servers.value {
-                let Some(addr) = self.socket_addr(&entry.addr, "upstream server") else {
-                    continue;
-                };
-                if !seen.insert(addr) {
-                    self.error(
-                        &entry.addr.referenced,
-                        format!(
-                            "server `{}` is listed twice in upstream `{name}`",
-                            entry.addr.value
-                        ),
-                    );
-                }
-                if entry.weight == 0 {
-                    self.error(
-                        &entry.addr.referenced,
-                        "weight must be at least 1 (remove the server to take it out)",
-                    );
-                }
-                servers.push((
-                    addr,
-                    Arc::<str>::from(entry.addr.value.as_str()),
-                    entry.weight,
-                    entry.backup,
-                ));
-            }
-            if !servers.is_empty() && servers.iter().all(|s| s.3) {
-                self.error(
-                    &u.servers.referenced,
-                    format!(
-                        "upstream `{name}` has only backup servers: at least one must be a primary"
-                    ),
-                );
-            }
-            let hash_on = match (&u.hash_on, u.balance) {
-                (None, config::Balance::ConsistentHash) => Some(HashOn::Ip),
-                (None, _) => None,
-                (Some(h), balance) => {
-                    if balance != config::Balance::ConsistentHash {
-                        self.error(
-                            &h.referenced,
-                            "hash_on only applies with balance: consistent_hash",
-                        );
-                    }
-                    match h.value.as_str() {
-                        "ip" => Some(HashOn::Ip),
-                        "user" => Some(HashOn::User),
-                        "path" => Some(HashOn::Path),
-                        other => {
-                            match other
-                                .strip_prefix("header:")
-                                .map(|n| HeaderName::from_bytes(n.trim().as_bytes()))
-                            {
-                                Some(Ok(header)) => Some(HashOn::Header(header)),
-                                _ => {
-                                    self.error(&h.referenced, format!("hash_on `{other}`: expected ip, user, path or header:NAME"));
-                                    None
-                                }
-                            }
-                        }
-                    }
-                }
-            };
-            let ca = u.tls.ca.as_ref().and_then(|ca| {
-                load_ca(&self.relative_path(&ca.value))
-                    .map_err(|e| self.error(&ca.referenced, format!("tls.ca `{}`: {e}", ca.value)))
-                    .ok()
-            });
-            let previous = self.previous.and_then(|p| p.upstreams.get(name));
-            let failure_on = match &u.circuit_breaker {
-                Some(config) => FailureOn::parse(&config.failure_on.value)
-                    .map_err(|e| self.error(&config.failure_on.referenced, e))
-                    .unwrap_or_default(),
-                None => FailureOn::default(),
-            };
-            let breaker = u.circuit_breaker.as_ref().map(|config| {
-                crate::breaker::compile(
-                    name,
-                    config,
-                    &servers,
-                    previous.and_then(|p| p.breaker.as_ref()),
-                    self.metrics,
-                    self.events,
-                )
-            });
-            let bulkhead = self.bulkhead(name, u, previous.and_then(|p| p.bulkhead.as_ref()));
-            let health_check = u.health_check.as_ref().and_then(|h| self.health_check(h));
-            let retry = u.retry.as_ref().and_then(|r| self.retry(name, r));
-            let pool = Pool::build(
-                PoolSpec {
-                    name,
-                    ca,
-                    servers,
-                    balance: u.balance,
-                    hash_on,
-                    tls: &u.tls,
-                    timeouts: u.timeouts,
-                    keepalive: u.keepalive,
-                    breaker,
-                    bulkhead,
-                    failure_on,
-                    health_check,
-                    retry,
-                    outlier: u.outlier.as_ref().map(|o| crate::upstream::Outlier {
-                        consecutive_failures: o.consecutive_failures.max(1),
-                        eject_for: o.eject_for.0,
-                        max_ejected: o.max_ejected.0,
-                    }),
-                },
-                previous.map(|p| p.as_ref()),
-                self.metrics.upstream_duration(name),
-            );
-            if pool.health_check.is_some() {
-                for server in &pool.servers {
-                    self.metrics
-                        .server_healthy(name, &server.label)
-                        .set(i64::from(server.state.is_healthy()));
-                }
-            }
-            pools.insert(name.clone(), Arc::new(pool));
-        }
-        pools
     }
 
     fn routes(
@@ -617,20 +424,20 @@ impl Compiler<'_> {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
-                self.error(&r.name.referenced, format!("route name `{name}`: use letters, digits, '-', '_' or '.' (it becomes a metric label)"));
+                self.cx.error(&r.name.referenced, format!("route name `{name}`: use letters, digits, '-', '_' or '.' (it becomes a metric label)"));
             }
             if !names.insert(name.clone()) {
-                self.error(
+                self.cx.error(
                     &r.name.referenced,
                     format!("route name `{name}` is used twice"),
                 );
             }
-            let matcher = self.matcher(&r.matcher);
+            let matcher = crate::routing::compile(&mut self.cx, &r.matcher);
             let target = self.target(&r.upstream, pools);
             let strip_prefix = match (&r.matcher.path_prefix, r.strip_prefix) {
                 (Some(prefix), true) => Some(prefix.value.trim_end_matches('/').to_string()),
                 (None, true) => {
-                    self.error(
+                    self.cx.error(
                         &r.name.referenced,
                         format!("route `{name}`: strip_prefix needs match.path_prefix"),
                     );
@@ -649,11 +456,12 @@ impl Compiler<'_> {
             });
             let metrics = previous
                 .map(|old| old.metrics.clone())
-                .unwrap_or_else(|| Arc::new(self.metrics.route(name)));
+                .unwrap_or_else(|| Arc::new(self.cx.metrics.route(name)));
             let fallback = r.fallback.as_ref().and_then(|f| self.fallback(f));
-            let cache = r.cache.as_ref().and_then(|c| {
-                crate::cache::compile_route(self.path, name, c, self.metrics, &mut self.errors)
-            });
+            let cache = r
+                .cache
+                .as_ref()
+                .and_then(|c| crate::cache::compile_route(&mut self.cx, name, c));
             if let (Some(matcher), Some(target)) = (matcher, target) {
                 compiled.push(Route {
                     name: name.as_str().into(),
@@ -665,166 +473,16 @@ impl Compiler<'_> {
                     metrics,
                     fallback,
                     priority: r.priority,
-                    shed: self.metrics.shed_requests(name, r.priority.as_str()),
+                    shed: self.cx.metrics.shed_requests(name, r.priority.as_str()),
                     cache,
                 });
             }
         }
         if routes.is_empty() {
-            self.error(&Location::UNKNOWN, "routes: define at least one route");
+            self.cx
+                .error(&Location::UNKNOWN, "routes: define at least one route");
         }
         compiled
-    }
-
-    /// A pool's bulkhead, kept across a reload (with its in-flight count) while its
-    /// limits are unchanged.
-    fn bulkhead(
-        &mut self,
-        pool: &str,
-        u: &config::UpstreamConfig,
-        previous: Option<&Arc<Bulkhead>>,
-    ) -> Option<Arc<Bulkhead>> {
-        let Some(max) = &u.max_concurrent else {
-            if u.queue.is_some() {
-                self.error(
-                    &u.servers.referenced,
-                    format!("upstream `{pool}`: queue needs max_concurrent"),
-                );
-            }
-            return None;
-        };
-        if max.value == 0 {
-            self.error(&max.referenced, "max_concurrent must be at least 1");
-            return None;
-        }
-        let (queue_max, queue_timeout) = u
-            .queue
-            .as_ref()
-            .map_or((0, std::time::Duration::ZERO), |q| (q.max, q.timeout.0));
-        if let Some(previous) = previous.filter(|b| {
-            (b.max_concurrent, b.queue_max, b.queue_timeout)
-                == (max.value, queue_max, queue_timeout)
-        }) {
-            return Some(previous.clone());
-        }
-        Some(Arc::new(Bulkhead::new(
-            max.value,
-            queue_max,
-            queue_timeout,
-            self.metrics.bulkhead_rejections(pool),
-        )))
-    }
-
-    fn shedding(&mut self, s: &config::SheddingConfig) -> Option<crate::shed::Shedding> {
-        let levels: Vec<crate::shed::Level> = s
-            .levels
-            .value
-            .iter()
-            .map(|l| crate::shed::Level {
-                above: l.above.0,
-                shed: l.shed.clone(),
-                limit_scale: l.limit_scale,
-            })
-            .collect();
-        if levels.is_empty() || levels.len() > 8 {
-            self.error(&s.levels.referenced, "shedding: define one to eight levels");
-            return None;
-        }
-        if levels.windows(2).any(|w| w[0].above >= w[1].above) {
-            self.error(
-                &s.levels.referenced,
-                "shedding levels must be listed by rising `above`",
-            );
-            return None;
-        }
-        if levels
-            .iter()
-            .any(|l| !(l.limit_scale > 0.0 && l.limit_scale <= 1.0))
-        {
-            self.error(
-                &s.levels.referenced,
-                "a level's limit_scale must be above 0 and at most 1",
-            );
-            return None;
-        }
-        if s.max_inflight == 0 {
-            self.error(
-                &s.levels.referenced,
-                "shedding max_inflight must be at least 1",
-            );
-            return None;
-        }
-        Some(crate::shed::Shedding {
-            max_inflight: s.max_inflight,
-            latency_target: s.latency_target.map(|d| d.0),
-            cpu: s.cpu,
-            smoothing: s.smoothing.0,
-            levels,
-            margin: s.recover_below_margin.0,
-            hold: s.hold.0,
-            retry_after: s.retry_after.0,
-        })
-    }
-
-    fn retry(&mut self, pool: &str, r: &config::RetryConfig) -> Option<RetryPolicy> {
-        let on = match FailureOn::parse(&r.on.value) {
-            Ok(on) => on,
-            Err(e) => {
-                self.error(&r.on.referenced, e.replace("failure_on", "retry.on"));
-                return None;
-            }
-        };
-        let mut methods = Vec::new();
-        for m in &r.methods {
-            match Method::from_bytes(m.value.to_ascii_uppercase().as_bytes()) {
-                Ok(method) => methods.push(method),
-                Err(_) => self.error(
-                    &m.referenced,
-                    format!("`{}` is not an HTTP method", m.value),
-                ),
-            }
-        }
-        Some(RetryPolicy::new(
-            RetrySettings {
-                attempts: r.attempts,
-                on,
-                methods,
-                backoff_base: r.backoff.base.0,
-                backoff_max: r.backoff.max.0.max(r.backoff.base.0),
-                budget: r.budget.0,
-                min_retries_per_second: r.min_retries_per_second,
-            },
-            self.metrics.retries(pool),
-        ))
-    }
-
-    fn health_check(&mut self, h: &config::HealthCheckConfig) -> Option<HealthCheck> {
-        if !h.path.value.starts_with('/') {
-            self.error(&h.path.referenced, "health_check path must start with /");
-            return None;
-        }
-        let expect = match crate::health::parse_expect(&h.expect.value) {
-            Ok(expect) => expect,
-            Err(e) => {
-                self.error(&h.expect.referenced, e);
-                return None;
-            }
-        };
-        if h.interval.0.is_zero() || h.timeout.0.is_zero() {
-            self.error(
-                &h.path.referenced,
-                "health_check interval and timeout must be above 0s",
-            );
-            return None;
-        }
-        Some(HealthCheck {
-            path: h.path.value.clone(),
-            interval: h.interval.0,
-            timeout: h.timeout.0,
-            healthy_after: h.healthy_after.max(1),
-            unhealthy_after: h.unhealthy_after.max(1),
-            expect,
-        })
     }
 
     fn fallback(&mut self, f: &config::FallbackConfig) -> Option<Fallback> {
@@ -832,14 +490,14 @@ impl Compiler<'_> {
             .ok()
             .filter(|s| (200..600).contains(&s.as_u16()));
         let Some(status) = status else {
-            self.error(
+            self.cx.error(
                 &f.status.referenced,
                 format!("fallback status {} is not 200-599", f.status.value),
             );
             return None;
         };
         let Ok(content_type) = HeaderValue::from_str(&f.content_type) else {
-            self.error(
+            self.cx.error(
                 &f.status.referenced,
                 "fallback content_type is not a valid header value",
             );
@@ -852,87 +510,6 @@ impl Compiler<'_> {
         })
     }
 
-    fn matcher(&mut self, m: &config::MatchConfig) -> Option<RouteMatcher> {
-        let errors_before = self.errors.len();
-        let given = [&m.path, &m.path_prefix, &m.path_regex];
-        let mut paths = given.iter().filter_map(|p| p.as_ref());
-        let path = match (
-            m.path.as_ref(),
-            m.path_prefix.as_ref(),
-            m.path_regex.as_ref(),
-        ) {
-            (None, None, None) => PathMatch::Any,
-            (Some(p), None, None) => PathMatch::Exact(p.value.clone()),
-            (None, Some(p), None) => PathMatch::Prefix(p.value.clone()),
-            (None, None, Some(p)) => match regex::Regex::new(&p.value) {
-                Ok(re) => PathMatch::Regex(re),
-                Err(e) => {
-                    self.error(&p.referenced, format!("invalid path_regex: {e}"));
-                    PathMatch::Any
-                }
-            },
-            _ => {
-                let second = paths.nth(1).expect("two or more are set");
-                self.error(
-                    &second.referenced,
-                    "use only one of path, path_prefix and path_regex",
-                );
-                PathMatch::Any
-            }
-        };
-        for p in [&m.path, &m.path_prefix].into_iter().flatten() {
-            if !p.value.starts_with('/') {
-                self.error(
-                    &p.referenced,
-                    format!("path `{}` must start with '/'", p.value),
-                );
-            }
-        }
-        let mut methods = Vec::new();
-        for method in &m.methods {
-            match Method::from_bytes(method.value.to_ascii_uppercase().as_bytes()) {
-                Ok(parsed) => methods.push(parsed),
-                Err(_) => self.error(
-                    &method.referenced,
-                    format!("`{}` is not an HTTP method", method.value),
-                ),
-            }
-        }
-        let host = m.host.as_ref().map(|h| {
-            if h.value.contains('*') && !h.value.starts_with("*.")
-                || h.value.matches('*').count() > 1
-            {
-                self.error(
-                    &h.referenced,
-                    format!(
-                        "host `{}`: a wildcard is only allowed as a leading `*.`",
-                        h.value
-                    ),
-                );
-            }
-            HostMatch::parse(&h.value)
-        });
-        let mut headers = Vec::new();
-        for (name, value) in &m.headers {
-            match (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                (Ok(n), Ok(v)) => headers.push((n, v)),
-                _ => self.error(
-                    &Location::UNKNOWN,
-                    format!("match.headers: `{name}: {value}` is not a valid header"),
-                ),
-            }
-        }
-        (self.errors.len() == errors_before).then_some(RouteMatcher {
-            path,
-            methods,
-            host,
-            headers,
-        })
-    }
-
     fn target(
         &mut self,
         upstream: &Spanned<UpstreamRef>,
@@ -942,7 +519,7 @@ impl Compiler<'_> {
             Some(pool) => Some(pool.clone()),
             None => {
                 let known: Vec<&str> = pools.keys().map(String::as_str).collect();
-                this.error(
+                this.cx.error(
                     &upstream.referenced,
                     format!("unknown upstream `{name}` (defined: {})", known.join(", ")),
                 );
@@ -953,7 +530,7 @@ impl Compiler<'_> {
             UpstreamRef::Pool(name) => lookup(name, self).map(Target::Pool),
             UpstreamRef::Split(split) => {
                 if split.is_empty() {
-                    self.error(
+                    self.cx.error(
                         &upstream.referenced,
                         "a weighted split needs at least one upstream",
                     );
@@ -966,7 +543,7 @@ impl Compiler<'_> {
                     out.push((lookup(name, self)?, cumulative));
                 }
                 if cumulative == 0 {
-                    self.error(
+                    self.cx.error(
                         &upstream.referenced,
                         "the weights of a split must not all be 0",
                     );
