@@ -30,16 +30,16 @@ const TICK: Duration = Duration::from_millis(20);
 
 /// Where and how the writer writes; read from the policy in force at every tick.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Output {
-    pub buffer: usize,
-    pub flush: Duration,
+pub(crate) struct Output {
+    pub(crate) buffer: usize,
+    pub(crate) flush: Duration,
     /// `None`: standard output.
-    pub path: Option<PathBuf>,
+    pub(crate) path: Option<PathBuf>,
 }
 
 /// The request side of the log: cheap to clone, never blocks.
 #[derive(Clone)]
-pub struct Sink {
+pub(crate) struct Sink {
     lines: SyncSender<Vec<u8>>,
     dropped: IntCounter,
     control: Arc<Control>,
@@ -54,7 +54,7 @@ struct Control {
 
 impl Sink {
     /// Starts the writer thread. `output` tells it, at every tick, where to write.
-    pub fn start(
+    pub(crate) fn start(
         dropped: IntCounter,
         output: impl Fn() -> Output + Send + 'static,
     ) -> std::io::Result<Sink> {
@@ -80,24 +80,24 @@ impl Sink {
     }
 
     /// Queues one line; drops (and counts) it when the queue is full.
-    pub fn send(&self, line: Vec<u8>) {
+    pub(crate) fn send(&self, line: Vec<u8>) {
         match self.lines.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
 
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.dropped.get()
     }
 
     /// Reopens `access_log.path` at the next tick (logrotate's `postrotate`).
-    pub fn reopen(&self) {
+    pub(crate) fn reopen(&self) {
         self.control.reopen.store(true, Ordering::Relaxed);
     }
 
     /// Writes everything queued so far; waits at most `timeout`. For a clean stop.
-    pub fn flush(&self, timeout: Duration) -> bool {
+    pub(crate) fn flush(&self, timeout: Duration) -> bool {
         let (done, wait) = mpsc::channel();
         self.control
             .flushes

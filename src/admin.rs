@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub struct Admin {
-    pub gateway: Arc<Gateway>,
+pub(crate) struct Admin {
+    pub(crate) gateway: Arc<Gateway>,
 }
 
 struct Reply {

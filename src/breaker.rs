@@ -19,20 +19,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub consecutive_failures: Option<u32>,
+pub(crate) struct Settings {
+    pub(crate) consecutive_failures: Option<u32>,
     /// Share of failures (0..=1) that opens the breaker, with `min_requests` and `window`.
-    pub failure_rate: Option<f64>,
-    pub min_requests: u32,
-    pub window: Duration,
-    pub open_for: Duration,
-    pub max_open_for: Duration,
-    pub half_open_requests: u32,
-    pub success_threshold: u32,
+    pub(crate) failure_rate: Option<f64>,
+    pub(crate) min_requests: u32,
+    pub(crate) window: Duration,
+    pub(crate) open_for: Duration,
+    pub(crate) max_open_for: Duration,
+    pub(crate) half_open_requests: u32,
+    pub(crate) success_threshold: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     Closed = 0,
     HalfOpen = 1,
     Open = 2,
@@ -47,7 +47,7 @@ impl State {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Closed => "closed",
             State::HalfOpen => "half_open",
@@ -57,7 +57,7 @@ impl State {
 }
 
 /// What the breaker reports when it changes state (metrics, log, events).
-pub trait Observer: Send + Sync {
+pub(crate) trait Observer: Send + Sync {
     fn transition(&self, to: State, open_for: Option<Duration>);
 }
 
@@ -69,7 +69,7 @@ struct Transitions {
     half_open_successes: u32,
 }
 
-pub struct Breaker {
+pub(crate) struct Breaker {
     settings: Settings,
     state: AtomicU8,
     consecutive_failures: AtomicU32,
@@ -82,20 +82,20 @@ pub struct Breaker {
 /// Permission for one request to reach the pool; record its outcome with
 /// [`Ticket::record`]. A ticket dropped unrecorded (the client went away) counts as
 /// neither success nor failure.
-pub struct Ticket {
+pub(crate) struct Ticket {
     breaker: Arc<Breaker>,
     trial: bool,
 }
 
 /// Why a request may not reach the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rejected {
+pub(crate) struct Rejected {
     /// Until the breaker lets trials through again.
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
 }
 
 impl Breaker {
-    pub fn new(settings: Settings, observer: Box<dyn Observer>) -> Arc<Breaker> {
+    pub(crate) fn new(settings: Settings, observer: Box<dyn Observer>) -> Arc<Breaker> {
         let window = settings.window;
         Arc::new(Breaker {
             transitions: Mutex::new(Transitions {
@@ -112,21 +112,17 @@ impl Breaker {
         })
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
-    pub fn state(&self) -> State {
+    pub(crate) fn state(&self) -> State {
         State::from_u8(self.state.load(Ordering::Acquire))
     }
 
     /// Whether a request now would be turned away without a trial: the circuit is open
     /// and its open period has not run out.
-    pub fn rejects_now(&self) -> bool {
+    pub(crate) fn rejects_now(&self) -> bool {
         self.state() == State::Open && crate::clock::millis() < self.lock().open_until
     }
 
-    pub fn admit(self: &Arc<Self>) -> Result<Ticket, Rejected> {
+    pub(crate) fn admit(self: &Arc<Self>) -> Result<Ticket, Rejected> {
         self.admit_at(crate::clock::millis())
     }
 
@@ -240,11 +236,7 @@ impl Breaker {
 }
 
 impl Ticket {
-    pub fn is_trial(&self) -> bool {
-        self.trial
-    }
-
-    pub fn record(mut self, failure: bool) {
+    pub(crate) fn record(mut self, failure: bool) {
         let trial = std::mem::take(&mut self.trial);
         self.breaker
             .record_at(trial, failure, crate::clock::millis());
@@ -263,19 +255,19 @@ impl Drop for Ticket {
 /// Which upstream outcomes count as failures (`failure_on`), for the pool's breaker
 /// and its outlier ejection alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailureOn {
+pub(crate) struct FailureOn {
     statuses: Vec<u16>,
     any_5xx: bool,
-    pub connect_error: bool,
-    pub timeout: bool,
+    pub(crate) connect_error: bool,
+    pub(crate) timeout: bool,
 }
 
 impl FailureOn {
-    pub fn status(&self, status: u16) -> bool {
+    pub(crate) fn status(&self, status: u16) -> bool {
         (self.any_5xx && (500..600).contains(&status)) || self.statuses.contains(&status)
     }
 
-    pub fn parse(conditions: &[FailureCondition]) -> Result<FailureOn, String> {
+    pub(crate) fn parse(conditions: &[FailureCondition]) -> Result<FailureOn, String> {
         let mut on = FailureOn {
             statuses: Vec::new(),
             any_5xx: false,
@@ -318,14 +310,14 @@ impl Default for FailureOn {
 }
 
 /// A pool's breaker. `key` decides whether a reload keeps its state.
-pub struct PoolBreaker {
-    pub breaker: Arc<Breaker>,
+pub(crate) struct PoolBreaker {
+    pub(crate) breaker: Arc<Breaker>,
     key: BreakerKey,
 }
 
 /// A pool server as the breaker sees it: address, the address as written, weight and
 /// whether it is a backup.
-pub type Server = (SocketAddr, Arc<str>, u32, bool);
+pub(crate) type Server = (SocketAddr, Arc<str>, u32, bool);
 
 /// What a breaker watches: a reload that keeps the pool's servers and the breaker
 /// settings keeps the breaker and its state.
@@ -365,7 +357,7 @@ impl Observer for Report {
 
 /// Compiles a pool's `circuit_breaker`, keeping the previous breaker (and its state)
 /// when the pool's servers and the breaker settings are unchanged.
-pub fn compile(
+pub(crate) fn compile(
     cx: &mut Compile<'_>,
     pool: &str,
     config: &CircuitBreakerConfig,

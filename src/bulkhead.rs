@@ -11,18 +11,18 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug)]
-pub struct Bulkhead {
-    pub max_concurrent: usize,
-    pub queue_max: usize,
-    pub queue_timeout: Duration,
+pub(crate) struct Bulkhead {
+    pub(crate) max_concurrent: usize,
+    pub(crate) queue_max: usize,
+    pub(crate) queue_timeout: Duration,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
-    pub rejections: prometheus::IntCounter,
+    pub(crate) rejections: prometheus::IntCounter,
 }
 
 /// Why a request did not get a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Full {
+pub(crate) enum Full {
     QueueFull,
     QueueTimeout,
 }
@@ -37,7 +37,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl Bulkhead {
-    pub fn new(
+    pub(crate) fn new(
         max_concurrent: usize,
         queue_max: usize,
         queue_timeout: Duration,
@@ -54,7 +54,7 @@ impl Bulkhead {
     }
 
     /// A slot held until the permit is dropped (the request's end).
-    pub async fn enter(&self) -> Result<OwnedSemaphorePermit, Full> {
+    pub(crate) async fn enter(&self) -> Result<OwnedSemaphorePermit, Full> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
@@ -73,11 +73,11 @@ impl Bulkhead {
         }
     }
 
-    pub fn inflight(&self) -> usize {
+    pub(crate) fn inflight(&self) -> usize {
         self.max_concurrent - self.slots.available_permits()
     }
 
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
     }
 }

@@ -5,11 +5,11 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 /// Nanoseconds since the clock's first use in this process.
-pub fn nanos() -> u64 {
+pub(crate) fn nanos() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
-pub fn millis() -> u64 {
+pub(crate) fn millis() -> u64 {
     nanos() / 1_000_000
 }

@@ -37,10 +37,10 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The listener's app: hands each connection to the HTTP/1 app (which also serves
 /// HTTP/2 negotiated by TLS ALPN) or, when it starts with the HTTP/2 preface, to the
 /// h2c app.
-pub struct Connections<A> {
-    pub http1: Arc<A>,
-    pub h2c: Arc<A>,
-    pub gateway: Arc<Gateway>,
+pub(crate) struct Connections<A> {
+    pub(crate) http1: Arc<A>,
+    pub(crate) h2c: Arc<A>,
+    pub(crate) gateway: Arc<Gateway>,
 }
 
 #[async_trait]
@@ -103,7 +103,7 @@ const PAST_HEAD: u8 = 2;
 /// A client connection: the bytes protocol detection read ahead, served first, then the
 /// socket; on HTTP/1, the head deadline.
 #[derive(Debug)]
-pub struct ClientStream {
+pub(crate) struct ClientStream {
     inner: Stream,
     read_ahead: Vec<u8>,
     replayed: usize,
@@ -191,14 +191,14 @@ fn client_stream(session: &pingora::proxy::Session) -> Option<&ClientStream> {
 }
 
 /// The request head has been read: the head deadline stops.
-pub fn head_complete(session: &pingora::proxy::Session) {
+pub(crate) fn head_complete(session: &pingora::proxy::Session) {
     if let Some(stream) = client_stream(session) {
         stream.set_phase(PAST_HEAD);
     }
 }
 
 /// The request is answered: the next bytes start the next head.
-pub fn request_done(session: &pingora::proxy::Session) {
+pub(crate) fn request_done(session: &pingora::proxy::Session) {
     if let Some(stream) = client_stream(session) {
         stream.set_phase(IDLE);
     }

@@ -4,7 +4,7 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
 /// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for byte in bytes {
@@ -15,12 +15,12 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// SHA-256 of `text`, in hex: how API keys are written in the policy.
-pub fn sha256_hex(text: &str) -> String {
+pub(crate) fn sha256_hex(text: &str) -> String {
     hex(&Sha256::digest(text.as_bytes()))
 }
 
 /// The content hash of a policy: its text and every file it reads.
-pub fn fingerprint(text: &str, read_files: &[PathBuf]) -> String {
+pub(crate) fn fingerprint(text: &str, read_files: &[PathBuf]) -> String {
     let mut hash = Sha256::new();
     hash.update(text.as_bytes());
     for file in read_files {

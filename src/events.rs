@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-pub const CAPACITY: usize = 1_000;
+pub(crate) const CAPACITY: usize = 1_000;
 
 #[derive(Default)]
 pub struct EventLog {
@@ -16,7 +16,7 @@ pub struct EventLog {
 
 impl EventLog {
     /// Records an event of `kind` (e.g. `reload`) with its own fields.
-    pub fn record(&self, kind: &str, message: &str, details: Value) {
+    pub(crate) fn record(&self, kind: &str, message: &str, details: Value) {
         let mut event = json!({
             "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             "kind": kind,
@@ -33,7 +33,7 @@ impl EventLog {
     }
 
     /// Newest first.
-    pub fn snapshot(&self) -> Vec<Value> {
+    pub(crate) fn snapshot(&self) -> Vec<Value> {
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         events.iter().cloned().collect()
     }

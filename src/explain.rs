@@ -17,7 +17,7 @@ use std::net::IpAddr;
 /// client address comes from `X-Forwarded-For` in `headers`, as for a real request.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Described {
+pub(crate) struct Described {
     #[serde(default = "default_method")]
     method: String,
     path: String,
@@ -32,7 +32,7 @@ fn default_method() -> String {
 }
 
 /// Explains `body` (JSON of [`Described`]); `Err` says what is wrong with the body.
-pub async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, String> {
+pub(crate) async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, String> {
     let described: Described =
         serde_json::from_slice(body).map_err(|e| format!("request description: {e}"))?;
     let method = http::Method::from_bytes(described.method.as_bytes())

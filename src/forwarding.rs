@@ -44,7 +44,7 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 /// existing chain is extended; from anyone else client-supplied values are replaced,
 /// and `Forwarded` and `X-Real-IP` removed, so a spoofed client address never reaches
 /// the application.
-pub fn set_forwarded_headers(
+pub(crate) fn set_forwarded_headers(
     upstream: &mut RequestHeader,
     peer: IpAddr,
     peer_trusted: bool,
@@ -105,13 +105,13 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 46]) -> &str {
 
 /// A request id from the client is kept when it is a sane token (visible ASCII, at
 /// most 128 bytes); otherwise a new one replaces it.
-pub fn acceptable_request_id(value: &http::HeaderValue) -> bool {
+pub(crate) fn acceptable_request_id(value: &http::HeaderValue) -> bool {
     let bytes = value.as_bytes();
     !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
 /// 32 lowercase hex digits of randomness (a UUID's worth), without allocating.
-pub fn new_request_id() -> http::HeaderValue {
+pub(crate) fn new_request_id() -> http::HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
     let mut bits = fastrand::u128(..);
@@ -314,7 +314,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// to the client: the standard ones and any the upstream's `Connection` names. (A
 /// switching-protocols answer keeps them: the upgrade needs `Connection`/`Upgrade`.)
 /// One pass over the names, no allocation, when there are none (the usual case).
-pub fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
+pub(crate) fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
     if !headers.keys().any(is_hop_by_hop) {
         return Vec::new();
     }

@@ -12,18 +12,18 @@ use crate::policy::compile::Compile;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthCheck {
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy_after: u32,
-    pub unhealthy_after: u32,
+pub(crate) struct HealthCheck {
+    pub(crate) path: String,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) healthy_after: u32,
+    pub(crate) unhealthy_after: u32,
     /// Inclusive status range that passes.
-    pub expect: (u16, u16),
+    pub(crate) expect: (u16, u16),
 }
 
 /// Parses `expect`: one status (`"200"`) or an inclusive range (`"200-399"`).
-pub fn parse_expect(text: &str) -> Result<(u16, u16), String> {
+pub(crate) fn parse_expect(text: &str) -> Result<(u16, u16), String> {
     let bad = || format!("expect `{text}`: write a status or a range such as \"200-399\"");
     let (low, high) = match text.split_once('-') {
         Some((low, high)) => (low.trim(), high.trim()),

@@ -6,11 +6,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub const BUCKETS: usize = 64;
+pub(crate) const BUCKETS: usize = 64;
 const FIRST_BOUND_US: f64 = 50.0;
 const GROWTH: f64 = 1.2592;
 
-pub struct Histogram {
+pub(crate) struct Histogram {
     buckets: [AtomicU64; BUCKETS],
 }
 
@@ -23,28 +23,28 @@ impl Default for Histogram {
 }
 
 /// Counts per bucket, summed or drained from [`Histogram`]s.
-pub type Counts = [u64; BUCKETS];
+pub(crate) type Counts = [u64; BUCKETS];
 
 impl Histogram {
-    pub fn record(&self, latency: Duration) {
+    pub(crate) fn record(&self, latency: Duration) {
         self.buckets[bucket_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         for b in &self.buckets {
             b.store(0, Ordering::Relaxed);
         }
     }
 
     /// Adds this histogram's counts to `into`.
-    pub fn add_to(&self, into: &mut Counts) {
+    pub(crate) fn add_to(&self, into: &mut Counts) {
         for (sum, b) in into.iter_mut().zip(&self.buckets) {
             *sum += b.load(Ordering::Relaxed);
         }
     }
 
     /// Takes the counts recorded since the last drain.
-    pub fn drain(&self) -> Counts {
+    pub(crate) fn drain(&self) -> Counts {
         std::array::from_fn(|i| self.buckets[i].swap(0, Ordering::Relaxed))
     }
 }
@@ -65,7 +65,7 @@ fn bucket_upper_bound(bucket: usize) -> Duration {
 
 /// The upper bound of the bucket holding the q-quantile (an over-estimate of at most
 /// one bucket width, ~26 %); `None` without samples.
-pub fn quantile(counts: &Counts, q: f64) -> Option<Duration> {
+pub(crate) fn quantile(counts: &Counts, q: f64) -> Option<Duration> {
     let total: u64 = counts.iter().sum();
     if total == 0 {
         return None;

@@ -18,25 +18,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, PartialEq, Eq)]
-pub struct Principal {
-    pub user: Arc<str>,
-    pub tier: Arc<str>,
+pub(crate) struct Principal {
+    pub(crate) user: Arc<str>,
+    pub(crate) tier: Arc<str>,
 }
 
 #[derive(Debug)]
-pub enum Resolution {
+pub(crate) enum Resolution {
     Anonymous,
     User(Arc<Principal>),
     /// Credentials were presented and are not valid: the reason, for the 401 detail.
     Invalid(&'static str),
 }
 
-pub struct Identity {
+pub(crate) struct Identity {
     api_keys: Option<ApiKeys>,
     jwt: Option<Jwt>,
     trusted_user_header: Option<HeaderName>,
-    pub on_invalid: OnInvalid,
-    pub default_tier: Arc<str>,
+    pub(crate) on_invalid: OnInvalid,
+    pub(crate) default_tier: Arc<str>,
 }
 
 struct ApiKeys {
@@ -60,7 +60,7 @@ const TOKEN_CACHE_TTL: Duration = Duration::from_secs(300);
 
 impl Identity {
     /// Resolves the request's user. `peer_trusted` gates `trusted_user_header`.
-    pub fn resolve(&self, headers: &HeaderMap, peer_trusted: bool) -> Resolution {
+    pub(crate) fn resolve(&self, headers: &HeaderMap, peer_trusted: bool) -> Resolution {
         if let Some(keys) = &self.api_keys {
             if let Some(key) = headers.get(&keys.header) {
                 let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
@@ -97,7 +97,7 @@ impl Identity {
     }
 
     /// Whether a rejected credential was a bearer token (the 401 then says so).
-    pub fn uses_bearer_tokens(&self) -> bool {
+    pub(crate) fn uses_bearer_tokens(&self) -> bool {
         self.jwt.is_some()
     }
 }
@@ -194,7 +194,7 @@ impl Jwt {
 
 /// Compiles the `identity` section, appending located errors to `errors`. Files it reads
 /// are appended to `read_files`, so that the reload watcher notices when they change.
-pub fn compile(cx: &mut Compile<'_>, config: &IdentityConfig) -> Option<Identity> {
+pub(crate) fn compile(cx: &mut Compile<'_>, config: &IdentityConfig) -> Option<Identity> {
     let policy_path = cx.path;
     let (errors, read_files) = (&mut cx.errors, &mut cx.read_files);
     let errors_before = errors.len();

@@ -12,8 +12,8 @@
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-pub const INJECTED: &str = "tollgate.io/injected";
-pub const SIDECAR_LABEL: &str = "tollgate.io/sidecar";
+pub(crate) const INJECTED: &str = "tollgate.io/injected";
+pub(crate) const SIDECAR_LABEL: &str = "tollgate.io/sidecar";
 /// The ports the gateway prefers, as in the chart; the next free ones are taken when the
 /// pod already uses them.
 const GATEWAY_PORT: u16 = 8080;

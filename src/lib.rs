@@ -2,37 +2,40 @@
 //!
 //! `config` (what the operator wrote) → `policy` (compiled, validated, immutable) →
 //! `proxy` (the request pipeline reading it through one `ArcSwap` load).
+//!
+//! Items are `pub(crate)` unless the binary, the examples, the tests or the fuzz
+//! targets use them; the public modules below are that surface.
 
-pub mod access_log;
-pub mod admin;
-pub mod breaker;
-pub mod bulkhead;
+mod access_log;
+mod admin;
+mod breaker;
+mod bulkhead;
 pub mod cache;
-pub mod clock;
+mod clock;
 pub mod config;
-pub mod connection;
+mod connection;
 pub mod demo;
-pub mod digest;
+mod digest;
 pub mod events;
-pub mod explain;
+mod explain;
 pub mod forwarding;
-pub mod gateway;
-pub mod health;
-pub mod histogram;
-pub mod identity;
+mod gateway;
+mod health;
+mod histogram;
+mod identity;
 pub mod inject;
 pub mod logs;
 pub mod metrics;
 pub mod policy;
-pub mod problem;
-pub mod proxy;
+mod problem;
+mod proxy;
 pub mod ratelimit;
-pub mod redis;
-pub mod retry;
-pub mod routing;
+mod redis;
+mod retry;
+mod routing;
 pub mod server;
-pub mod shed;
-pub mod slo;
+mod shed;
+mod slo;
 pub mod units;
-pub mod upstream;
-pub mod window;
+mod upstream;
+mod window;

@@ -264,35 +264,35 @@ impl Metrics {
         }
     }
 
-    pub fn cache_requests(&self, route: &str, result: &str) -> IntCounter {
+    pub(crate) fn cache_requests(&self, route: &str, result: &str) -> IntCounter {
         self.cache_requests.with_label_values(&[route, result])
     }
 
-    pub fn shed_requests(&self, route: &str, priority: &str) -> IntCounter {
+    pub(crate) fn shed_requests(&self, route: &str, priority: &str) -> IntCounter {
         self.shed_requests.with_label_values(&[route, priority])
     }
 
-    pub fn retries(&self, upstream: &str) -> IntCounter {
+    pub(crate) fn retries(&self, upstream: &str) -> IntCounter {
         self.retries.with_label_values(&[upstream])
     }
 
-    pub fn server_healthy(&self, upstream: &str, server: &str) -> IntGauge {
+    pub(crate) fn server_healthy(&self, upstream: &str, server: &str) -> IntGauge {
         self.server_healthy.with_label_values(&[upstream, server])
     }
 
-    pub fn bulkhead_rejections(&self, upstream: &str) -> IntCounter {
+    pub(crate) fn bulkhead_rejections(&self, upstream: &str) -> IntCounter {
         self.bulkhead_rejections.with_label_values(&[upstream])
     }
 
-    pub fn circuit_state(&self, upstream: &str) -> IntGauge {
+    pub(crate) fn circuit_state(&self, upstream: &str) -> IntGauge {
         self.circuit_state.with_label_values(&[upstream])
     }
 
-    pub fn circuit_transitions(&self, upstream: &str, to: &str) -> IntCounter {
+    pub(crate) fn circuit_transitions(&self, upstream: &str, to: &str) -> IntCounter {
         self.circuit_transitions.with_label_values(&[upstream, to])
     }
 
-    pub fn route(&self, route: &str) -> RouteMetrics {
+    pub(crate) fn route(&self, route: &str) -> RouteMetrics {
         RouteMetrics {
             name: route.into(),
             requests: self.requests.clone(),
@@ -303,18 +303,18 @@ impl Metrics {
         }
     }
 
-    pub fn ratelimit_decision(&self, rule: &str, decision: &str) -> IntCounter {
+    pub(crate) fn ratelimit_decision(&self, rule: &str, decision: &str) -> IntCounter {
         self.ratelimit_decisions
             .with_label_values(&[rule, decision])
     }
 
-    pub fn upstream_duration(&self, upstream: &str) -> Histogram {
+    pub(crate) fn upstream_duration(&self, upstream: &str) -> Histogram {
         self.upstream_duration.with_label_values(&[upstream])
     }
 
     /// Removes label sets of routes, upstreams and rate-limit rules that a new policy
     /// no longer has, so `/metrics` does not keep advertising them after a rename.
-    pub fn forget(
+    pub(crate) fn forget(
         &self,
         routes: &[String],
         upstreams: &[String],
@@ -372,7 +372,7 @@ impl Metrics {
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         prometheus::TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -389,15 +389,15 @@ impl Default for Metrics {
 
 /// A route's handles. Counters for (method, code) are created on first use and then
 /// reused for the life of the policy.
-pub struct RouteMetrics {
+pub(crate) struct RouteMetrics {
     name: Box<str>,
     requests: IntCounterVec,
     counters: Box<[OnceLock<IntCounter>]>,
-    pub duration: Histogram,
+    pub(crate) duration: Histogram,
 }
 
 impl RouteMetrics {
-    pub fn count(&self, method: &http::Method, code: u16) {
+    pub(crate) fn count(&self, method: &http::Method, code: u16) {
         let method_slot = METHODS
             .iter()
             .position(|m| *m == method.as_str())

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// The error codes of SPEC §4, each with its status and title.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
+pub(crate) enum Code {
     NoRoute,
     Unauthorized,
     RateLimited,
@@ -24,7 +24,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub fn status(self) -> u16 {
+    pub(crate) fn status(self) -> u16 {
         match self {
             Code::NoRoute => 404,
             Code::Unauthorized => 401,
@@ -41,7 +41,7 @@ impl Code {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Code::NoRoute => "no_route",
             Code::Unauthorized => "unauthorized",
@@ -78,7 +78,7 @@ impl Code {
     /// Whether the client connection may carry another request afterwards. Not after a
     /// refused body (it is still on the wire, and may be huge) or a malformed request
     /// (its framing cannot be trusted), nor after a client too slow to send its request.
-    pub fn keeps_connection(self) -> bool {
+    pub(crate) fn keeps_connection(self) -> bool {
         !matches!(
             self,
             Code::PayloadTooLarge | Code::BadRequest | Code::RequestTimeout
@@ -86,16 +86,16 @@ impl Code {
     }
 }
 
-pub struct Problem {
-    pub code: Code,
-    pub detail: String,
-    pub extra: Map<String, Value>,
+pub(crate) struct Problem {
+    pub(crate) code: Code,
+    pub(crate) detail: String,
+    pub(crate) extra: Map<String, Value>,
     /// Response headers the answer needs besides the standard ones.
-    pub headers: Vec<(&'static str, String)>,
+    pub(crate) headers: Vec<(&'static str, String)>,
 }
 
 impl Problem {
-    pub fn new(code: Code, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(code: Code, detail: impl Into<String>) -> Self {
         Problem {
             code,
             detail: detail.into(),
@@ -106,14 +106,14 @@ impl Problem {
 
     /// Tells the client when to come back: the `retry_after` member and the
     /// `Retry-After` header, in whole seconds rounded up, at least 1.
-    pub fn retry_after(mut self, wait: Duration) -> Self {
+    pub(crate) fn retry_after(mut self, wait: Duration) -> Self {
         let secs = retry_after_secs(wait);
         self.extra.insert("retry_after".into(), secs.into());
         self.headers.push(("retry-after", secs.to_string()));
         self
     }
 
-    pub fn body(&self) -> Bytes {
+    pub(crate) fn body(&self) -> Bytes {
         let mut doc = Map::new();
         doc.insert(
             "type".into(),
@@ -129,7 +129,7 @@ impl Problem {
 
     /// Writes the problem as the whole response. `decorate` adds the headers every
     /// response carries (request id, configured security headers).
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         session: &mut Session,
         decorate: impl FnOnce(&mut ResponseHeader),
@@ -159,12 +159,12 @@ impl Problem {
 }
 
 /// Whole seconds, rounded up: a wait of 1.2 s is 2.
-pub fn whole_seconds(wait: Duration) -> u64 {
+pub(crate) fn whole_seconds(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 /// Whole seconds, rounded up, at least 1: what `Retry-After` says.
-pub fn retry_after_secs(wait: Duration) -> u64 {
+pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
     whole_seconds(wait).max(1)
 }
 

@@ -185,14 +185,14 @@ pub fn key_hash(parts: &[&[u8]]) -> u64 {
 }
 
 /// The decision counters of one rule, resolved when the policy compiles.
-pub struct RuleMetrics {
-    pub allowed: prometheus::IntCounter,
-    pub limited: prometheus::IntCounter,
-    pub shadow_limited: prometheus::IntCounter,
+pub(crate) struct RuleMetrics {
+    pub(crate) allowed: prometheus::IntCounter,
+    pub(crate) limited: prometheus::IntCounter,
+    pub(crate) shadow_limited: prometheus::IntCounter,
 }
 
 impl RuleMetrics {
-    pub fn new(metrics: &Metrics, rule: &str) -> RuleMetrics {
+    pub(crate) fn new(metrics: &Metrics, rule: &str) -> RuleMetrics {
         RuleMetrics {
             allowed: metrics.ratelimit_decision(rule, "allowed"),
             limited: metrics.ratelimit_decision(rule, "limited"),
@@ -203,7 +203,7 @@ impl RuleMetrics {
 
 /// One part of a rule's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyPart {
+pub(crate) enum KeyPart {
     Global,
     Ip,
     User,
@@ -212,8 +212,8 @@ pub enum KeyPart {
     Header(http::HeaderName),
 }
 
-pub struct Rule {
-    pub name: std::sync::Arc<str>,
+pub(crate) struct Rule {
+    pub(crate) name: std::sync::Arc<str>,
     key: Vec<KeyPart>,
     /// The rate for every request, or per tier (a tier not listed uses the default
     /// tier's rate; with neither, the rule does not apply).
@@ -221,19 +221,19 @@ pub struct Rule {
     when: When,
     /// Route indices the rule covers; `None` is every route.
     routes: Option<Vec<usize>>,
-    pub shadow: bool,
-    pub store: std::sync::Arc<Store>,
+    pub(crate) shadow: bool,
+    pub(crate) store: std::sync::Arc<Store>,
     /// What identifies the bucket set across reloads: a rule keeps its state when this
     /// is unchanged.
-    pub bucket_key: BucketKey,
-    pub metrics: RuleMetrics,
+    pub(crate) bucket_key: BucketKey,
+    pub(crate) metrics: RuleMetrics,
 }
 
 /// What a rule's buckets count against: its key, rate and burst as written. A rule
 /// whose `BucketKey` is unchanged keeps its buckets across a reload; `policy::diff`
 /// reports the others as reset.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BucketKey {
+pub(crate) struct BucketKey {
     key: Vec<String>,
     rate: RuleRate,
     burst: Option<u32>,
@@ -257,38 +257,38 @@ enum RuleRates {
     PerTier(HashMap<String, (Rate, u32)>),
 }
 
-pub struct RateLimits {
+pub(crate) struct RateLimits {
     /// Narrowest key first (per client, then per route, then global).
-    pub rules: Vec<Rule>,
-    pub headers: HeadersMode,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) headers: HeadersMode,
     /// Set when the buckets live in Redis; the local stores then serve only
     /// `on_error: local`.
     shared: Option<shared::SharedBuckets>,
 }
 
 /// What the request looks like to the rules (`Policy::subject`).
-pub struct Subject<'a> {
-    pub route: usize,
-    pub route_name: &'a str,
-    pub client_ip: Option<std::net::IpAddr>,
-    pub user: Option<&'a str>,
-    pub tier: &'a str,
-    pub headers: &'a http::HeaderMap,
+pub(crate) struct Subject<'a> {
+    pub(crate) route: usize,
+    pub(crate) route_name: &'a str,
+    pub(crate) client_ip: Option<std::net::IpAddr>,
+    pub(crate) user: Option<&'a str>,
+    pub(crate) tier: &'a str,
+    pub(crate) headers: &'a http::HeaderMap,
 }
 
 /// The outcome for one request: every rule that applied, and the denial if any.
 #[derive(Default)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// (rule index, quota, verdict) for each applied rule, in evaluation order.
-    pub applied: Vec<(usize, Quota, Verdict)>,
-    pub denied: Option<usize>,
-    pub shadow_limited: Vec<usize>,
+    pub(crate) applied: Vec<(usize, Quota, Verdict)>,
+    pub(crate) denied: Option<usize>,
+    pub(crate) shadow_limited: Vec<usize>,
 }
 
 impl RateLimits {
     /// Decides a request against the configured backend. With `consume: false`
     /// nothing is taken (for `/explain`).
-    pub async fn decide(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
+    pub(crate) async fn decide(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
         let Some(shared) = &self.shared else {
             return self.evaluate(subject, scale, consume);
         };
@@ -347,7 +347,7 @@ impl RateLimits {
     /// Evaluates the rules in order against this process's buckets; the first real
     /// denial stops, so a client over its own limit does not also drain the shared
     /// budgets behind it.
-    pub fn evaluate(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
+    pub(crate) fn evaluate(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
         // Lazy: a bucket is only touched if no earlier rule denied.
         let verdicts = self.rules.iter().enumerate().filter_map(|(index, rule)| {
             let (rate, burst) = rule.rate_for(subject)?;
@@ -388,7 +388,7 @@ impl RateLimits {
         outcome
     }
 
-    pub fn evict_refilled(&self) {
+    pub(crate) fn evict_refilled(&self) {
         for rule in &self.rules {
             rule.store.evict_refilled();
         }
@@ -467,7 +467,7 @@ fn narrowness(key: &[KeyPart]) -> u8 {
 
 /// Compiles `rate_limits`, taking over the bucket state of every rule of `previous`
 /// whose name, key and rates are unchanged.
-pub fn compile(
+pub(crate) fn compile(
     cx: &mut Compile<'_>,
     rules: &[crate::config::RateLimitRule],
     settings: &crate::config::RateLimitingConfig,
@@ -667,7 +667,7 @@ fn shared_backend(
 impl RateLimits {
     /// The 429 for a request `rule` denied: the rule's name, and when the tightest
     /// applied rule lets the next request through.
-    pub fn refusal(&self, rule: usize, outcome: &Outcome) -> Problem {
+    pub(crate) fn refusal(&self, rule: usize, outcome: &Outcome) -> Problem {
         let rule = &self.rules[rule];
         let wait = outcome
             .applied
@@ -686,7 +686,7 @@ impl RateLimits {
 /// The response headers that describe an outcome (SPEC §4, draft-ietf-httpapi-
 /// ratelimit-headers structured fields, or the legacy `X-RateLimit-*` trio). Shadow
 /// rules are left out: they are not enforced, so they are not advertised.
-pub fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(&'static str, String)> {
+pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(&'static str, String)> {
     let enforced: Vec<&(usize, Quota, Verdict)> = outcome
         .applied
         .iter()

@@ -19,7 +19,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where a store's Redis is: one server, or a cluster reached through its seed nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Address {
+pub(crate) enum Address {
     Server(String),
     Cluster(Vec<String>),
 }
@@ -52,7 +52,7 @@ fn without_credentials(url: &str) -> String {
 /// A connection to one server (reconnected by the manager), or to a cluster (each
 /// command routed to the shard that owns its key, following MOVED/ASK redirects).
 #[derive(Clone)]
-pub enum Link {
+pub(crate) enum Link {
     Server(redis::aio::ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
 }
@@ -89,8 +89,8 @@ impl redis::aio::ConnectionLike for Link {
 }
 
 /// The connection to one Redis, kept across reloads while its address is unchanged.
-pub struct RedisStore {
-    pub address: Address,
+pub(crate) struct RedisStore {
+    pub(crate) address: Address,
     /// What this store is for, in log lines ("rate-limit store", "cache store").
     role: &'static str,
     connection: Link,
@@ -101,7 +101,7 @@ pub struct RedisStore {
 
 /// The connection's background tasks need a runtime that outlives every policy (a
 /// reload may drop a policy on any thread, where dropping a runtime would panic).
-pub fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -116,7 +116,7 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 impl RedisStore {
     /// Parses the address and prepares a connection that is made on first use (a Redis
     /// that is down at start must not keep the gateway from starting).
-    pub fn open(address: Address, role: &'static str) -> Result<Arc<RedisStore>, String> {
+    pub(crate) fn open(address: Address, role: &'static str) -> Result<Arc<RedisStore>, String> {
         let _context = runtime().enter();
         let connection = match &address {
             Address::Server(url) => {
@@ -156,7 +156,7 @@ impl RedisStore {
     /// Runs `call` on the connection within `timeout`. `Err` when Redis is being
     /// skipped after a failure, fails, does not answer in time, or `call` rejects the
     /// answer; a failure starts the skip period and is logged once per outage.
-    pub async fn call<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, ()>
+    pub(crate) async fn call<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, ()>
     where
         F: FnOnce(Link) -> Fut,
         Fut: Future<Output = Result<T, String>>,

@@ -16,11 +16,11 @@ use std::time::Duration;
 /// The window the budget is measured over.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     /// Extra tries after the first.
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// Outcomes worth another try.
-    pub on: FailureOn,
+    pub(crate) on: FailureOn,
     methods: Vec<Method>,
     backoff_base: Duration,
     backoff_max: Duration,
@@ -41,18 +41,18 @@ impl std::fmt::Debug for RetryPolicy {
 }
 
 /// How a pool's `retry` section reads once validated.
-pub struct RetrySettings {
-    pub attempts: u32,
-    pub on: FailureOn,
-    pub methods: Vec<Method>,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    pub budget: f64,
-    pub min_retries_per_second: u32,
+pub(crate) struct RetrySettings {
+    pub(crate) attempts: u32,
+    pub(crate) on: FailureOn,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) budget: f64,
+    pub(crate) min_retries_per_second: u32,
 }
 
 impl RetryPolicy {
-    pub fn new(settings: RetrySettings, retries_total: prometheus::IntCounter) -> RetryPolicy {
+    pub(crate) fn new(settings: RetrySettings, retries_total: prometheus::IntCounter) -> RetryPolicy {
         RetryPolicy {
             attempts: settings.attempts,
             on: settings.on,
@@ -67,17 +67,17 @@ impl RetryPolicy {
     }
 
     /// Whether the request may be sent twice: a listed method, or an idempotency key.
-    pub fn eligible(&self, method: &Method, headers: &http::HeaderMap) -> bool {
+    pub(crate) fn eligible(&self, method: &Method, headers: &http::HeaderMap) -> bool {
         self.methods.contains(method) || headers.contains_key("idempotency-key")
     }
 
     /// Counts a request sent to the pool (the budget's base).
-    pub fn count_request(&self) {
+    pub(crate) fn count_request(&self) {
         self.spent.add(crate::clock::millis(), 1, 0);
     }
 
     /// Takes one retry from the budget, if it has one left.
-    pub fn take_retry(&self) -> bool {
+    pub(crate) fn take_retry(&self) -> bool {
         let now = crate::clock::millis();
         let (requests, retries) = self.spent.totals(now);
         let floor = f64::from(self.min_retries_per_second) * BUDGET_WINDOW.as_secs_f64();
@@ -91,7 +91,7 @@ impl RetryPolicy {
 
     /// The wait before retry number `retry` (1-based): exponential with full jitter,
     /// so retries of many clients spread out instead of arriving together.
-    pub fn backoff(&self, retry: u32) -> Duration {
+    pub(crate) fn backoff(&self, retry: u32) -> Duration {
         let ceiling = self
             .backoff_base
             .saturating_mul(1u32 << retry.saturating_sub(1).min(20))

@@ -11,7 +11,7 @@ use regex::Regex;
 use serde_saphyr::Location;
 
 #[derive(Debug)]
-pub enum PathMatch {
+pub(crate) enum PathMatch {
     Any,
     Exact(String),
     Prefix(String),
@@ -19,7 +19,7 @@ pub enum PathMatch {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum HostMatch {
+pub(crate) enum HostMatch {
     /// Lower-cased host name.
     Exact(String),
     /// `*.example.com` kept as `.example.com`: any non-empty label(s) before it.
@@ -27,16 +27,16 @@ pub enum HostMatch {
 }
 
 #[derive(Debug)]
-pub struct RouteMatcher {
-    pub path: PathMatch,
+pub(crate) struct RouteMatcher {
+    pub(crate) path: PathMatch,
     /// Empty: every method.
-    pub methods: Vec<Method>,
-    pub host: Option<HostMatch>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) host: Option<HostMatch>,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl RouteMatcher {
-    pub fn matches(&self, req: &RequestHeader, host: Option<&str>) -> bool {
+    pub(crate) fn matches(&self, req: &RequestHeader, host: Option<&str>) -> bool {
         let path = req.uri.path();
         let path_ok = match &self.path {
             PathMatch::Any => true,
@@ -58,7 +58,7 @@ impl RouteMatcher {
 }
 
 impl HostMatch {
-    pub fn parse(pattern: &str) -> HostMatch {
+    pub(crate) fn parse(pattern: &str) -> HostMatch {
         let pattern = pattern.to_ascii_lowercase();
         match pattern.strip_prefix('*') {
             Some(suffix) => HostMatch::Wildcard(suffix.to_string()),
@@ -79,7 +79,7 @@ impl HostMatch {
 }
 
 /// The request's host without port: the `Host` header, else the URI authority (HTTP/2).
-pub fn request_host(req: &RequestHeader) -> Option<&str> {
+pub(crate) fn request_host(req: &RequestHeader) -> Option<&str> {
     let raw = match req.headers.get(http::header::HOST) {
         Some(value) => value.to_str().ok()?,
         None => req.uri.authority()?.as_str(),

@@ -28,38 +28,38 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How often the monitor samples the signals.
-pub const TICK: Duration = Duration::from_millis(250);
+pub(crate) const TICK: Duration = Duration::from_millis(250);
 
 /// `shedding` as compiled from the policy.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Shedding {
-    pub max_inflight: usize,
-    pub latency_target: Option<Duration>,
-    pub cpu: bool,
-    pub smoothing: Duration,
-    pub levels: Vec<Level>,
-    pub margin: f64,
-    pub hold: Duration,
-    pub retry_after: Duration,
+pub(crate) struct Shedding {
+    pub(crate) max_inflight: usize,
+    pub(crate) latency_target: Option<Duration>,
+    pub(crate) cpu: bool,
+    pub(crate) smoothing: Duration,
+    pub(crate) levels: Vec<Level>,
+    pub(crate) margin: f64,
+    pub(crate) hold: Duration,
+    pub(crate) retry_after: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Level {
-    pub above: f64,
-    pub shed: Vec<Priority>,
-    pub limit_scale: f64,
+pub(crate) struct Level {
+    pub(crate) above: f64,
+    pub(crate) shed: Vec<Priority>,
+    pub(crate) limit_scale: f64,
 }
 
 impl Level {
     /// `critical` is never shed, whatever a level lists.
-    pub fn sheds(&self, priority: Priority) -> bool {
+    pub(crate) fn sheds(&self, priority: Priority) -> bool {
         priority != Priority::Critical && self.shed.contains(&priority)
     }
 }
 
 /// The live load state, shared by the monitor, the request path and the admin API.
 #[derive(Default)]
-pub struct Load {
+pub(crate) struct Load {
     /// 0 = normal; `n` = the policy's `levels[n - 1]`.
     level: AtomicU8,
     ratio: AtomicU64,
@@ -83,10 +83,10 @@ struct Forced {
 
 /// The smoothed signals, as load ratios; `None` when the policy does not use one.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Signals {
-    pub inflight: f64,
-    pub latency: Option<f64>,
-    pub cpu: Option<f64>,
+pub(crate) struct Signals {
+    pub(crate) inflight: f64,
+    pub(crate) latency: Option<f64>,
+    pub(crate) cpu: Option<f64>,
 }
 
 /// Priorities a level may shed: all but `critical`.
@@ -103,7 +103,7 @@ fn sheddable_index(priority: Priority) -> Option<usize> {
 
 impl Load {
     /// Records how long the upstream took to answer a request of `priority`.
-    pub fn record_upstream(&self, latency: Duration, priority: Priority) {
+    pub(crate) fn record_upstream(&self, latency: Duration, priority: Priority) {
         self.upstream_latency.record(latency);
         if let Some(i) = sheddable_index(priority) {
             self.sheddable_latency[i].record(latency);
@@ -111,19 +111,19 @@ impl Load {
     }
 
     /// Counts a request answered by shedding.
-    pub fn count_shed(&self) {
+    pub(crate) fn count_shed(&self) {
         self.shed.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn level(&self) -> u8 {
+    pub(crate) fn level(&self) -> u8 {
         self.level.load(Ordering::Relaxed)
     }
 
-    pub fn ratio(&self) -> f64 {
+    pub(crate) fn ratio(&self) -> f64 {
         f64::from_bits(self.ratio.load(Ordering::Relaxed))
     }
 
-    pub fn signals(&self) -> Signals {
+    pub(crate) fn signals(&self) -> Signals {
         let read = |i: usize| f64::from_bits(self.signals[i].load(Ordering::Relaxed));
         let optional = |v: f64| (!v.is_nan()).then_some(v);
         Signals {
@@ -139,29 +139,25 @@ impl Load {
         store(0, signals.inflight);
         store(1, signals.latency.unwrap_or(f64::NAN));
         store(2, signals.cpu.unwrap_or(f64::NAN));
-        Reading {
-            level,
-            ratio,
-            signals,
-        }
+        Reading { level, ratio }
     }
 
     /// Puts `level` in force for the request path (one atomic); the level it replaced,
     /// if it changed.
-    pub fn set_level(&self, level: u8) -> Option<u8> {
+    pub(crate) fn set_level(&self, level: u8) -> Option<u8> {
         let previous = self.level.swap(level, Ordering::Relaxed);
         (previous != level).then_some(previous)
     }
 
     /// The forced level and until when, if one is in force.
-    pub fn forced(&self) -> Option<(u8, Instant)> {
+    pub(crate) fn forced(&self) -> Option<(u8, Instant)> {
         let forced = *self.forced.lock().unwrap_or_else(|e| e.into_inner());
         forced
             .filter(|f| f.until > Instant::now())
             .map(|f| (f.level, f.until))
     }
 
-    pub fn set_forced(&self, level: Option<(u8, Duration)>) {
+    pub(crate) fn set_forced(&self, level: Option<(u8, Duration)>) {
         let mut forced = self.forced.lock().unwrap_or_else(|e| e.into_inner());
         if forced.is_some() && level.is_none() {
             self.released.store(true, Ordering::Relaxed);
@@ -174,7 +170,7 @@ impl Load {
 }
 
 /// The 503 a shed request of `priority` gets when its route has no fallback.
-pub fn overloaded(shedding: &Shedding, priority: Priority) -> Problem {
+pub(crate) fn overloaded(shedding: &Shedding, priority: Priority) -> Problem {
     Problem::new(
         Code::Overloaded,
         format!(
@@ -186,7 +182,7 @@ pub fn overloaded(shedding: &Shedding, priority: Priority) -> Problem {
 }
 
 /// The level the request path should apply to `priority`, if it sheds it.
-pub fn shed_level<'a>(
+pub(crate) fn shed_level<'a>(
     load: &Load,
     shedding: &'a Shedding,
     priority: Priority,
@@ -198,7 +194,7 @@ pub fn shed_level<'a>(
 
 /// The monitor's memory between ticks: smoothed signals, CPU counters, and since when
 /// the load has been low enough to leave the current level.
-pub struct Monitor {
+pub(crate) struct Monitor {
     smoothed: Option<Signals>,
     /// The smoothed in-flight ratio the shed requests would add.
     shed_extra: f64,
@@ -217,15 +213,14 @@ impl Default for Monitor {
     }
 }
 
-/// One tick's verdict: the level to put in force, the load ratio and its signals.
-pub struct Reading {
-    pub level: u8,
-    pub ratio: f64,
-    pub signals: Signals,
+/// One tick's verdict: the level to put in force, and the load ratio.
+pub(crate) struct Reading {
+    pub(crate) level: u8,
+    pub(crate) ratio: f64,
 }
 
 impl Monitor {
-    pub fn new() -> Monitor {
+    pub(crate) fn new() -> Monitor {
         Monitor {
             smoothed: None,
             shed_extra: 0.0,
@@ -240,7 +235,7 @@ impl Monitor {
     /// Reads the load's signals since the last tick (`inflight` requests now) and
     /// decides the level; the ratio and signals are published in `load` at once, the
     /// level by the caller, which knows what a new level changes.
-    pub fn tick(
+    pub(crate) fn tick(
         &mut self,
         load: &Load,
         inflight: usize,

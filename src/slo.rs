@@ -21,7 +21,7 @@ struct Minute {
     latency: Histogram,
 }
 
-pub struct SloTracker {
+pub(crate) struct SloTracker {
     minutes: Box<[Minute]>,
 }
 
@@ -48,7 +48,7 @@ struct Window {
 
 impl SloTracker {
     /// Records one finished request; `failed` means it counts against availability.
-    pub fn record(&self, unix_minute: u64, latency: Duration, failed: bool) {
+    pub(crate) fn record(&self, unix_minute: u64, latency: Duration, failed: bool) {
         let minute = &self.minutes[(unix_minute % MINUTES as u64) as usize];
         let seen = minute.epoch.load(Ordering::Acquire);
         if seen != unix_minute
@@ -86,7 +86,7 @@ impl SloTracker {
     }
 
     /// The `/slo` entry of one route.
-    pub fn report(&self, now_minute: u64, targets: &SloConfig) -> Value {
+    pub(crate) fn report(&self, now_minute: u64, targets: &SloConfig) -> Value {
         let window = |minutes: u64| {
             let w = self.window(now_minute, minutes);
             let availability = (w.requests > 0).then(|| 1.0 - w.errors as f64 / w.requests as f64);

@@ -10,18 +10,18 @@ use std::time::Duration as StdDuration;
 
 /// A duration written as an integer and a unit: `250ms`, `5s`, `1m`, `2h`, `1d`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Duration(pub StdDuration);
+pub(crate) struct Duration(pub StdDuration);
 
 impl Duration {
-    pub const fn from_secs(secs: u64) -> Self {
+    pub(crate) const fn from_secs(secs: u64) -> Self {
         Duration(StdDuration::from_secs(secs))
     }
 
-    pub const fn from_millis(ms: u64) -> Self {
+    pub(crate) const fn from_millis(ms: u64) -> Self {
         Duration(StdDuration::from_millis(ms))
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let split = text
             .find(|c: char| !c.is_ascii_digit())
@@ -72,7 +72,7 @@ pub struct Rate {
 }
 
 impl Rate {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let expected = || {
             format!("invalid rate `{text}`: expected COUNT/PERIOD with PERIOD one of s, sec, m, min, h, hour, d, day or a duration, e.g. `100/min` or `50/10s`")
@@ -108,10 +108,10 @@ impl fmt::Display for Rate {
 
 /// A size in bytes: `512`, `64KiB`, `10MiB`, `1GiB`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Size(pub u64);
+pub(crate) struct Size(pub u64);
 
 impl Size {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let split = text
             .find(|c: char| !c.is_ascii_digit())
@@ -148,10 +148,10 @@ impl fmt::Display for Size {
 
 /// A share written as `50%` or `99.9%`, kept as a fraction in 0..=1.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
-pub struct Percent(pub f64);
+pub(crate) struct Percent(pub f64);
 
 impl Percent {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let expected = || {
             format!("invalid percentage `{text}`: expected a number from 0 to 100 followed by %, e.g. `50%`")

@@ -26,7 +26,7 @@ use std::time::Duration as StdDuration;
 
 /// What a pool's consistent hash is computed over.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum HashOn {
+pub(crate) enum HashOn {
     Ip,
     User,
     Header(http::HeaderName),
@@ -34,8 +34,8 @@ pub enum HashOn {
 }
 
 #[derive(Debug, Default)]
-pub struct ServerState {
-    pub inflight: AtomicUsize,
+pub(crate) struct ServerState {
+    pub(crate) inflight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// Ejected until this instant of [`crate::clock::millis`]; 0 when never ejected.
     ejected_until: AtomicU64,
@@ -48,13 +48,13 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         !self.unhealthy.load(Ordering::Relaxed)
     }
 
     /// Counts one probe (probes of a server never overlap); returns the new health when
     /// this probe changed it.
-    pub fn count_probe(
+    pub(crate) fn count_probe(
         &self,
         passed: bool,
         healthy_after: u32,
@@ -84,80 +84,79 @@ impl ServerState {
 /// Passive outlier ejection: `consecutive_failures` failed attempts in a row take a
 /// server out of rotation for `eject_for`, never more than `max_ejected` of the pool.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Outlier {
-    pub consecutive_failures: u32,
-    pub eject_for: StdDuration,
-    pub max_ejected: f64,
+pub(crate) struct Outlier {
+    pub(crate) consecutive_failures: u32,
+    pub(crate) eject_for: StdDuration,
+    pub(crate) max_ejected: f64,
 }
 
 #[derive(Debug)]
-pub struct Server {
-    pub addr: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) addr: SocketAddr,
     /// The address as written in the policy: the `server` label and what `/status` shows.
-    pub label: Arc<str>,
-    pub weight: u32,
-    pub backup: bool,
-    pub state: Arc<ServerState>,
+    pub(crate) label: Arc<str>,
+    pub(crate) weight: u32,
+    pub(crate) backup: bool,
+    pub(crate) state: Arc<ServerState>,
     peer: HttpPeer,
 }
 
 #[derive(Debug, Default)]
-pub struct PoolState {
+pub(crate) struct PoolState {
     cursor: AtomicUsize,
 }
 
 #[derive(Debug)]
-pub struct Pool {
-    pub name: Arc<str>,
-    pub servers: Vec<Server>,
-    pub balance: Balance,
-    pub hash_on: Option<HashOn>,
-    pub timeouts: Timeouts,
-    pub keepalive: usize,
-    pub state: Arc<PoolState>,
+pub(crate) struct Pool {
+    pub(crate) name: Arc<str>,
+    pub(crate) servers: Vec<Server>,
+    pub(crate) balance: Balance,
+    pub(crate) hash_on: Option<HashOn>,
+    pub(crate) keepalive: usize,
+    pub(crate) state: Arc<PoolState>,
     /// Server indices in smooth weighted round-robin order (primaries only).
     schedule: Vec<usize>,
     primaries: Vec<usize>,
     backups: Vec<usize>,
-    pub upstream_duration: prometheus::Histogram,
-    pub breaker: Option<PoolBreaker>,
-    pub bulkhead: Option<Arc<Bulkhead>>,
+    pub(crate) upstream_duration: prometheus::Histogram,
+    pub(crate) breaker: Option<PoolBreaker>,
+    pub(crate) bulkhead: Option<Arc<Bulkhead>>,
     /// What counts as a failed attempt, for the breaker and outlier ejection.
-    pub failure_on: FailureOn,
-    pub outlier: Option<Outlier>,
-    pub health_check: Option<HealthCheck>,
-    pub retry: Option<RetryPolicy>,
+    pub(crate) failure_on: FailureOn,
+    pub(crate) outlier: Option<Outlier>,
+    pub(crate) health_check: Option<HealthCheck>,
+    pub(crate) retry: Option<RetryPolicy>,
 }
 
 /// The request attributes a server choice may depend on.
-pub struct SelectionKey<'a> {
-    pub client_ip: Option<IpAddr>,
-    pub user: Option<&'a str>,
-    pub header: Option<&'a [u8]>,
-    pub path: &'a str,
+pub(crate) struct SelectionKey<'a> {
+    pub(crate) client_ip: Option<IpAddr>,
+    pub(crate) user: Option<&'a str>,
+    pub(crate) header: Option<&'a [u8]>,
+    pub(crate) path: &'a str,
 }
 
-pub struct PoolSpec<'a> {
-    pub name: &'a str,
+pub(crate) struct PoolSpec<'a> {
+    pub(crate) name: &'a str,
     /// Trust anchors for the servers' certificates, when `tls.ca` names a file.
-    pub ca: Option<Arc<CaType>>,
-    pub servers: Vec<(SocketAddr, Arc<str>, u32, bool)>,
-    pub balance: Balance,
-    pub hash_on: Option<HashOn>,
-    pub tls: &'a UpstreamTls,
-    pub timeouts: Timeouts,
-    pub keepalive: usize,
-    pub breaker: Option<PoolBreaker>,
-    pub bulkhead: Option<Arc<Bulkhead>>,
-    pub failure_on: FailureOn,
-    pub outlier: Option<Outlier>,
-    pub health_check: Option<HealthCheck>,
-    pub retry: Option<RetryPolicy>,
+    pub(crate) ca: Option<Arc<CaType>>,
+    pub(crate) servers: Vec<(SocketAddr, Arc<str>, u32, bool)>,
+    pub(crate) balance: Balance,
+    pub(crate) hash_on: Option<HashOn>,
+    pub(crate) tls: &'a UpstreamTls,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) keepalive: usize,
+    pub(crate) breaker: Option<PoolBreaker>,
+    pub(crate) bulkhead: Option<Arc<Bulkhead>>,
+    pub(crate) failure_on: FailureOn,
+    pub(crate) outlier: Option<Outlier>,
+    pub(crate) health_check: Option<HealthCheck>,
+    pub(crate) retry: Option<RetryPolicy>,
 }
 
 impl Pool {
     /// Builds a pool, taking over the state of the same-named pool of the previous policy.
-    pub fn build(
+    pub(crate) fn build(
         spec: PoolSpec<'_>,
         previous: Option<&Pool>,
         upstream_duration: prometheus::Histogram,
@@ -188,7 +187,6 @@ impl Pool {
             servers,
             balance: spec.balance,
             hash_on: spec.hash_on,
-            timeouts: spec.timeouts,
             keepalive: spec.keepalive,
             state: previous.map(|p| p.state.clone()).unwrap_or_default(),
             schedule,
@@ -208,7 +206,7 @@ impl Pool {
     /// and neither ejected nor unhealthy: a primary when one is left, else a backup.
     /// When every server left is out, they are tried anyway (panic mode): refusing all
     /// traffic would be worse than trying servers that failed recently.
-    pub fn select(&self, key: &SelectionKey<'_>, exclude: &[usize]) -> Option<usize> {
+    pub(crate) fn select(&self, key: &SelectionKey<'_>, exclude: &[usize]) -> Option<usize> {
         if self.outlier.is_some() || self.health_check.is_some() {
             let now = crate::clock::millis();
             if (0..self.servers.len()).any(|i| self.is_out(i, now)) {
@@ -228,12 +226,12 @@ impl Pool {
     }
 
     /// Healthy by the active checks (always, for a pool without them).
-    pub fn is_healthy(&self, index: usize) -> bool {
+    pub(crate) fn is_healthy(&self, index: usize) -> bool {
         self.health_check.is_none() || self.servers[index].state.is_healthy()
     }
 
     /// The peer for a health probe: the server's own settings with the probe's timeout.
-    pub fn probe_peer(&self, index: usize, timeout: StdDuration) -> Box<HttpPeer> {
+    pub(crate) fn probe_peer(&self, index: usize, timeout: StdDuration) -> Box<HttpPeer> {
         let mut peer = self.servers[index].peer.clone();
         let o = &mut peer.options;
         o.connection_timeout = Some(timeout);
@@ -255,7 +253,7 @@ impl Pool {
         }
     }
 
-    pub fn is_ejected(&self, index: usize, now: u64) -> bool {
+    pub(crate) fn is_ejected(&self, index: usize, now: u64) -> bool {
         self.servers[index]
             .state
             .ejected_until
@@ -265,7 +263,7 @@ impl Pool {
 
     /// Counts one attempt's outcome against its server; returns how long the server
     /// is ejected for when this failure ejected it.
-    pub fn record_attempt(&self, index: usize, failure: bool) -> Option<StdDuration> {
+    pub(crate) fn record_attempt(&self, index: usize, failure: bool) -> Option<StdDuration> {
         let outlier = self.outlier?;
         let state = &self.servers[index].state;
         if !failure {
@@ -389,7 +387,7 @@ impl Pool {
     }
 
     /// The peer for `index`, with read/write timeouts cut to what remains of `deadline`.
-    pub fn peer(&self, index: usize, remaining: Option<StdDuration>) -> Box<HttpPeer> {
+    pub(crate) fn peer(&self, index: usize, remaining: Option<StdDuration>) -> Box<HttpPeer> {
         let mut peer = self.servers[index].peer.clone();
         if let Some(remaining) = remaining {
             let remaining = remaining.max(StdDuration::from_millis(1));
@@ -401,10 +399,6 @@ impl Pool {
             cap(&mut peer.options.total_connection_timeout);
         }
         Box::new(peer)
-    }
-
-    pub fn primaries(&self) -> usize {
-        self.primaries.len()
     }
 }
 
@@ -464,10 +458,10 @@ fn smooth_weighted_schedule(servers: &[Server], members: &[usize]) -> Vec<usize>
 
 /// Counts a request against a server until dropped (also when the request is retried
 /// elsewhere or aborted), which keeps least_conn honest.
-pub struct InflightGuard(Arc<ServerState>);
+pub(crate) struct InflightGuard(Arc<ServerState>);
 
 impl InflightGuard {
-    pub fn new(state: &Arc<ServerState>) -> Self {
+    pub(crate) fn new(state: &Arc<ServerState>) -> Self {
         state.inflight.fetch_add(1, Ordering::Relaxed);
         InflightGuard(state.clone())
     }
@@ -482,7 +476,7 @@ impl Drop for InflightGuard {
 /// A one-off `GET path` with `Connection: close` that the gateway makes itself (health
 /// probes, cache warming), within `timeout`; the status, or `None` when no answer came.
 /// `whole_body` reads the body to its end first.
-pub async fn get_once(
+pub(crate) async fn get_once(
     connector: &pingora::connectors::http::Connector,
     peer: &HttpPeer,
     path: &str,

@@ -14,13 +14,13 @@ struct Slice {
     second: AtomicU32,
 }
 
-pub struct RollingPair {
+pub(crate) struct RollingPair {
     slices: [Slice; SLICES],
     slice_len_ms: u64,
 }
 
 impl RollingPair {
-    pub fn new(window: Duration) -> RollingPair {
+    pub(crate) fn new(window: Duration) -> RollingPair {
         RollingPair {
             slices: Default::default(),
             slice_len_ms: (window.as_millis() as u64 / SLICES as u64).max(1),
@@ -28,7 +28,7 @@ impl RollingPair {
     }
 
     /// Adds to the slice of `now_ms` (milliseconds of [`crate::clock::millis`]).
-    pub fn add(&self, now_ms: u64, first: u32, second: u32) {
+    pub(crate) fn add(&self, now_ms: u64, first: u32, second: u32) {
         let epoch = now_ms / self.slice_len_ms;
         let slice = &self.slices[(epoch % SLICES as u64) as usize];
         let seen = slice.epoch.load(Ordering::Relaxed);
@@ -48,7 +48,7 @@ impl RollingPair {
     }
 
     /// Both counters summed over the window ending at `now_ms`.
-    pub fn totals(&self, now_ms: u64) -> (u32, u32) {
+    pub(crate) fn totals(&self, now_ms: u64) -> (u32, u32) {
         let epoch = now_ms / self.slice_len_ms;
         self.slices
             .iter()
@@ -61,7 +61,7 @@ impl RollingPair {
             })
     }
 
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         for slice in &self.slices {
             slice.first.store(0, Ordering::Relaxed);
             slice.second.store(0, Ordering::Relaxed);

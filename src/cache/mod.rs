@@ -20,11 +20,9 @@ mod paths;
 mod rfc9111;
 mod store;
 
-pub use rfc9111::{
-    cacheability, credentials_allow, error_allows_stale, key, request_bypass,
-    request_wants_revalidation, variance,
-};
-pub use store::{Fresh, Selector, Store};
+pub(crate) use rfc9111::{credentials_allow, error_allows_stale, key};
+pub use rfc9111::{cacheability, request_bypass, request_wants_revalidation, variance};
+pub(crate) use store::{Selector, Store};
 
 use crate::config::{self, ConfigError, RouteCacheConfig};
 use crate::policy::compile::Compile;
@@ -36,8 +34,8 @@ use std::time::Duration;
 
 /// How long a request waits for another one filling the same key before it goes
 /// upstream itself (NGINX's `proxy_cache_lock_timeout`).
-pub const LOCK_WAIT: Duration = Duration::from_secs(5);
-pub fn lock_options() -> CacheOptionOverrides {
+pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(5);
+pub(crate) fn lock_options() -> CacheOptionOverrides {
     let mut options = CacheOptionOverrides::default();
     options.wait_timeout = Some(LOCK_WAIT);
     options
@@ -45,28 +43,28 @@ pub fn lock_options() -> CacheOptionOverrides {
 
 /// A route's compiled cache settings.
 pub struct RouteCache {
-    pub ttl: Duration,
-    pub force_ttl: bool,
-    pub stale_while_revalidate: u32,
-    pub stale_if_error: u32,
-    pub per_user: bool,
-    pub vary: Vec<HeaderName>,
-    pub methods: Vec<Method>,
-    pub statuses: Vec<u16>,
-    pub warm: Vec<WarmTarget>,
+    pub(crate) ttl: Duration,
+    pub(crate) force_ttl: bool,
+    pub(crate) stale_while_revalidate: u32,
+    pub(crate) stale_if_error: u32,
+    pub(crate) per_user: bool,
+    pub(crate) vary: Vec<HeaderName>,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) statuses: Vec<u16>,
+    pub(crate) warm: Vec<WarmTarget>,
     /// `tollgate_cache_requests_total{route, result}`, indexed by [`Outcome`].
-    pub requests: [prometheus::IntCounter; 4],
+    pub(crate) requests: [prometheus::IntCounter; 4],
 }
 
 /// The process-wide limits every caching route shares.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settings {
-    pub max_size: u64,
-    pub max_entries: u64,
-    pub max_object: usize,
-    pub tag_header: HeaderName,
+pub(crate) struct Settings {
+    pub(crate) max_size: u64,
+    pub(crate) max_entries: u64,
+    pub(crate) max_object: usize,
+    pub(crate) tag_header: HeaderName,
     /// The shared second tier: its URL and per-call timeout.
-    pub redis: Option<(String, Duration)>,
+    pub(crate) redis: Option<(String, Duration)>,
 }
 
 impl Settings {
@@ -86,7 +84,7 @@ impl Settings {
     }
 }
 
-pub fn compile_settings(cx: &mut Compile<'_>, c: &config::CacheConfig) -> Option<Settings> {
+pub(crate) fn compile_settings(cx: &mut Compile<'_>, c: &config::CacheConfig) -> Option<Settings> {
     let (path, errors) = (cx.path, &mut cx.errors);
     let mut ok = true;
     let mut error = |at: &Location, message: String| {
@@ -145,7 +143,7 @@ pub fn compile_settings(cx: &mut Compile<'_>, c: &config::CacheConfig) -> Option
     })
 }
 
-pub fn compile_route(
+pub(crate) fn compile_route(
     cx: &mut Compile<'_>,
     route: &str,
     c: &RouteCacheConfig,
@@ -234,9 +232,9 @@ pub fn compile_route(
 /// One `warm` entry. Keys hold the Host, so a path alone is fetched with the gateway's
 /// listener address as Host; a URL names the Host clients use.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WarmTarget {
-    pub host: Option<String>,
-    pub path: String,
+pub(crate) struct WarmTarget {
+    pub(crate) host: Option<String>,
+    pub(crate) path: String,
 }
 
 impl WarmTarget {
@@ -260,11 +258,11 @@ impl WarmTarget {
 
 /// The field that tells the client what the cache did (a `static`: looking a `&str` up
 /// parses the name on every call).
-pub static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
+pub(crate) static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 
 /// What the cache did for one request: the `x-cache` header and the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Hit,
     Miss,
     Stale,
@@ -272,9 +270,9 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 4] = [Outcome::Hit, Outcome::Miss, Outcome::Stale, Outcome::Bypass];
+    pub(crate) const ALL: [Outcome; 4] = [Outcome::Hit, Outcome::Miss, Outcome::Stale, Outcome::Bypass];
 
-    pub fn header(self) -> &'static str {
+    pub(crate) fn header(self) -> &'static str {
         match self {
             Outcome::Hit => "HIT",
             Outcome::Miss => "MISS",
@@ -283,7 +281,7 @@ impl Outcome {
         }
     }
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
             Outcome::Miss => "miss",
@@ -293,7 +291,7 @@ impl Outcome {
     }
 
     /// A revalidated entry (the upstream answered 304) is served from the cache: a hit.
-    pub fn of(phase: CachePhase) -> Outcome {
+    pub(crate) fn of(phase: CachePhase) -> Outcome {
         match phase {
             CachePhase::Hit | CachePhase::Revalidated => Outcome::Hit,
             CachePhase::Stale | CachePhase::StaleUpdating => Outcome::Stale,

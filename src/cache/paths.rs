@@ -11,13 +11,13 @@ const SHARDS: usize = 16;
 /// Entry slots by path without its query. The shelf keeps it in step with its entries:
 /// a slot is added before its entry is stored and removed when the entry leaves, so it
 /// never holds more slots than the cache holds entries (plus those in flight).
-pub struct PathIndex {
+pub(crate) struct PathIndex {
     hasher: RandomState,
     shards: [Mutex<HashMap<Box<str>, Vec<u128>>>; SHARDS],
 }
 
 impl PathIndex {
-    pub fn new() -> PathIndex {
+    pub(crate) fn new() -> PathIndex {
         PathIndex {
             hasher: RandomState::new(),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
@@ -32,7 +32,7 @@ impl PathIndex {
     }
 
     /// Records that `slot` holds a response for `path` (query included or not).
-    pub fn add(&self, path: &str, slot: u128) {
+    pub(crate) fn add(&self, path: &str, slot: u128) {
         let base = base(path);
         let mut shard = self.shard(base);
         let slots = shard.entry(base.into()).or_default();
@@ -41,7 +41,7 @@ impl PathIndex {
         }
     }
 
-    pub fn remove(&self, path: &str, slot: u128) {
+    pub(crate) fn remove(&self, path: &str, slot: u128) {
         let base = base(path);
         let mut shard = self.shard(base);
         if let Some(slots) = shard.get_mut(base) {
@@ -53,13 +53,13 @@ impl PathIndex {
     }
 
     /// The slots of every response stored for `path`, whatever their query.
-    pub fn slots(&self, path: &str) -> Vec<u128> {
+    pub(crate) fn slots(&self, path: &str) -> Vec<u128> {
         let base = base(path);
         self.shard(base).get(base).cloned().unwrap_or_default()
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap().values().map(Vec::len).sum::<usize>())

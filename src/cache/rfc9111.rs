@@ -28,7 +28,7 @@ pub fn request_bypass(rc: &RouteCache, req: &RequestHeader) -> Option<&'static s
 /// request with credentials, on a route that does not cache per user, only gets what
 /// the origin marked shareable (`public`, `s-maxage`, `must-revalidate`), never what an
 /// anonymous request stored.
-pub fn credentials_allow(rc: &RouteCache, req: &RequestHeader, stored: &ResponseHeader) -> bool {
+pub(crate) fn credentials_allow(rc: &RouteCache, req: &RequestHeader, stored: &ResponseHeader) -> bool {
     rc.per_user
         || !req.headers.contains_key(http::header::AUTHORIZATION)
         || CacheControl::from_resp_headers(stored)
@@ -52,7 +52,7 @@ pub fn request_wants_revalidation(req: &RequestHeader) -> bool {
 /// served for another), the path and query, the route, the user when the route caches
 /// per user, and the route's `vary` headers. The upstream's own `Vary` is a variance
 /// on top (see [`variance`]).
-pub fn key(
+pub(crate) fn key(
     rc: &RouteCache,
     route: &str,
     req: &RequestHeader,
@@ -219,7 +219,7 @@ pub(super) fn keep_for(meta: &CacheMeta) -> Duration {
 
 /// Whether an upstream outcome lets a stale entry stand in (RFC 5861 stale-if-error):
 /// the upstream failed, timed out, answered 5xx, or its circuit is open.
-pub fn error_allows_stale(error: &pingora::Error) -> bool {
+pub(crate) fn error_allows_stale(error: &pingora::Error) -> bool {
     use pingora::ErrorType::*;
     match error.etype() {
         HTTPStatus(status) => *status >= 500,

@@ -8,17 +8,17 @@ use serde_saphyr::Spanned;
 /// Who the user of a request is (SPEC §3 `identity`).
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdentityConfig {
+pub(crate) struct IdentityConfig {
     #[serde(default)]
-    pub api_keys: Option<ApiKeysConfig>,
+    pub(crate) api_keys: Option<ApiKeysConfig>,
     #[serde(default)]
-    pub jwt: Option<JwtConfig>,
+    pub(crate) jwt: Option<JwtConfig>,
     #[serde(default)]
-    pub trusted_user_header: Option<Spanned<String>>,
+    pub(crate) trusted_user_header: Option<Spanned<String>>,
     #[serde(default)]
-    pub on_invalid: OnInvalid,
+    pub(crate) on_invalid: OnInvalid,
     #[serde(default = "default_tier")]
-    pub default_tier: String,
+    pub(crate) default_tier: String,
 }
 
 fn default_tier() -> String {
@@ -27,7 +27,7 @@ fn default_tier() -> String {
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum OnInvalid {
+pub(crate) enum OnInvalid {
     #[default]
     Reject,
     Anonymous,
@@ -35,13 +35,13 @@ pub enum OnInvalid {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ApiKeysConfig {
+pub(crate) struct ApiKeysConfig {
     #[serde(default = "default_api_key_header")]
-    pub header: Spanned<String>,
+    pub(crate) header: Spanned<String>,
     #[serde(default)]
-    pub keys: Vec<ApiKeyEntry>,
+    pub(crate) keys: Vec<ApiKeyEntry>,
     #[serde(default)]
-    pub file: Option<Spanned<String>>,
+    pub(crate) file: Option<Spanned<String>>,
 }
 
 fn default_api_key_header() -> Spanned<String> {
@@ -51,36 +51,36 @@ fn default_api_key_header() -> Spanned<String> {
 /// One API key, stored only as the sha256 of the raw key.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ApiKeyEntry {
-    pub sha256: Spanned<String>,
-    pub user: String,
+pub(crate) struct ApiKeyEntry {
+    pub(crate) sha256: Spanned<String>,
+    pub(crate) user: String,
     #[serde(default)]
-    pub tier: Option<String>,
+    pub(crate) tier: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct JwtConfig {
+pub(crate) struct JwtConfig {
     #[serde(default = "default_jwt_header")]
-    pub header: Spanned<String>,
+    pub(crate) header: Spanned<String>,
     #[serde(default = "default_algorithms")]
-    pub algorithms: Vec<Spanned<String>>,
+    pub(crate) algorithms: Vec<Spanned<String>>,
     #[serde(default)]
-    pub hs256_secret_env: Option<Spanned<String>>,
+    pub(crate) hs256_secret_env: Option<Spanned<String>>,
     #[serde(default)]
-    pub public_keys: Vec<Spanned<String>>,
+    pub(crate) public_keys: Vec<Spanned<String>>,
     #[serde(default)]
-    pub jwks_file: Option<Spanned<String>>,
+    pub(crate) jwks_file: Option<Spanned<String>>,
     #[serde(default)]
-    pub issuer: Option<String>,
+    pub(crate) issuer: Option<String>,
     #[serde(default)]
-    pub audience: Option<String>,
+    pub(crate) audience: Option<String>,
     #[serde(default = "default_user_claim")]
-    pub user_claim: String,
+    pub(crate) user_claim: String,
     #[serde(default = "default_tier_claim")]
-    pub tier_claim: String,
+    pub(crate) tier_claim: String,
     #[serde(default = "default_leeway")]
-    pub leeway: Duration,
+    pub(crate) leeway: Duration,
 }
 
 fn default_jwt_header() -> Spanned<String> {

@@ -10,24 +10,24 @@ use std::fmt;
 /// One rate-limit rule (SPEC §3 `rate_limits`).
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RateLimitRule {
-    pub name: Spanned<String>,
-    pub key: Spanned<RuleKey>,
-    pub rate: Spanned<RuleRate>,
+pub(crate) struct RateLimitRule {
+    pub(crate) name: Spanned<String>,
+    pub(crate) key: Spanned<RuleKey>,
+    pub(crate) rate: Spanned<RuleRate>,
     #[serde(default)]
-    pub burst: Option<u32>,
+    pub(crate) burst: Option<u32>,
     #[serde(default)]
-    pub when: When,
+    pub(crate) when: When,
     #[serde(default)]
-    pub routes: Option<Vec<Spanned<String>>>,
+    pub(crate) routes: Option<Vec<Spanned<String>>>,
     #[serde(default)]
-    pub shadow: bool,
+    pub(crate) shadow: bool,
 }
 
 /// `key: user` or `key: [user, route]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
-pub enum RuleKey {
+pub(crate) enum RuleKey {
     One(String),
     Composite(Vec<String>),
 }
@@ -35,7 +35,7 @@ pub enum RuleKey {
 /// `rate: 20/min` or per tier `rate: { free: 10/min, standard: 100/min }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
-pub enum RuleRate {
+pub(crate) enum RuleRate {
     One(crate::units::Rate),
     PerTier(BTreeMap<String, crate::units::Rate>),
 }
@@ -64,7 +64,7 @@ impl<'de> Deserialize<'de> for RuleRate {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum When {
+pub(crate) enum When {
     #[default]
     Always,
     Anonymous,
@@ -73,11 +73,11 @@ pub enum When {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RateLimitingConfig {
-    pub backend: Spanned<Backend>,
-    pub redis: Option<RedisConfig>,
-    pub headers: HeadersMode,
-    pub max_keys: usize,
+pub(crate) struct RateLimitingConfig {
+    pub(crate) backend: Spanned<Backend>,
+    pub(crate) redis: Option<RedisConfig>,
+    pub(crate) headers: HeadersMode,
+    pub(crate) max_keys: usize,
 }
 
 impl Default for RateLimitingConfig {
@@ -98,7 +98,7 @@ impl Default for RateLimitingConfig {
 /// Where buckets live: in this process, or in Redis so that replicas share them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Backend {
+pub(crate) enum Backend {
     #[default]
     Local,
     Redis,
@@ -107,14 +107,14 @@ pub enum Backend {
 /// The shared bucket store (SPEC §3 `rate_limiting.redis`).
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RedisConfig {
-    pub url: Option<Spanned<String>>,
+pub(crate) struct RedisConfig {
+    pub(crate) url: Option<Spanned<String>>,
     #[serde(default)]
-    pub cluster: Option<Spanned<Vec<String>>>,
+    pub(crate) cluster: Option<Spanned<Vec<String>>>,
     #[serde(default = "default_redis_timeout")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     #[serde(default)]
-    pub on_error: OnRedisError,
+    pub(crate) on_error: OnRedisError,
 }
 
 pub(super) fn default_redis_timeout() -> Duration {
@@ -124,7 +124,7 @@ pub(super) fn default_redis_timeout() -> Duration {
 /// What a request gets when Redis does not answer within `timeout`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OnRedisError {
+pub(crate) enum OnRedisError {
     /// This replica's own buckets decide (each replica then admits up to the full rate).
     #[default]
     Local,
@@ -134,7 +134,7 @@ pub enum OnRedisError {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum HeadersMode {
+pub(crate) enum HeadersMode {
     #[default]
     Draft,
     Legacy,
@@ -145,15 +145,15 @@ pub enum HeadersMode {
 /// SPEC §3 `shedding`: the load signal and the levels it moves through.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SheddingConfig {
-    pub max_inflight: usize,
-    pub latency_target: Option<Duration>,
-    pub cpu: bool,
-    pub smoothing: Duration,
-    pub levels: Spanned<Vec<ShedLevelConfig>>,
-    pub recover_below_margin: Percent,
-    pub hold: Duration,
-    pub retry_after: Duration,
+pub(crate) struct SheddingConfig {
+    pub(crate) max_inflight: usize,
+    pub(crate) latency_target: Option<Duration>,
+    pub(crate) cpu: bool,
+    pub(crate) smoothing: Duration,
+    pub(crate) levels: Spanned<Vec<ShedLevelConfig>>,
+    pub(crate) recover_below_margin: Percent,
+    pub(crate) hold: Duration,
+    pub(crate) retry_after: Duration,
 }
 
 impl Default for SheddingConfig {
@@ -189,12 +189,12 @@ impl Default for SheddingConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ShedLevelConfig {
-    pub above: Percent,
+pub(crate) struct ShedLevelConfig {
+    pub(crate) above: Percent,
     #[serde(default)]
-    pub shed: Vec<Priority>,
+    pub(crate) shed: Vec<Priority>,
     #[serde(default = "default_limit_scale")]
-    pub limit_scale: f64,
+    pub(crate) limit_scale: f64,
 }
 
 fn default_limit_scale() -> f64 {
@@ -204,7 +204,7 @@ fn default_limit_scale() -> f64 {
 /// How much a route matters when the gateway is overloaded (`critical` is never shed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Priority {
+pub(crate) enum Priority {
     Critical,
     High,
     #[default]
@@ -213,7 +213,7 @@ pub enum Priority {
 }
 
 impl Priority {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Priority::Critical => "critical",
             Priority::High => "high",

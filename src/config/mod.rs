@@ -10,10 +10,10 @@ mod limits;
 mod routes;
 mod upstreams;
 
-pub use identity::*;
-pub use limits::*;
-pub use routes::*;
-pub use upstreams::*;
+pub(crate) use identity::*;
+pub(crate) use limits::*;
+pub(crate) use routes::*;
+pub(crate) use upstreams::*;
 
 use crate::units::{Duration, Size};
 use serde::{Deserialize, Serialize};
@@ -25,42 +25,42 @@ use std::path::Path;
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub version: Spanned<u32>,
+    pub(crate) version: Spanned<u32>,
     #[serde(default)]
-    pub server: ServerConfig,
+    pub(crate) server: ServerConfig,
     #[serde(default)]
-    pub admin: AdminConfig,
-    pub upstreams: Spanned<BTreeMap<String, UpstreamConfig>>,
-    pub routes: Vec<RouteConfig>,
+    pub(crate) admin: AdminConfig,
+    pub(crate) upstreams: Spanned<BTreeMap<String, UpstreamConfig>>,
+    pub(crate) routes: Vec<RouteConfig>,
     #[serde(default)]
-    pub identity: Option<IdentityConfig>,
+    pub(crate) identity: Option<IdentityConfig>,
     #[serde(default)]
-    pub rate_limits: Vec<RateLimitRule>,
+    pub(crate) rate_limits: Vec<RateLimitRule>,
     #[serde(default)]
-    pub rate_limiting: RateLimitingConfig,
+    pub(crate) rate_limiting: RateLimitingConfig,
     #[serde(default)]
-    pub shedding: Option<SheddingConfig>,
+    pub(crate) shedding: Option<SheddingConfig>,
     #[serde(default)]
-    pub access_log: AccessLogConfig,
+    pub(crate) access_log: AccessLogConfig,
     #[serde(default)]
-    pub cache: CacheConfig,
+    pub(crate) cache: CacheConfig,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    pub listen: Vec<Spanned<String>>,
-    pub tls: Option<TlsConfig>,
-    pub threads: usize,
-    pub max_request_body: Size,
-    pub trusted_proxies: Vec<Spanned<String>>,
-    pub request_id_header: Spanned<String>,
-    pub response_headers: BTreeMap<String, String>,
-    pub shutdown_grace: Duration,
-    pub idle_timeout: Duration,
-    pub header_timeout: Duration,
-    pub body_timeout: Duration,
-    pub allow_underscores_in_headers: bool,
+pub(crate) struct ServerConfig {
+    pub(crate) listen: Vec<Spanned<String>>,
+    pub(crate) tls: Option<TlsConfig>,
+    pub(crate) threads: usize,
+    pub(crate) max_request_body: Size,
+    pub(crate) trusted_proxies: Vec<Spanned<String>>,
+    pub(crate) request_id_header: Spanned<String>,
+    pub(crate) response_headers: BTreeMap<String, String>,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) header_timeout: Duration,
+    pub(crate) body_timeout: Duration,
+    pub(crate) allow_underscores_in_headers: bool,
 }
 
 impl Default for ServerConfig {
@@ -84,18 +84,18 @@ impl Default for ServerConfig {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub listen: Spanned<String>,
-    pub cert: Spanned<String>,
-    pub key: Spanned<String>,
+pub(crate) struct TlsConfig {
+    pub(crate) listen: Spanned<String>,
+    pub(crate) cert: Spanned<String>,
+    pub(crate) key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    pub listen: Spanned<String>,
+pub(crate) struct AdminConfig {
+    pub(crate) listen: Spanned<String>,
     /// SPEC §3: in force whether the key, or the whole section, is written or not.
-    pub token_env: String,
+    pub(crate) token_env: String,
 }
 
 impl Default for AdminConfig {
@@ -109,15 +109,15 @@ impl Default for AdminConfig {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AccessLogConfig {
-    pub enabled: bool,
-    pub redact_headers: Vec<String>,
+pub(crate) struct AccessLogConfig {
+    pub(crate) enabled: bool,
+    pub(crate) redact_headers: Vec<String>,
     /// Bytes gathered before a write (nginx's `buffer=`).
-    pub buffer: Size,
+    pub(crate) buffer: Size,
     /// The longest a line waits in the buffer (nginx's `flush=`).
-    pub flush: Duration,
+    pub(crate) flush: Duration,
     /// A file to append to (reopened on SIGUSR1); standard output when absent.
-    pub path: Option<String>,
+    pub(crate) path: Option<String>,
 }
 
 impl Default for AccessLogConfig {
@@ -137,7 +137,7 @@ impl Default for AccessLogConfig {
 }
 
 /// A value that did not come from the file (a default); errors about it name the file only.
-pub fn unlocated<T>(value: T) -> Spanned<T> {
+pub(crate) fn unlocated<T>(value: T) -> Spanned<T> {
     Spanned::new(
         value,
         serde_saphyr::Location::UNKNOWN,
@@ -169,7 +169,7 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    pub fn at(file: &Path, location: &serde_saphyr::Location, message: impl Into<String>) -> Self {
+    pub(crate) fn at(file: &Path, location: &serde_saphyr::Location, message: impl Into<String>) -> Self {
         let (line, column) = if *location == serde_saphyr::Location::UNKNOWN {
             (0, 0)
         } else {
@@ -194,7 +194,7 @@ impl ConfigError {
 }
 
 /// Parses an API key file: the same list as `identity.api_keys.keys`.
-pub fn parse_api_keys(file: &Path, text: &str) -> Result<Vec<ApiKeyEntry>, ConfigError> {
+pub(crate) fn parse_api_keys(file: &Path, text: &str) -> Result<Vec<ApiKeyEntry>, ConfigError> {
     serde_saphyr::from_str::<Vec<ApiKeyEntry>>(text).map_err(|e| located(file, &e))
 }
 

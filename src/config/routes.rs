@@ -12,35 +12,35 @@ use std::fmt;
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    pub name: Spanned<String>,
+pub(crate) struct RouteConfig {
+    pub(crate) name: Spanned<String>,
     #[serde(rename = "match", default)]
-    pub matcher: MatchConfig,
-    pub upstream: Spanned<UpstreamRef>,
+    pub(crate) matcher: MatchConfig,
+    pub(crate) upstream: Spanned<UpstreamRef>,
     #[serde(default)]
-    pub slo: Option<SloConfig>,
+    pub(crate) slo: Option<SloConfig>,
     #[serde(default)]
-    pub timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
     #[serde(default)]
-    pub strip_prefix: bool,
+    pub(crate) strip_prefix: bool,
     #[serde(default)]
-    pub fallback: Option<FallbackConfig>,
+    pub(crate) fallback: Option<FallbackConfig>,
     #[serde(default)]
-    pub priority: Priority,
+    pub(crate) priority: Priority,
     #[serde(default, deserialize_with = "route_cache")]
-    pub cache: Option<RouteCacheConfig>,
+    pub(crate) cache: Option<RouteCacheConfig>,
 }
 
 /// What a route answers instead of 503 when its pool's circuit is open.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FallbackConfig {
+pub(crate) struct FallbackConfig {
     #[serde(default = "default_fallback_status")]
-    pub status: Spanned<u16>,
+    pub(crate) status: Spanned<u16>,
     #[serde(default = "default_fallback_content_type")]
-    pub content_type: String,
+    pub(crate) content_type: String,
     #[serde(default)]
-    pub body: String,
+    pub(crate) body: String,
 }
 
 fn default_fallback_status() -> Spanned<u16> {
@@ -57,21 +57,21 @@ fn default_fallback_content_type() -> String {
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct MatchConfig {
-    pub path: Option<Spanned<String>>,
-    pub path_prefix: Option<Spanned<String>>,
-    pub path_regex: Option<Spanned<String>>,
+pub(crate) struct MatchConfig {
+    pub(crate) path: Option<Spanned<String>>,
+    pub(crate) path_prefix: Option<Spanned<String>>,
+    pub(crate) path_regex: Option<Spanned<String>>,
     #[serde(default)]
-    pub methods: Vec<Spanned<String>>,
-    pub host: Option<Spanned<String>>,
+    pub(crate) methods: Vec<Spanned<String>>,
+    pub(crate) host: Option<Spanned<String>>,
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub(crate) headers: BTreeMap<String, String>,
 }
 
 /// A route's target: one pool, or a weighted split `{ app: 95, app-v2: 5 }` for canaries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
-pub enum UpstreamRef {
+pub(crate) enum UpstreamRef {
     Pool(String),
     Split(Vec<(String, u32)>),
 }
@@ -106,30 +106,30 @@ impl<'de> Deserialize<'de> for UpstreamRef {
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct SloConfig {
-    pub availability: Option<Percent>,
-    pub p95: Option<Duration>,
-    pub p99: Option<Duration>,
+pub(crate) struct SloConfig {
+    pub(crate) availability: Option<Percent>,
+    pub(crate) p95: Option<Duration>,
+    pub(crate) p99: Option<Duration>,
 }
 
 /// SPEC §3 `cache`: the bounds of the response cache shared by every caching route.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct CacheConfig {
-    pub max_size: Size,
-    pub max_entries: Spanned<u64>,
-    pub max_object: Size,
-    pub tag_header: String,
-    pub redis: Option<CacheRedisConfig>,
+pub(crate) struct CacheConfig {
+    pub(crate) max_size: Size,
+    pub(crate) max_entries: Spanned<u64>,
+    pub(crate) max_object: Size,
+    pub(crate) tag_header: String,
+    pub(crate) redis: Option<CacheRedisConfig>,
 }
 
 /// SPEC §3 `cache.redis`: a second tier shared by replicas.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct CacheRedisConfig {
-    pub url: Spanned<String>,
+pub(crate) struct CacheRedisConfig {
+    pub(crate) url: Spanned<String>,
     #[serde(default = "default_redis_timeout")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 impl Default for CacheConfig {
@@ -152,16 +152,16 @@ impl Default for CacheConfig {
 /// map turns it on with these settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RouteCacheConfig {
-    pub ttl: Duration,
-    pub force_ttl: bool,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
-    pub per_user: bool,
-    pub vary: Vec<Spanned<String>>,
-    pub methods: Vec<Spanned<String>>,
-    pub statuses: Vec<Spanned<u16>>,
-    pub warm: Vec<Spanned<String>>,
+pub(crate) struct RouteCacheConfig {
+    pub(crate) ttl: Duration,
+    pub(crate) force_ttl: bool,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
+    pub(crate) per_user: bool,
+    pub(crate) vary: Vec<Spanned<String>>,
+    pub(crate) methods: Vec<Spanned<String>>,
+    pub(crate) statuses: Vec<Spanned<u16>>,
+    pub(crate) warm: Vec<Spanned<String>>,
 }
 
 impl Default for RouteCacheConfig {

@@ -10,42 +10,42 @@ use std::fmt;
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    pub servers: Spanned<Vec<ServerEntry>>,
+pub(crate) struct UpstreamConfig {
+    pub(crate) servers: Spanned<Vec<ServerEntry>>,
     #[serde(default)]
-    pub balance: Balance,
+    pub(crate) balance: Balance,
     #[serde(default)]
-    pub hash_on: Option<Spanned<String>>,
+    pub(crate) hash_on: Option<Spanned<String>>,
     #[serde(default)]
-    pub tls: UpstreamTls,
+    pub(crate) tls: UpstreamTls,
     #[serde(default)]
-    pub timeouts: Timeouts,
+    pub(crate) timeouts: Timeouts,
     #[serde(default = "default_keepalive")]
-    pub keepalive: usize,
+    pub(crate) keepalive: usize,
     #[serde(default)]
-    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    pub(crate) circuit_breaker: Option<CircuitBreakerConfig>,
     #[serde(default)]
-    pub health_check: Option<HealthCheckConfig>,
+    pub(crate) health_check: Option<HealthCheckConfig>,
     #[serde(default)]
-    pub outlier: Option<OutlierConfig>,
+    pub(crate) outlier: Option<OutlierConfig>,
     #[serde(default)]
-    pub retry: Option<RetryConfig>,
+    pub(crate) retry: Option<RetryConfig>,
     #[serde(default)]
-    pub max_concurrent: Option<Spanned<usize>>,
+    pub(crate) max_concurrent: Option<Spanned<usize>>,
     #[serde(default)]
-    pub queue: Option<QueueConfig>,
+    pub(crate) queue: Option<QueueConfig>,
 }
 
 /// Active health checks per server (SPEC §3 `upstreams.*.health_check`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct HealthCheckConfig {
-    pub path: Spanned<String>,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy_after: u32,
-    pub unhealthy_after: u32,
-    pub expect: Spanned<String>,
+pub(crate) struct HealthCheckConfig {
+    pub(crate) path: Spanned<String>,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) healthy_after: u32,
+    pub(crate) unhealthy_after: u32,
+    pub(crate) expect: Spanned<String>,
 }
 
 impl Default for HealthCheckConfig {
@@ -65,10 +65,10 @@ impl Default for HealthCheckConfig {
 /// Passive outlier ejection per server (SPEC §3 `upstreams.*.outlier`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct OutlierConfig {
-    pub consecutive_failures: u32,
-    pub eject_for: Duration,
-    pub max_ejected: Percent,
+pub(crate) struct OutlierConfig {
+    pub(crate) consecutive_failures: u32,
+    pub(crate) eject_for: Duration,
+    pub(crate) max_ejected: Percent,
 }
 
 impl Default for OutlierConfig {
@@ -84,13 +84,13 @@ impl Default for OutlierConfig {
 /// SPEC §3 `upstreams.*.retry`; omitted keys take the SPEC's values.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    pub attempts: u32,
-    pub on: Spanned<Vec<FailureCondition>>,
-    pub methods: Vec<Spanned<String>>,
-    pub backoff: BackoffConfig,
-    pub budget: Percent,
-    pub min_retries_per_second: u32,
+pub(crate) struct RetryConfig {
+    pub(crate) attempts: u32,
+    pub(crate) on: Spanned<Vec<FailureCondition>>,
+    pub(crate) methods: Vec<Spanned<String>>,
+    pub(crate) backoff: BackoffConfig,
+    pub(crate) budget: Percent,
+    pub(crate) min_retries_per_second: u32,
 }
 
 impl Default for RetryConfig {
@@ -121,9 +121,9 @@ impl Default for RetryConfig {
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct BackoffConfig {
-    pub base: Duration,
-    pub max: Duration,
+pub(crate) struct BackoffConfig {
+    pub(crate) base: Duration,
+    pub(crate) max: Duration,
 }
 
 impl Default for BackoffConfig {
@@ -138,10 +138,10 @@ impl Default for BackoffConfig {
 /// The waiting room in front of a full bulkhead.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct QueueConfig {
-    pub max: usize,
+pub(crate) struct QueueConfig {
+    pub(crate) max: usize,
     #[serde(default = "default_queue_timeout")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 fn default_queue_timeout() -> Duration {
@@ -151,16 +151,16 @@ fn default_queue_timeout() -> Duration {
 /// SPEC §3 `upstreams.*.circuit_breaker`; omitted keys take the SPEC's values.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct CircuitBreakerConfig {
-    pub consecutive_failures: u32,
-    pub failure_rate: Percent,
-    pub min_requests: u32,
-    pub window: Duration,
-    pub open_for: Duration,
-    pub half_open_requests: u32,
-    pub success_threshold: u32,
-    pub max_open_for: Duration,
-    pub failure_on: Spanned<Vec<FailureCondition>>,
+pub(crate) struct CircuitBreakerConfig {
+    pub(crate) consecutive_failures: u32,
+    pub(crate) failure_rate: Percent,
+    pub(crate) min_requests: u32,
+    pub(crate) window: Duration,
+    pub(crate) open_for: Duration,
+    pub(crate) half_open_requests: u32,
+    pub(crate) success_threshold: u32,
+    pub(crate) max_open_for: Duration,
+    pub(crate) failure_on: Spanned<Vec<FailureCondition>>,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -192,7 +192,7 @@ impl Default for CircuitBreakerConfig {
 /// One entry of `failure_on`: a status code, or `5xx`, `connect_error`, `timeout`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
-pub enum FailureCondition {
+pub(crate) enum FailureCondition {
     Status(u16),
     Word(String),
 }
@@ -203,10 +203,10 @@ fn default_keepalive() -> usize {
 
 /// One upstream server: `"127.0.0.1:3000"` or `{ addr: …, weight: 2, backup: true }`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct ServerEntry {
-    pub addr: Spanned<String>,
-    pub weight: u32,
-    pub backup: bool,
+pub(crate) struct ServerEntry {
+    pub(crate) addr: Spanned<String>,
+    pub(crate) weight: u32,
+    pub(crate) backup: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -268,7 +268,7 @@ impl<'de> Deserialize<'de> for ServerEntry {
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
-pub enum Balance {
+pub(crate) enum Balance {
     #[default]
     RoundRobin,
     LeastConn,
@@ -278,11 +278,11 @@ pub enum Balance {
 
 /// `tls: false`, `tls: true` or `tls: { sni, verify, ca }` towards the upstream servers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
-pub struct UpstreamTls {
-    pub enabled: bool,
-    pub sni: Option<String>,
-    pub verify: bool,
-    pub ca: Option<Spanned<String>>,
+pub(crate) struct UpstreamTls {
+    pub(crate) enabled: bool,
+    pub(crate) sni: Option<String>,
+    pub(crate) verify: bool,
+    pub(crate) ca: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -331,11 +331,11 @@ impl<'de> Deserialize<'de> for UpstreamTls {
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields, default)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub read: Duration,
-    pub write: Duration,
-    pub idle: Duration,
+pub(crate) struct Timeouts {
+    pub(crate) connect: Duration,
+    pub(crate) read: Duration,
+    pub(crate) write: Duration,
+    pub(crate) idle: Duration,
 }
 
 impl Default for Timeouts {

@@ -15,8 +15,8 @@ use std::time::Duration;
 /// How often the service looks for probes that are due.
 const TICK: Duration = Duration::from_millis(100);
 
-pub struct HealthChecker {
-    pub gateway: Arc<Gateway>,
+pub(crate) struct HealthChecker {
+    pub(crate) gateway: Arc<Gateway>,
 }
 
 #[async_trait::async_trait]

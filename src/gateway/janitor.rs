@@ -9,8 +9,8 @@ use std::time::Duration;
 
 const INTERVAL: Duration = Duration::from_secs(5);
 
-pub struct Janitor {
-    pub gateway: Arc<Gateway>,
+pub(crate) struct Janitor {
+    pub(crate) gateway: Arc<Gateway>,
 }
 
 #[async_trait::async_trait]

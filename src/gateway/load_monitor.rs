@@ -9,8 +9,8 @@ use pingora::services::background::BackgroundService;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub struct LoadMonitor {
-    pub gateway: Arc<Gateway>,
+pub(crate) struct LoadMonitor {
+    pub(crate) gateway: Arc<Gateway>,
 }
 
 #[async_trait::async_trait]
@@ -36,7 +36,7 @@ impl BackgroundService for LoadMonitor {
 /// Forces `level` for `duration`, in force for the very next request (an operator
 /// forcing a level in an incident expects that); `None` returns to automatic at the
 /// monitor's next tick.
-pub fn force(gateway: &Gateway, level: Option<(u8, Duration)>) {
+pub(crate) fn force(gateway: &Gateway, level: Option<(u8, Duration)>) {
     gateway.load.set_forced(level);
     if let Some((level, _)) = level {
         let levels = gateway

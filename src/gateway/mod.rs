@@ -4,11 +4,11 @@
 //! (`shed`, `health`, `ratelimit`, `cache`) know their own state; only this module
 //! knows the gateway.
 
-pub mod health_checker;
-pub mod janitor;
-pub mod load_monitor;
-pub mod reload;
-pub mod warmer;
+pub(crate) mod health_checker;
+pub(crate) mod janitor;
+pub(crate) mod load_monitor;
+pub(crate) mod reload;
+pub(crate) mod warmer;
 
 use crate::events::EventLog;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -20,19 +20,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub struct Gateway {
-    pub policy: ArcSwap<Policy>,
-    pub policy_path: PathBuf,
-    pub metrics: Metrics,
-    pub events: Arc<EventLog>,
+pub(crate) struct Gateway {
+    pub(crate) policy: ArcSwap<Policy>,
+    pub(crate) policy_path: PathBuf,
+    pub(crate) metrics: Metrics,
+    pub(crate) events: Arc<EventLog>,
     /// The load level and its signals, kept by the shedding monitor.
-    pub load: crate::shed::Load,
+    pub(crate) load: crate::shed::Load,
     /// Counts requests no route matched, under route `_unmatched`.
-    pub unmatched: RouteMetrics,
+    pub(crate) unmatched: RouteMetrics,
     /// The response cache's storage, shared by every caching route and generation.
-    pub cache: &'static crate::cache::Store,
+    pub(crate) cache: &'static crate::cache::Store,
     /// The access log's queue to its writer thread.
-    pub access_log: crate::access_log::Sink,
+    pub(crate) access_log: crate::access_log::Sink,
     inflight: AtomicUsize,
     /// The factor every rate limit is multiplied by (f64 bits); 1.0 unless load
     /// shedding lowers it.
@@ -45,7 +45,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(policy: Policy, metrics: Metrics, events: Arc<EventLog>) -> Arc<Gateway> {
+    pub(crate) fn new(policy: Policy, metrics: Metrics, events: Arc<EventLog>) -> Arc<Gateway> {
         metrics.config_generation.set(policy.generation as i64);
         metrics.config_last_success.set(unix_now() as i64);
         let seen = Some(policy.sha256.clone());
@@ -80,16 +80,16 @@ impl Gateway {
         })
     }
 
-    pub fn inflight(&self) -> usize {
+    pub(crate) fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
     }
 
-    pub fn limit_scale(&self) -> f64 {
+    pub(crate) fn limit_scale(&self) -> f64 {
         f64::from_bits(self.limit_scale.load(Ordering::Relaxed))
     }
 
     /// Scales every rate limit's rate and burst (SPEC: `limit_scale` of a shedding level).
-    pub fn set_limit_scale(&self, scale: f64) {
+    pub(crate) fn set_limit_scale(&self, scale: f64) {
         let scale = if scale.is_finite() && scale > 0.0 {
             scale
         } else {
@@ -98,32 +98,32 @@ impl Gateway {
         self.limit_scale.store(scale.to_bits(), Ordering::Relaxed);
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
 
     /// A graceful upgrade is handing the listening sockets to a new process.
-    pub fn start_hand_over(&self) {
+    pub(crate) fn start_hand_over(&self) {
         self.handing_over.store(true, Ordering::Release);
     }
 
     /// Whether responses should end their connection: while the process is on its way
     /// out, clients are sent to a fresh connection (which the new process, or another
     /// replica, accepts) instead of having an idle keep-alive one closed under them.
-    pub fn closes_connections(&self) -> bool {
+    pub(crate) fn closes_connections(&self) -> bool {
         self.draining.load(Ordering::Relaxed) || self.handing_over.load(Ordering::Relaxed)
     }
 }
 
 /// One request counted in flight, from its context's creation to its drop.
-pub struct InflightRequest(Arc<Gateway>);
+pub(crate) struct InflightRequest(Arc<Gateway>);
 
 impl InflightRequest {
-    pub fn new(gateway: &Arc<Gateway>) -> Self {
+    pub(crate) fn new(gateway: &Arc<Gateway>) -> Self {
         gateway.inflight.fetch_add(1, Ordering::AcqRel);
         gateway.metrics.inflight.inc();
         InflightRequest(gateway.clone())
@@ -137,7 +137,7 @@ impl Drop for InflightRequest {
     }
 }
 
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     FileChange,
     Signal,
     Admin,
@@ -37,7 +37,7 @@ impl Trigger {
 }
 
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Reloaded {
         generation: u64,
         changes: Vec<String>,
@@ -50,7 +50,7 @@ pub enum Outcome {
 }
 
 /// Loads the policy file again and puts it in force if it is valid.
-pub fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec<ConfigError>> {
+pub(crate) fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec<ConfigError>> {
     let mut last_seen = gateway
         .reload_state
         .lock()
@@ -153,8 +153,8 @@ pub fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec<Config
 
 /// The background service that reloads on file changes and SIGHUP, and has the access
 /// log reopened on SIGUSR1.
-pub struct Watcher {
-    pub gateway: Arc<Gateway>,
+pub(crate) struct Watcher {
+    pub(crate) gateway: Arc<Gateway>,
 }
 
 const POLL_INTERVAL: Duration = Duration::from_secs(2);

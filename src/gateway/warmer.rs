@@ -20,8 +20,8 @@ const TICK: Duration = Duration::from_millis(500);
 const ROUNDS: u32 = 10;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub struct Warmer {
-    pub gateway: Arc<Gateway>,
+pub(crate) struct Warmer {
+    pub(crate) gateway: Arc<Gateway>,
 }
 
 #[async_trait::async_trait]

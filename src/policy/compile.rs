@@ -12,16 +12,16 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub struct Compile<'a> {
-    pub path: &'a Path,
-    pub errors: Vec<ConfigError>,
-    pub metrics: &'a Metrics,
-    pub events: &'a Arc<EventLog>,
-    pub read_files: Vec<PathBuf>,
+pub(crate) struct Compile<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) errors: Vec<ConfigError>,
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) events: &'a Arc<EventLog>,
+    pub(crate) read_files: Vec<PathBuf>,
 }
 
 impl<'a> Compile<'a> {
-    pub fn new(path: &'a Path, metrics: &'a Metrics, events: &'a Arc<EventLog>) -> Compile<'a> {
+    pub(crate) fn new(path: &'a Path, metrics: &'a Metrics, events: &'a Arc<EventLog>) -> Compile<'a> {
         Compile {
             path,
             errors: Vec::new(),
@@ -31,12 +31,12 @@ impl<'a> Compile<'a> {
         }
     }
 
-    pub fn error(&mut self, at: &Location, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, at: &Location, message: impl Into<String>) {
         self.errors.push(ConfigError::at(self.path, at, message));
     }
 
     /// `host:port`, resolved once now; an error at the value otherwise.
-    pub fn socket_addr(&mut self, text: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+    pub(crate) fn socket_addr(&mut self, text: &Spanned<String>, what: &str) -> Option<SocketAddr> {
         match text.value.parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
             Err(_) => match text.value.to_socket_addrs().map(|mut a| a.next()) {
@@ -53,7 +53,7 @@ impl<'a> Compile<'a> {
     }
 
     /// A path written in the policy, relative to the policy file's directory.
-    pub fn relative_path(&self, file: &str) -> PathBuf {
+    pub(crate) fn relative_path(&self, file: &str) -> PathBuf {
         let base = self.path.parent().unwrap_or(Path::new("."));
         base.join(file)
     }

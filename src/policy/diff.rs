@@ -16,31 +16,25 @@ use std::sync::Arc;
 
 /// Names added, changed and removed.
 #[derive(Debug, Default, PartialEq, Serialize)]
-pub struct Difference {
-    pub added: Vec<String>,
-    pub changed: Vec<String>,
-    pub removed: Vec<String>,
-}
-
-impl Difference {
-    fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
-    }
+pub(crate) struct Difference {
+    pub(crate) added: Vec<String>,
+    pub(crate) changed: Vec<String>,
+    pub(crate) removed: Vec<String>,
 }
 
 /// A route at another place in the list: routes match first to last.
 #[derive(Debug, PartialEq, Serialize)]
-pub struct Moved {
-    pub route: String,
+pub(crate) struct Moved {
+    pub(crate) route: String,
     /// 1-based positions.
-    pub from: usize,
-    pub to: usize,
+    pub(crate) from: usize,
+    pub(crate) to: usize,
 }
 
 /// State a reload does not carry over.
 #[derive(Debug, PartialEq, Serialize)]
 #[serde(tag = "part", rename_all = "snake_case")]
-pub enum Reset {
+pub(crate) enum Reset {
     /// A rule whose key, rate or burst changed: its buckets start full.
     RateLimit { rule: String, tracked_keys: usize },
     /// A removed rule: its buckets are dropped.
@@ -52,24 +46,24 @@ pub enum Reset {
 }
 
 #[derive(Debug, Default, Serialize)]
-pub struct PolicyDiff {
-    pub routes: Difference,
-    pub moved: Vec<Moved>,
-    pub upstreams: Difference,
-    pub rules: Difference,
-    pub reset: Vec<Reset>,
+pub(crate) struct PolicyDiff {
+    pub(crate) routes: Difference,
+    pub(crate) moved: Vec<Moved>,
+    pub(crate) upstreams: Difference,
+    pub(crate) rules: Difference,
+    pub(crate) reset: Vec<Reset>,
     /// Top-level sections whose settings changed (`server`, `identity`, …).
-    pub sections: Vec<&'static str>,
+    pub(crate) sections: Vec<&'static str>,
     /// Settings that take effect only after a restart.
-    pub restart_only: Vec<&'static str>,
+    pub(crate) restart_only: Vec<&'static str>,
     /// Health-checked servers no longer in the policy: `(upstream, server)`, whose
     /// metric series end.
     #[serde(skip)]
-    pub servers_removed: Vec<(String, String)>,
+    pub(crate) servers_removed: Vec<(String, String)>,
 }
 
 impl PolicyDiff {
-    pub fn between(old: &Policy, new: &Policy) -> PolicyDiff {
+    pub(crate) fn between(old: &Policy, new: &Policy) -> PolicyDiff {
         let mut diff = PolicyDiff::default();
         diff.compare_routes(old, new);
         diff.upstreams = compare_by_name(
@@ -133,18 +127,8 @@ impl PolicyDiff {
         diff
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-            && self.moved.is_empty()
-            && self.upstreams.is_empty()
-            && self.rules.is_empty()
-            && self.reset.is_empty()
-            && self.sections.is_empty()
-            && self.restart_only.is_empty()
-    }
-
     /// One line per change, as `check --against` prints them and the log records them.
-    pub fn lines(&self) -> Vec<String> {
+    pub(crate) fn lines(&self) -> Vec<String> {
         self.to_string().lines().map(str::to_string).collect()
     }
 
@@ -420,6 +404,6 @@ rate_limits:
         let json = serde_json::to_value(&diff).unwrap();
         assert_eq!(json["reset"][0]["part"], "rate_limit");
         assert_eq!(json["rules"]["changed"][0], "per-ip");
-        assert!(reload(BASE, BASE).is_empty());
+        assert!(reload(BASE, BASE).lines().is_empty());
     }
 }

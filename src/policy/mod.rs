@@ -7,10 +7,10 @@
 //! SLO windows, metric handles) of the previous policy wherever their definition
 //! did not change.
 
-pub mod compile;
+pub(crate) mod compile;
 mod diff;
 
-pub use diff::{Difference, Moved, PolicyDiff, Reset};
+pub(crate) use diff::PolicyDiff;
 
 use crate::config::{self, Config, ConfigError, Priority, SloConfig, UpstreamRef};
 use crate::events::EventLog;
@@ -29,95 +29,95 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub struct Policy {
-    pub generation: u64,
-    pub sha256: String,
-    pub loaded_at: SystemTime,
-    pub source: PathBuf,
-    pub server: ServerSettings,
-    pub admin: AdminSettings,
+    pub(crate) generation: u64,
+    pub(crate) sha256: String,
+    pub(crate) loaded_at: SystemTime,
+    pub(crate) source: PathBuf,
+    pub(crate) server: ServerSettings,
+    pub(crate) admin: AdminSettings,
     pub routes: Vec<Route>,
-    pub upstreams: BTreeMap<String, Arc<Pool>>,
-    pub access_log: AccessLog,
-    pub identity: Option<crate::identity::Identity>,
-    pub rate_limits: crate::ratelimit::RateLimits,
-    pub shedding: Option<crate::shed::Shedding>,
-    pub cache: crate::cache::Settings,
+    pub(crate) upstreams: BTreeMap<String, Arc<Pool>>,
+    pub(crate) access_log: AccessLog,
+    pub(crate) identity: Option<crate::identity::Identity>,
+    pub(crate) rate_limits: crate::ratelimit::RateLimits,
+    pub(crate) shedding: Option<crate::shed::Shedding>,
+    pub(crate) cache: crate::cache::Settings,
     /// Other files the policy reads (API keys, JWT keys): a change to one is a change
     /// to the policy, for the watcher and the generation.
-    pub read_files: Vec<PathBuf>,
+    pub(crate) read_files: Vec<PathBuf>,
     /// The parsed file, kept for `check --against` and for compiling the next generation.
-    pub config: Config,
+    pub(crate) config: Config,
 }
 
-pub struct ServerSettings {
-    pub listen: Vec<SocketAddr>,
-    pub tls: Option<TlsSettings>,
-    pub threads: usize,
-    pub max_request_body: u64,
-    pub trusted_proxies: Vec<IpNet>,
-    pub request_id_header: HeaderName,
-    pub response_headers: Vec<(HeaderName, HeaderValue)>,
-    pub shutdown_grace: Duration,
+pub(crate) struct ServerSettings {
+    pub(crate) listen: Vec<SocketAddr>,
+    pub(crate) tls: Option<TlsSettings>,
+    pub(crate) threads: usize,
+    pub(crate) max_request_body: u64,
+    pub(crate) trusted_proxies: Vec<IpNet>,
+    pub(crate) request_id_header: HeaderName,
+    pub(crate) response_headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) shutdown_grace: Duration,
     /// How long a client connection may sit without sending a request.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// How long a request head may take to arrive, from its first byte (408 after).
-    pub header_timeout: Duration,
+    pub(crate) header_timeout: Duration,
     /// The longest wait between two reads of a request body (408 after).
-    pub body_timeout: Duration,
+    pub(crate) body_timeout: Duration,
     /// `false`: framing field names spelled with `_` are refused, other `_` names are
     /// not forwarded (nginx's `underscores_in_headers off`).
-    pub allow_underscores_in_headers: bool,
+    pub(crate) allow_underscores_in_headers: bool,
 }
 
-pub struct TlsSettings {
-    pub listen: SocketAddr,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub(crate) struct TlsSettings {
+    pub(crate) listen: SocketAddr,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
-pub struct AdminSettings {
-    pub listen: SocketAddr,
+pub(crate) struct AdminSettings {
+    pub(crate) listen: SocketAddr,
     /// The bearer token mutating admin calls must carry, read from `token_env`.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
-pub struct AccessLog {
-    pub enabled: bool,
-    pub redact: Vec<HeaderName>,
-    pub output: crate::access_log::Output,
+pub(crate) struct AccessLog {
+    pub(crate) enabled: bool,
+    pub(crate) redact: Vec<HeaderName>,
+    pub(crate) output: crate::access_log::Output,
 }
 
 pub struct Route {
     pub name: Arc<str>,
-    pub matcher: RouteMatcher,
-    pub target: Target,
-    pub timeout: Option<Duration>,
+    pub(crate) matcher: RouteMatcher,
+    pub(crate) target: Target,
+    pub(crate) timeout: Option<Duration>,
     /// The prefix to remove from the path before forwarding (`strip_prefix: true`).
-    pub strip_prefix: Option<String>,
-    pub slo: Option<(SloConfig, Arc<SloTracker>)>,
-    pub metrics: Arc<RouteMetrics>,
+    pub(crate) strip_prefix: Option<String>,
+    pub(crate) slo: Option<(SloConfig, Arc<SloTracker>)>,
+    pub(crate) metrics: Arc<RouteMetrics>,
     /// Answered instead of 503 while the pool's circuit is open, or the route is shed.
-    pub fallback: Option<Fallback>,
-    pub priority: Priority,
+    pub(crate) fallback: Option<Fallback>,
+    pub(crate) priority: Priority,
     /// Counts this route's shed requests.
-    pub shed: prometheus::IntCounter,
+    pub(crate) shed: prometheus::IntCounter,
     pub cache: Option<crate::cache::RouteCache>,
 }
 
-pub struct Fallback {
-    pub status: http::StatusCode,
-    pub content_type: HeaderValue,
-    pub body: bytes::Bytes,
+pub(crate) struct Fallback {
+    pub(crate) status: http::StatusCode,
+    pub(crate) content_type: HeaderValue,
+    pub(crate) body: bytes::Bytes,
 }
 
-pub enum Target {
+pub(crate) enum Target {
     Pool(Arc<Pool>),
     /// Pools with cumulative weights: a request draws a number below the total.
     Split(Vec<(Arc<Pool>, u32)>),
 }
 
 impl Target {
-    pub fn choose(&self) -> &Arc<Pool> {
+    pub(crate) fn choose(&self) -> &Arc<Pool> {
         match self {
             Target::Pool(pool) => pool,
             Target::Split(split) => {
@@ -131,7 +131,7 @@ impl Target {
         }
     }
 
-    pub fn pools(&self) -> Vec<&Arc<Pool>> {
+    pub(crate) fn pools(&self) -> Vec<&Arc<Pool>> {
         match self {
             Target::Pool(pool) => vec![pool],
             Target::Split(split) => split.iter().map(|(pool, _)| pool).collect(),
@@ -150,7 +150,7 @@ impl Policy {
 
     /// The request as the rate-limit rules see it; anonymous requests are in the
     /// identity's default tier.
-    pub fn subject<'a>(
+    pub(crate) fn subject<'a>(
         &'a self,
         route: usize,
         client_ip: Option<IpAddr>,
@@ -168,7 +168,7 @@ impl Policy {
         }
     }
 
-    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+    pub(crate) fn is_trusted(&self, ip: IpAddr) -> bool {
         self.server
             .trusted_proxies
             .iter()
@@ -178,7 +178,7 @@ impl Policy {
 
 /// Reads, parses and compiles a policy file. `previous` donates state; `generation` is
 /// the number the result gets if its content differs from `previous`.
-pub fn load(
+pub(crate) fn load(
     path: &Path,
     previous: Option<&Policy>,
     metrics: &Metrics,

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 /// Renders this request's line and queues it.
-pub fn write(sink: &Sink, session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) {
+pub(crate) fn write(sink: &Sink, session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         return;
     }

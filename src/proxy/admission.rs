@@ -16,17 +16,17 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 /// The request as admission sees it.
-pub struct RequestView<'a> {
-    pub req: &'a RequestHeader,
+pub(crate) struct RequestView<'a> {
+    pub(crate) req: &'a RequestHeader,
     /// `forwarding::normalise`'s verdict on the request target and framing.
-    pub framing: Result<(), &'static str>,
+    pub(crate) framing: Result<(), &'static str>,
     /// The client's address (after trusted proxies), `None` when unknown.
-    pub client_ip: Option<IpAddr>,
+    pub(crate) client_ip: Option<IpAddr>,
     /// The TCP peer is a trusted proxy (its identity headers count).
-    pub peer_trusted: bool,
+    pub(crate) peer_trusted: bool,
 }
 
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// On to the pool (or the cache).
     Forward,
     /// The gateway answers with this problem.
@@ -37,7 +37,7 @@ pub enum Verdict {
 
 /// What the credentials turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Credentials {
+pub(crate) enum Credentials {
     /// No identity section: every request is anonymous.
     NotChecked,
     None,
@@ -47,21 +47,21 @@ pub enum Credentials {
 
 /// The verdict, and what admission learned on its way there: the proxy keeps it in the
 /// request's context, `/explain` reports it. A step not reached leaves its part empty.
-pub struct Admission {
-    pub verdict: Verdict,
-    pub route: Option<usize>,
-    pub credentials: Option<Credentials>,
+pub(crate) struct Admission {
+    pub(crate) verdict: Verdict,
+    pub(crate) route: Option<usize>,
+    pub(crate) credentials: Option<Credentials>,
     /// The resolved user; `None` is anonymous.
-    pub principal: Option<Arc<Principal>>,
+    pub(crate) principal: Option<Arc<Principal>>,
     /// Whether shedding was asked, and whether it shed the request.
-    pub shed: Option<bool>,
+    pub(crate) shed: Option<bool>,
     /// Every rule that applied, with its verdict, when the rate-limit step ran.
-    pub limits: Option<ratelimit::Outcome>,
+    pub(crate) limits: Option<ratelimit::Outcome>,
 }
 
 /// Decides `view` against `policy`. With `consume`, the rate-limit buckets are spent
 /// and the shedding counters count: a real request. Without, nothing changes.
-pub async fn admit(
+pub(crate) async fn admit(
     policy: &Policy,
     gateway: &Gateway,
     view: &RequestView<'_>,

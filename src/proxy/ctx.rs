@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Everything one request carries through the phases. The policy is loaded once, in
 /// `new_ctx`, so a request sees a single generation even if a reload lands mid-way.
-pub struct RequestCtx {
+pub(crate) struct RequestCtx {
     pub(crate) policy: Arc<Policy>,
     _inflight: InflightRequest,
     pub(crate) started: Instant,
@@ -92,7 +92,7 @@ impl RequestCtx {
         }
     }
 
-    pub fn route(&self) -> Option<&Route> {
+    pub(crate) fn route(&self) -> Option<&Route> {
         self.route.map(|i| &self.policy.routes[i])
     }
 

@@ -44,7 +44,7 @@ use admission::Verdict;
 use async_trait::async_trait;
 use attempt::attempt_failure;
 use bytes::Bytes;
-pub use ctx::RequestCtx;
+pub(crate) use ctx::RequestCtx;
 use pingora::cache::key::HashBinary;
 use pingora::cache::{
     CacheKey, CacheMeta, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
@@ -56,8 +56,8 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-pub struct Proxy {
-    pub gateway: Arc<Gateway>,
+pub(crate) struct Proxy {
+    pub(crate) gateway: Arc<Gateway>,
 }
 
 impl Proxy {

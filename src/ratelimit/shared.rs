@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// GCRA over microseconds (Lua numbers are doubles: nanoseconds since the epoch would
-/// lose precision). ARGV[1] is 1 to consume, 0 to only look; then per key: emission
+/// lose precision). `ARGV[1]` is 1 to consume, 0 to only look; then per key: emission
 /// interval, tolerance (emission × burst), shadow flag. Returns four integers per
 /// evaluated key: allowed, remaining, reset, retry after (µs).
 const GCRA_SCRIPT: &str = r#"
@@ -64,16 +64,16 @@ fn gcra_script() -> &'static redis::Script {
 }
 
 /// One bucket the script is asked about.
-pub struct SharedCheck {
-    pub key: String,
-    pub quota: Quota,
-    pub shadow: bool,
+pub(crate) struct SharedCheck {
+    pub(crate) key: String,
+    pub(crate) quota: Quota,
+    pub(crate) shadow: bool,
 }
 
 /// The Redis key of a bucket: readable up to the rule name, then a digest of the rule's
 /// definition and the key parts (so a changed rule starts fresh, and user names or
 /// header values of any length make keys of one size).
-pub fn bucket_key(rule: &str, definition: &str, parts: &[&[u8]]) -> String {
+pub(crate) fn bucket_key(rule: &str, definition: &str, parts: &[&[u8]]) -> String {
     let mut digest = Sha256::new();
     digest.update(definition.as_bytes());
     for part in parts {
@@ -92,17 +92,17 @@ pub fn bucket_key(rule: &str, definition: &str, parts: &[&[u8]]) -> String {
 }
 
 /// The backend as one policy configures it.
-pub struct SharedBuckets {
-    pub store: Arc<RedisStore>,
-    pub timeout: Duration,
-    pub on_error: OnRedisError,
+pub(crate) struct SharedBuckets {
+    pub(crate) store: Arc<RedisStore>,
+    pub(crate) timeout: Duration,
+    pub(crate) on_error: OnRedisError,
 }
 
 impl SharedBuckets {
     /// Asks Redis about `checks` in order; the answer covers the checks up to and
     /// including the first enforced denial. `Err` when Redis is skipped, fails or does
     /// not answer within the timeout.
-    pub async fn check(&self, checks: &[SharedCheck], consume: bool) -> Result<Vec<Verdict>, ()> {
+    pub(crate) async fn check(&self, checks: &[SharedCheck], consume: bool) -> Result<Vec<Verdict>, ()> {
         // A script may only touch keys of one cluster shard, and a request's buckets
         // hash to different ones: against a cluster, one round trip per bucket, in the
         // same order, stopping where the script would. All within the one timeout.

@@ -35,7 +35,7 @@ pub(super) const MAX_TAG_LEN: usize = 256;
 
 /// Which entries `POST /cache/purge` removes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selector {
+pub(crate) enum Selector {
     /// The path, with any query when it has none itself; exactly that path and query
     /// when it has one.
     Path(String),
@@ -156,9 +156,9 @@ impl Entry {
 }
 
 /// A fresh stored response, with its `Age` set, ready to be written.
-pub struct Fresh {
-    pub header: ResponseHeader,
-    pub body: Bytes,
+pub(crate) struct Fresh {
+    pub(crate) header: ResponseHeader,
+    pub(crate) body: Bytes,
 }
 
 struct KeepFor;
@@ -231,7 +231,7 @@ impl Shelf {
 
 /// The cache storage Pingora reads and fills; one per process (Pingora wants it
 /// `'static`).
-pub struct Store {
+pub(crate) struct Store {
     shelf: ArcSwap<Shelf>,
     shared: arc_swap::ArcSwapOption<shared::SharedTier>,
     lock: &'static CacheKeyLockImpl,
@@ -239,7 +239,7 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(settings: Settings) -> &'static Store {
+    pub(crate) fn new(settings: Settings) -> &'static Store {
         let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(LOCK_AGE));
         let store: &'static Store = Box::leak(Box::new(Store {
             shelf: ArcSwap::from_pointee(Shelf::new(settings.clone())),
@@ -282,7 +282,7 @@ impl Store {
 
     /// Applies a new policy's bounds. Changed bounds start an empty cache: moka's
     /// capacity is fixed at construction.
-    pub fn configure(&'static self, settings: &Settings) {
+    pub(crate) fn configure(&'static self, settings: &Settings) {
         let current = self.shelf.load();
         if !current.settings.same_shelf(settings) {
             current.entries.invalidate_all();
@@ -291,16 +291,16 @@ impl Store {
         self.configure_shared(settings);
     }
 
-    pub fn lock(&self) -> &'static CacheKeyLockImpl {
+    pub(crate) fn lock(&self) -> &'static CacheKeyLockImpl {
         self.lock
     }
 
-    pub fn record(&self, outcome: Outcome) {
+    pub(crate) fn record(&self, outcome: Outcome) {
         self.served[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Entries and bytes held, after moka's pending evictions have run.
-    pub fn usage(&self) -> (u64, u64) {
+    pub(crate) fn usage(&self) -> (u64, u64) {
         let shelf = self.shelf.load();
         shelf.entries.run_pending_tasks();
         (
@@ -310,7 +310,7 @@ impl Store {
     }
 
     /// Hits and stale answers over every request that looked in the cache.
-    pub fn hit_ratio(&self) -> f64 {
+    pub(crate) fn hit_ratio(&self) -> f64 {
         let [hit, miss, stale, _] = self.served.each_ref().map(|c| c.load(Ordering::Relaxed));
         let looked = hit + miss + stale;
         if looked == 0 {
@@ -323,7 +323,7 @@ impl Store {
     /// The stored response for `key` when it is fresh and does not vary: what the
     /// gateway answers itself, without Pingora's cache state machine, which costs a
     /// header decode per hit. Anything else (missing, stale, varying) is left to it.
-    pub fn fresh(&self, key: &CacheKey) -> Option<Fresh> {
+    pub(crate) fn fresh(&self, key: &CacheKey) -> Option<Fresh> {
         let entry = self.shelf.load().entries.get(&slot(key))?;
         let decoded = entry.decoded()?;
         let now = SystemTime::now();
@@ -342,7 +342,7 @@ impl Store {
     }
 
     /// The entry a request would find, variants resolved (for `POST /explain`).
-    pub fn peek(&self, mut key: CacheKey, req: &RequestHeader) -> Option<CacheMeta> {
+    pub(crate) fn peek(&self, mut key: CacheKey, req: &RequestHeader) -> Option<CacheMeta> {
         let shelf = self.shelf.load();
         let read = |key: &CacheKey| {
             let entry = shelf.entries.get(&slot(key))?;
@@ -360,7 +360,7 @@ impl Store {
 
     /// Removes the selected entries from this replica and from the shared tier;
     /// answers how many distinct entries went.
-    pub async fn purge(&self, selector: &Selector) -> usize {
+    pub(crate) async fn purge(&self, selector: &Selector) -> usize {
         let mut purged = self.purge_local(selector);
         if let Some(tier) = self.shared.load_full() {
             purged.extend(tier.purge(selector).await);
@@ -372,7 +372,7 @@ impl Store {
 
     /// Removes the selected entries of this replica; the shared tier's go in the
     /// background.
-    pub fn invalidate(&self, selector: Selector) {
+    pub(crate) fn invalidate(&self, selector: Selector) {
         self.purge_local(&selector);
         if let Some(tier) = self.shared.load_full() {
             crate::redis::runtime().spawn(async move {

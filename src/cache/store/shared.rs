@@ -29,9 +29,9 @@ const MAX_PENDING: usize = 256;
 /// How often waiting purges are retried.
 const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
 
-pub struct SharedTier {
-    pub store: Arc<RedisStore>,
-    pub timeout: Duration,
+pub(crate) struct SharedTier {
+    pub(crate) store: Arc<RedisStore>,
+    pub(crate) timeout: Duration,
     /// Purges Redis did not take, oldest first.
     pending: Mutex<Vec<Selector>>,
 }
@@ -91,7 +91,7 @@ fn decode(bytes: &[u8]) -> Option<Entry> {
 }
 
 impl SharedTier {
-    pub fn new(store: Arc<RedisStore>, timeout: Duration) -> SharedTier {
+    pub(crate) fn new(store: Arc<RedisStore>, timeout: Duration) -> SharedTier {
         SharedTier {
             store,
             timeout,
@@ -100,7 +100,7 @@ impl SharedTier {
     }
 
     /// The same Redis with another timeout; purges still waiting go along.
-    pub fn with_timeout(&self, timeout: Duration) -> SharedTier {
+    pub(crate) fn with_timeout(&self, timeout: Duration) -> SharedTier {
         SharedTier {
             store: self.store.clone(),
             timeout,
@@ -112,7 +112,7 @@ impl SharedTier {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub async fn get(&self, slot: u128) -> Option<Entry> {
+    pub(crate) async fn get(&self, slot: u128) -> Option<Entry> {
         let key = entry_key(slot);
         let bytes = self
             .store
@@ -126,7 +126,7 @@ impl SharedTier {
         decode(&bytes)
     }
 
-    pub async fn put(&self, slot: u128, entry: &Entry) {
+    pub(crate) async fn put(&self, slot: u128, entry: &Entry) {
         let ttl = entry.keep_for.as_millis().max(1) as u64;
         let member = format!("{slot:032x} {}", entry.path);
         let mut pipe = redis::pipe();
@@ -168,7 +168,7 @@ impl SharedTier {
             .is_ok()
     }
 
-    pub async fn remove(&self, slot: u128) {
+    pub(crate) async fn remove(&self, slot: u128) {
         let key = entry_key(slot);
         let _ = self
             .store
@@ -180,7 +180,7 @@ impl SharedTier {
 
     /// Deletes the selected entries and tells the other replicas; answers the slots
     /// that existed. What Redis does not take waits for [`Self::catch_up`].
-    pub async fn purge(&self, selector: &Selector) -> Vec<u128> {
+    pub(crate) async fn purge(&self, selector: &Selector) -> Vec<u128> {
         match self.delete(selector).await {
             Ok(gone) => {
                 if !self.publish(selector).await {
@@ -196,7 +196,7 @@ impl SharedTier {
     }
 
     /// Replays the purges Redis did not take; those it still does not take wait again.
-    pub async fn catch_up(&self) {
+    pub(crate) async fn catch_up(&self) {
         let pending = std::mem::take(&mut *self.pending());
         for selector in &pending {
             self.purge(selector).await;
@@ -288,7 +288,7 @@ impl SharedTier {
 /// this replica's purges that Redis did not take, for as long as `tier` is the store's
 /// shared tier; reconnects a second after a failure.  A replica hears its own purges
 /// too, which then find nothing left.
-pub async fn follow_purges(store: &'static Store, tier: Weak<SharedTier>) {
+pub(crate) async fn follow_purges(store: &'static Store, tier: Weak<SharedTier>) {
     let mut missed = false;
     loop {
         // `cache.redis` names one server: its tier is never a cluster.
