@@ -2,7 +2,7 @@
 //! gateway's allocator: `cargo run --release --example ratelimit_memory -- 1000000 [MAX_KEYS]`.
 
 use std::time::Duration;
-use tollgate::ratelimit::{key_hash, Quota, Store};
+use tollgate::ratelimit::{key_hash, Buckets, Quota};
 use tollgate::units::Rate;
 
 #[global_allocator]
@@ -23,7 +23,7 @@ fn main() {
         .map(|a| a.parse::<usize>().expect("a number"));
     let clients = args.next().unwrap_or(1_000_000);
     let max_keys = args.next().unwrap_or(1_000_000);
-    let store = Store::new(max_keys);
+    let store = Buckets::new(max_keys);
     let quota = Quota::new(
         Rate {
             count: 20,

@@ -2,8 +2,9 @@
 //! reload, events, SLO reports, explain and forced shedding. Never served on the public
 //! port.
 
-use crate::gateway::reload::{self, Outcome, Trigger};
+use crate::gateway::reload::{self, ReloadResult, Trigger};
 use crate::gateway::{unix_now, Gateway};
+use crate::problem::{Code, Problem};
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -31,20 +32,16 @@ impl Reply {
         }
     }
 
-    fn problem(status: StatusCode, error: &str, detail: &str, extra: Value) -> Reply {
-        let mut doc = json!({
-            "type": format!("urn:tollgate:error:{error}"),
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": detail,
-            "error": error,
-        });
-        if let (Some(doc), Value::Object(extra)) = (doc.as_object_mut(), extra) {
-            doc.extend(extra);
+    /// The same RFC 9457 document the proxy writes (`problem::Problem`).
+    fn problem(code: Code, detail: impl Into<String>, extra: Value) -> Reply {
+        let mut problem = Problem::new(code, detail);
+        if let Value::Object(extra) = extra {
+            problem.extra = extra;
         }
         Reply {
+            status: StatusCode::from_u16(code.status()).expect("the codes' statuses are valid"),
             content_type: "application/problem+json",
-            ..Reply::json(status, &doc)
+            body: problem.body().to_vec(),
         }
     }
 
@@ -81,8 +78,7 @@ impl Admin {
         );
         if mutating && !self.authorized(session) {
             return Reply::problem(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                Code::Unauthorized,
                 "this admin call needs Authorization: Bearer <token>",
                 Value::Null,
             );
@@ -121,17 +117,11 @@ impl Admin {
                 "/healthz" | "/livez" | "/readyz" | "/metrics" | "/status" | "/events" | "/slo"
                 | "/reload" | "/explain" | "/shedding" | "/cache/purge",
             ) => Reply::problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                Code::MethodNotAllowed,
                 "this endpoint does not take that method",
                 Value::Null,
             ),
-            _ => Reply::problem(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such admin endpoint",
-                Value::Null,
-            ),
+            _ => Reply::problem(Code::NotFound, "no such admin endpoint", Value::Null),
         }
     }
 
@@ -149,9 +139,7 @@ impl Admin {
             Ok(body) => body,
             Err(reply) => return reply,
         };
-        let bad = |detail: String| {
-            Reply::problem(StatusCode::BAD_REQUEST, "bad_request", &detail, Value::Null)
-        };
+        let bad = |detail: String| Reply::problem(Code::BadRequest, detail, Value::Null);
         let force: Force = match serde_json::from_slice(&body) {
             Ok(force) => force,
             Err(e) => return bad(format!("expected {{\"level\": N, \"for\": \"10m\"}}: {e}")),
@@ -212,9 +200,7 @@ impl Admin {
             Err(reply) => return reply,
         };
         let usage = "expected one of {\"path\": \"/x\"}, {\"prefix\": \"/api/\"}, {\"tag\": \"t\"}, {\"all\": true}";
-        let bad = |detail: String| {
-            Reply::problem(StatusCode::BAD_REQUEST, "bad_request", &detail, Value::Null)
-        };
+        let bad = |detail: String| Reply::problem(Code::BadRequest, detail, Value::Null);
         let purge: Purge = match serde_json::from_slice(&body) {
             Ok(purge) => purge,
             Err(e) => return bad(format!("{usage}: {e}")),
@@ -262,9 +248,7 @@ impl Admin {
         };
         match crate::explain::explain(&self.gateway, &body).await {
             Ok(report) => Reply::json(StatusCode::OK, &report),
-            Err(detail) => {
-                Reply::problem(StatusCode::BAD_REQUEST, "bad_request", &detail, Value::Null)
-            }
+            Err(detail) => Reply::problem(Code::BadRequest, detail, Value::Null),
         }
     }
 
@@ -435,33 +419,31 @@ impl Admin {
         let outcome =
             tokio::task::spawn_blocking(move || reload::reload(&gateway, Trigger::Admin)).await;
         match outcome {
-            Ok(Ok(Outcome::Reloaded {
+            Ok(Ok(ReloadResult::Reloaded {
                 generation,
                 changes,
             })) => Reply::json(
                 StatusCode::OK,
                 &json!({ "generation": generation, "changed": true, "changes": changes }),
             ),
-            Ok(Ok(Outcome::Unchanged { generation })) => Reply::json(
+            Ok(Ok(ReloadResult::Unchanged { generation })) => Reply::json(
                 StatusCode::OK,
                 &json!({ "generation": generation, "changed": false, "changes": [] }),
             ),
-            Ok(Ok(Outcome::NotAttempted)) => {
+            Ok(Ok(ReloadResult::NotAttempted)) => {
                 unreachable!("only file-change reloads can be skipped")
             }
             Ok(Err(errors)) => {
                 let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
                 Reply::problem(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_policy",
+                    Code::InvalidPolicy,
                     "the new policy is invalid; the previous one keeps serving",
                     json!({ "errors": errors, "generation": self.gateway.policy.load().generation }),
                 )
             }
             Err(e) => Reply::problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                &format!("reload task failed: {e}"),
+                Code::Internal,
+                format!("reload task failed: {e}"),
                 Value::Null,
             ),
         }
@@ -484,8 +466,7 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Reply> {
             }
             Ok(Some(_)) => {
                 return Err(Reply::problem(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
+                    Code::PayloadTooLarge,
                     "an admin request body is at most 64 KiB",
                     Value::Null,
                 ))
@@ -493,9 +474,8 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Reply> {
             Ok(None) => return Ok(body),
             Err(e) => {
                 return Err(Reply::problem(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!("reading the body: {e}"),
+                    Code::BadRequest,
+                    format!("reading the body: {e}"),
                     Value::Null,
                 ))
             }

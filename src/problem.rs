@@ -6,7 +6,8 @@ use pingora::proxy::Session;
 use serde_json::{Map, Value};
 use std::time::Duration;
 
-/// The error codes of SPEC §4, each with its status and title.
+/// The error codes of SPEC §4, each with its status and title; the last three are the
+/// admin API's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Code {
     NoRoute,
@@ -21,6 +22,9 @@ pub(crate) enum Code {
     BulkheadFull,
     Overloaded,
     Internal,
+    NotFound,
+    MethodNotAllowed,
+    InvalidPolicy,
 }
 
 impl Code {
@@ -38,6 +42,9 @@ impl Code {
             Code::BulkheadFull => 503,
             Code::Overloaded => 503,
             Code::Internal => 500,
+            Code::NotFound => 404,
+            Code::MethodNotAllowed => 405,
+            Code::InvalidPolicy => 400,
         }
     }
 
@@ -55,6 +62,9 @@ impl Code {
             Code::BulkheadFull => "bulkhead_full",
             Code::Overloaded => "overloaded",
             Code::Internal => "internal_error",
+            Code::NotFound => "not_found",
+            Code::MethodNotAllowed => "method_not_allowed",
+            Code::InvalidPolicy => "invalid_policy",
         }
     }
 
@@ -72,6 +82,9 @@ impl Code {
             Code::BulkheadFull => "Upstream at its concurrency limit",
             Code::Overloaded => "Gateway overloaded",
             Code::Internal => "Internal gateway error",
+            Code::NotFound => "No such admin endpoint",
+            Code::MethodNotAllowed => "Method not allowed here",
+            Code::InvalidPolicy => "Policy rejected",
         }
     }
 

@@ -73,15 +73,15 @@ pub struct Verdict {
 }
 
 /// One rule's buckets: key hash -> theoretical arrival time (GCRA), sharded, capped.
-pub struct Store {
+pub struct Buckets {
     shards: Box<[Mutex<HashMap<u64, u64>>]>,
     keys: AtomicUsize,
     max_keys: usize,
 }
 
-impl Store {
-    pub fn new(max_keys: usize) -> Store {
-        Store {
+impl Buckets {
+    pub fn new(max_keys: usize) -> Buckets {
+        Buckets {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             keys: AtomicUsize::new(0),
             max_keys: max_keys.max(1),
@@ -222,7 +222,7 @@ pub(crate) struct Rule {
     /// Route indices the rule covers; `None` is every route.
     routes: Option<Vec<usize>>,
     pub(crate) shadow: bool,
-    pub(crate) store: std::sync::Arc<Store>,
+    pub(crate) store: std::sync::Arc<Buckets>,
     /// What identifies the bucket set across reloads: a rule keeps its state when this
     /// is unchanged.
     pub(crate) bucket_key: BucketKey,
@@ -562,7 +562,7 @@ pub(crate) fn compile(
                     .find(|old| &*old.name == name && old.bucket_key == bucket_key)
             })
             .map(|old| old.store.clone())
-            .unwrap_or_else(|| std::sync::Arc::new(Store::new(settings.max_keys)));
+            .unwrap_or_else(|| std::sync::Arc::new(Buckets::new(settings.max_keys)));
         compiled.push(Rule {
             name: name.into(),
             key,
@@ -740,7 +740,7 @@ mod tests {
 
     #[test]
     fn twenty_per_minute_admits_twenty_then_one_every_three_seconds() {
-        let store = Store::new(100);
+        let store = Buckets::new(100);
         let quota = Quota::new(per_minute(20), 20, 1.0);
         let t0 = 1_000 * SEC;
         for n in 0..20 {
@@ -761,7 +761,7 @@ mod tests {
 
     #[test]
     fn peeking_consumes_nothing() {
-        let store = Store::new(100);
+        let store = Buckets::new(100);
         let quota = Quota::new(per_minute(2), 2, 1.0);
         for _ in 0..5 {
             let v = store.check_at(1, &quota, false, SEC);
@@ -776,7 +776,7 @@ mod tests {
         let quota = Quota::new(per_minute(20), 20, 0.5);
         assert_eq!((quota.count, quota.burst), (10, 10));
         assert_eq!(quota.emission, 6 * SEC);
-        let store = Store::new(100);
+        let store = Buckets::new(100);
         let admitted = (0..20)
             .filter(|_| store.check_at(1, &quota, true, SEC).allowed)
             .count();
@@ -798,7 +798,7 @@ mod tests {
 
     #[test]
     fn the_cap_holds_and_eviction_never_forgives_the_most_limited_client() {
-        let store = Store::new(SHARDS);
+        let store = Buckets::new(SHARDS);
         let quota = Quota::new(per_minute(10), 10, 1.0);
         let t0 = 1_000 * SEC;
         // The abuser (shard 0) spends its whole burst: limited for a minute.

@@ -52,7 +52,10 @@ pub(crate) struct RetrySettings {
 }
 
 impl RetryPolicy {
-    pub(crate) fn new(settings: RetrySettings, retries_total: prometheus::IntCounter) -> RetryPolicy {
+    pub(crate) fn new(
+        settings: RetrySettings,
+        retries_total: prometheus::IntCounter,
+    ) -> RetryPolicy {
         RetryPolicy {
             attempts: settings.attempts,
             on: settings.on,

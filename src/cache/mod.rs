@@ -20,8 +20,8 @@ mod paths;
 mod rfc9111;
 mod store;
 
-pub(crate) use rfc9111::{credentials_allow, error_allows_stale, key};
 pub use rfc9111::{cacheability, request_bypass, request_wants_revalidation, variance};
+pub(crate) use rfc9111::{credentials_allow, error_allows_stale, key};
 pub(crate) use store::{Selector, Store};
 
 use crate::config::{self, ConfigError, RouteCacheConfig};
@@ -52,7 +52,7 @@ pub struct RouteCache {
     pub(crate) methods: Vec<Method>,
     pub(crate) statuses: Vec<u16>,
     pub(crate) warm: Vec<WarmTarget>,
-    /// `tollgate_cache_requests_total{route, result}`, indexed by [`Outcome`].
+    /// `tollgate_cache_requests_total{route, result}`, indexed by [`CacheResult`].
     pub(crate) requests: [prometheus::IntCounter; 4],
 }
 
@@ -225,7 +225,7 @@ pub(crate) fn compile_route(
         methods,
         statuses: c.statuses.iter().map(|s| s.value).collect(),
         warm,
-        requests: Outcome::ALL.map(|o| metrics.cache_requests(route, o.label())),
+        requests: CacheResult::ALL.map(|o| metrics.cache_requests(route, o.label())),
     })
 }
 
@@ -262,40 +262,45 @@ pub(crate) static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-c
 
 /// What the cache did for one request: the `x-cache` header and the metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
+pub(crate) enum CacheResult {
     Hit,
     Miss,
     Stale,
     Bypass,
 }
 
-impl Outcome {
-    pub(crate) const ALL: [Outcome; 4] = [Outcome::Hit, Outcome::Miss, Outcome::Stale, Outcome::Bypass];
+impl CacheResult {
+    pub(crate) const ALL: [CacheResult; 4] = [
+        CacheResult::Hit,
+        CacheResult::Miss,
+        CacheResult::Stale,
+        CacheResult::Bypass,
+    ];
 
     pub(crate) fn header(self) -> &'static str {
         match self {
-            Outcome::Hit => "HIT",
-            Outcome::Miss => "MISS",
-            Outcome::Stale => "STALE",
-            Outcome::Bypass => "BYPASS",
+            CacheResult::Hit => "HIT",
+            CacheResult::Miss => "MISS",
+            CacheResult::Stale => "STALE",
+            CacheResult::Bypass => "BYPASS",
         }
     }
 
     pub(crate) fn label(self) -> &'static str {
         match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Stale => "stale",
-            Outcome::Bypass => "bypass",
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
+            CacheResult::Bypass => "bypass",
         }
     }
 
     /// A revalidated entry (the upstream answered 304) is served from the cache: a hit.
-    pub(crate) fn of(phase: CachePhase) -> Outcome {
+    pub(crate) fn of(phase: CachePhase) -> CacheResult {
         match phase {
-            CachePhase::Hit | CachePhase::Revalidated => Outcome::Hit,
-            CachePhase::Stale | CachePhase::StaleUpdating => Outcome::Stale,
-            _ => Outcome::Miss,
+            CachePhase::Hit | CachePhase::Revalidated => CacheResult::Hit,
+            CachePhase::Stale | CachePhase::StaleUpdating => CacheResult::Stale,
+            _ => CacheResult::Miss,
         }
     }
 }

@@ -28,7 +28,11 @@ pub fn request_bypass(rc: &RouteCache, req: &RequestHeader) -> Option<&'static s
 /// request with credentials, on a route that does not cache per user, only gets what
 /// the origin marked shareable (`public`, `s-maxage`, `must-revalidate`), never what an
 /// anonymous request stored.
-pub(crate) fn credentials_allow(rc: &RouteCache, req: &RequestHeader, stored: &ResponseHeader) -> bool {
+pub(crate) fn credentials_allow(
+    rc: &RouteCache,
+    req: &RequestHeader,
+    stored: &ResponseHeader,
+) -> bool {
     rc.per_user
         || !req.headers.contains_key(http::header::AUTHORIZATION)
         || CacheControl::from_resp_headers(stored)

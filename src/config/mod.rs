@@ -169,7 +169,11 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn at(file: &Path, location: &serde_saphyr::Location, message: impl Into<String>) -> Self {
+    pub(crate) fn at(
+        file: &Path,
+        location: &serde_saphyr::Location,
+        message: impl Into<String>,
+    ) -> Self {
         let (line, column) = if *location == serde_saphyr::Location::UNKNOWN {
             (0, 0)
         } else {

@@ -37,7 +37,7 @@ impl Trigger {
 }
 
 #[derive(Debug)]
-pub(crate) enum Outcome {
+pub(crate) enum ReloadResult {
     Reloaded {
         generation: u64,
         changes: Vec<String>,
@@ -50,7 +50,10 @@ pub(crate) enum Outcome {
 }
 
 /// Loads the policy file again and puts it in force if it is valid.
-pub(crate) fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec<ConfigError>> {
+pub(crate) fn reload(
+    gateway: &Gateway,
+    trigger: Trigger,
+) -> Result<ReloadResult, Vec<ConfigError>> {
     let mut last_seen = gateway
         .reload_state
         .lock()
@@ -59,7 +62,7 @@ pub(crate) fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         // Mid-swap or removed: the next event or poll will see the new file.
-        Err(_) if trigger == Trigger::FileChange => return Ok(Outcome::NotAttempted),
+        Err(_) if trigger == Trigger::FileChange => return Ok(ReloadResult::NotAttempted),
         Err(e) => {
             let error = ConfigError::at(
                 path,
@@ -78,7 +81,7 @@ pub(crate) fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec
     // The files the policy in force reads count too: a new API key file is a new policy.
     let hash = crate::digest::fingerprint(&text, &current.read_files);
     if trigger == Trigger::FileChange && last_seen.as_deref() == Some(hash.as_str()) {
-        return Ok(Outcome::NotAttempted);
+        return Ok(ReloadResult::NotAttempted);
     }
     *last_seen = Some(hash);
     let result = policy::compile_text(
@@ -99,7 +102,7 @@ pub(crate) fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec
                     generation = new.generation,
                     "policy reloaded: unchanged"
                 );
-                return Ok(Outcome::Unchanged {
+                return Ok(ReloadResult::Unchanged {
                     generation: new.generation,
                 });
             }
@@ -127,7 +130,7 @@ pub(crate) fn reload(gateway: &Gateway, trigger: Trigger) -> Result<Outcome, Vec
                 "policy reloaded",
                 json!({ "trigger": trigger.as_str(), "generation": generation, "changes": changes, "diff": diff }),
             );
-            Ok(Outcome::Reloaded {
+            Ok(ReloadResult::Reloaded {
                 generation,
                 changes,
             })

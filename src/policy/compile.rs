@@ -21,7 +21,11 @@ pub(crate) struct Compile<'a> {
 }
 
 impl<'a> Compile<'a> {
-    pub(crate) fn new(path: &'a Path, metrics: &'a Metrics, events: &'a Arc<EventLog>) -> Compile<'a> {
+    pub(crate) fn new(
+        path: &'a Path,
+        metrics: &'a Metrics,
+        events: &'a Arc<EventLog>,
+    ) -> Compile<'a> {
         Compile {
             path,
             errors: Vec::new(),

@@ -10,7 +10,13 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 /// Renders this request's line and queues it.
-pub(crate) fn write(sink: &Sink, session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) {
+pub(crate) fn write(
+    sink: &Sink,
+    session: &Session,
+    ctx: &RequestCtx,
+    status: u16,
+    elapsed: Duration,
+) {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         return;
     }
@@ -54,8 +60,10 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
             line.buf.push(b'"');
         }
         (None, Some(code), _) => line.str("reason", Some(code.as_str())),
-        (None, None, Some(crate::cache::Outcome::Hit)) => line.str("reason", Some("cache_hit")),
-        (None, None, Some(crate::cache::Outcome::Stale)) => line.str("reason", Some("cache_stale")),
+        (None, None, Some(crate::cache::CacheResult::Hit)) => line.str("reason", Some("cache_hit")),
+        (None, None, Some(crate::cache::CacheResult::Stale)) => {
+            line.str("reason", Some("cache_stale"))
+        }
         (None, None, _) => line.str("reason", None),
     }
     line.str("cache", ctx.cache_outcome.map(|o| o.header()));

@@ -53,7 +53,7 @@ pub(crate) struct RequestCtx {
     pub(crate) answered: Option<Code>,
     /// What the cache did, once known; a caching route's requests without one were
     /// answered by the gateway before the cache (BYPASS).
-    pub(crate) cache_outcome: Option<cache::Outcome>,
+    pub(crate) cache_outcome: Option<cache::CacheResult>,
     /// The key computed for the fast hit check, handed on to Pingora's cache on a miss.
     pub(crate) cache_key: Option<CacheKey>,
 }
@@ -112,7 +112,7 @@ impl RequestCtx {
         if self.route().is_some_and(|r| r.cache.is_some())
             && !header.headers.contains_key(&cache::X_CACHE)
         {
-            let _ = header.insert_header("x-cache", cache::Outcome::Bypass.header());
+            let _ = header.insert_header("x-cache", cache::CacheResult::Bypass.header());
         }
     }
 }

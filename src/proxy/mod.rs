@@ -139,7 +139,7 @@ impl Proxy {
         };
         let head_only = req.method == http::Method::HEAD;
         let mut header = fresh.header;
-        ctx.cache_outcome = Some(cache::Outcome::Hit);
+        ctx.cache_outcome = Some(cache::CacheResult::Hit);
         self.response_filter(session, &mut header, ctx).await?;
         session
             .write_response_header(Box::new(header), head_only)
@@ -246,7 +246,7 @@ impl ProxyHttp for Proxy {
             return Ok(());
         };
         if cache::request_bypass(cache, session.req_header()).is_some() {
-            ctx.cache_outcome = Some(cache::Outcome::Bypass);
+            ctx.cache_outcome = Some(cache::CacheResult::Bypass);
             return Ok(());
         }
         let store = self.gateway.cache;
@@ -318,7 +318,7 @@ impl ProxyHttp for Proxy {
             && !has_fallback
             && meta.serve_stale_if_error(SystemTime::now())
         {
-            ctx.cache_outcome = Some(cache::Outcome::Stale);
+            ctx.cache_outcome = Some(cache::CacheResult::Stale);
             return Ok(Some(ForcedFreshness::ForceFresh));
         }
         Ok(None)
@@ -613,7 +613,7 @@ impl ProxyHttp for Proxy {
             }
             let outcome = *ctx
                 .cache_outcome
-                .get_or_insert_with(|| cache::Outcome::of(session.cache.phase()));
+                .get_or_insert_with(|| cache::CacheResult::of(session.cache.phase()));
             // A fresh hit's stored header already says HIT (see `cache::Store::fresh`):
             // comparing is far cheaper than Pingora's `insert_header`.
             let said = response.headers.get(&cache::X_CACHE);
@@ -724,7 +724,7 @@ impl ProxyHttp for Proxy {
         route_metrics.duration.observe(elapsed.as_secs_f64());
         if let Some(route) = ctx.route() {
             if let Some(cache) = &route.cache {
-                let outcome = ctx.cache_outcome.unwrap_or(cache::Outcome::Bypass);
+                let outcome = ctx.cache_outcome.unwrap_or(cache::CacheResult::Bypass);
                 cache.requests[outcome as usize].inc();
                 self.gateway.cache.record(outcome);
             }

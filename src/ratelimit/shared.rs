@@ -102,7 +102,11 @@ impl SharedBuckets {
     /// Asks Redis about `checks` in order; the answer covers the checks up to and
     /// including the first enforced denial. `Err` when Redis is skipped, fails or does
     /// not answer within the timeout.
-    pub(crate) async fn check(&self, checks: &[SharedCheck], consume: bool) -> Result<Vec<Verdict>, ()> {
+    pub(crate) async fn check(
+        &self,
+        checks: &[SharedCheck],
+        consume: bool,
+    ) -> Result<Vec<Verdict>, ()> {
         // A script may only touch keys of one cluster shard, and a request's buckets
         // hash to different ones: against a cluster, one round trip per bucket, in the
         // same order, stopping where the script would. All within the one timeout.

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 mod shared;
 
 use super::rfc9111::{keep_for, key_path, variance};
-use super::{paths, Outcome, Settings};
+use super::{paths, CacheResult, Settings};
 
 /// A filling request that holds the lock longer than this is presumed stuck; its
 /// waiters are released.
@@ -143,7 +143,7 @@ impl Entry {
                 }
                 header.insert_header(http::header::AGE, 0).ok()?;
                 header
-                    .insert_header("x-cache", Outcome::Hit.header())
+                    .insert_header("x-cache", CacheResult::Hit.header())
                     .ok()?;
                 Some(Decoded {
                     header,
@@ -295,7 +295,7 @@ impl Store {
         self.lock
     }
 
-    pub(crate) fn record(&self, outcome: Outcome) {
+    pub(crate) fn record(&self, outcome: CacheResult) {
         self.served[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
