@@ -140,7 +140,7 @@ pub(crate) struct PoolSpec<'a> {
     pub(crate) name: &'a str,
     /// Trust anchors for the servers' certificates, when `tls.ca` names a file.
     pub(crate) ca: Option<Arc<CaType>>,
-    pub(crate) servers: Vec<(SocketAddr, Arc<str>, u32, bool)>,
+    pub(crate) servers: Vec<crate::breaker::Server>,
     pub(crate) balance: Balance,
     pub(crate) hash_on: Option<HashOn>,
     pub(crate) tls: &'a UpstreamTls,

@@ -32,9 +32,9 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
     line.str("type", Some("access"));
     line.str(
         "request_id",
-        ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
+        ctx.client.request_id.as_ref().and_then(|v| v.to_str().ok()),
     );
-    match ctx.client_ip {
+    match ctx.client.ip {
         Some(ip) => line.ip("client_ip", ip),
         None => line.str("client_ip", None),
     }
@@ -44,15 +44,15 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
     line.str("protocol", Some(protocol(req.version)));
     line.int("status", u64::from(status));
     line.str("route", route.map(|r| &*r.name));
-    line.str("upstream", ctx.pool.as_ref().map(|p| &*p.name));
-    let upstream_addr = match (&ctx.pool, ctx.server) {
+    line.str("upstream", ctx.attempt.pool.as_ref().map(|p| &*p.name));
+    let upstream_addr = match (&ctx.attempt.pool, ctx.attempt.server) {
         (Some(pool), Some(i)) => Some(&*pool.servers[i].label),
         _ => None,
     };
     line.str("upstream_addr", upstream_addr);
-    line.str("user", ctx.principal.as_ref().map(|p| &*p.user));
-    line.str("tier", ctx.principal.as_ref().map(|p| &*p.tier));
-    match (&ctx.limited_by, ctx.answered, ctx.cache_outcome) {
+    line.str("user", ctx.client.principal.as_ref().map(|p| &*p.user));
+    line.str("tier", ctx.client.principal.as_ref().map(|p| &*p.tier));
+    match (&ctx.limits.limited_by, ctx.answered, ctx.cache.outcome) {
         (Some(rule), _, _) => {
             line.key("reason");
             line.buf.extend_from_slice(b"\"rate_limited:");
@@ -66,10 +66,10 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
         }
         (None, None, _) => line.str("reason", None),
     }
-    line.str("cache", ctx.cache_outcome.map(|o| o.header()));
+    line.str("cache", ctx.cache.outcome.map(|o| o.header()));
     line.key("shadow_limited");
     line.buf.push(b'[');
-    for (i, rule) in ctx.shadow_limited.iter().enumerate() {
+    for (i, rule) in ctx.limits.shadow_limited.iter().enumerate() {
         if i > 0 {
             line.buf.push(b',');
         }
@@ -79,7 +79,7 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
     line.int("bytes_received", session.body_bytes_read() as u64);
     line.int("bytes_sent", session.body_bytes_sent() as u64);
     line.millis("duration_ms", Some(elapsed));
-    line.millis("upstream_duration_ms", ctx.upstream_duration);
+    line.millis("upstream_duration_ms", ctx.attempt.duration);
     line.key("request_headers");
     line.buf.push(b'{');
     let redact = &ctx.policy.access_log.redact;

@@ -16,17 +16,17 @@ impl Proxy {
     /// or the error), before the client sees it: the breaker and outlier state are
     /// then current for the client's next request.
     pub(super) fn settle(&self, ctx: &mut RequestCtx, error: Option<&Error>) {
-        if std::mem::replace(&mut ctx.settled, true) {
+        if std::mem::replace(&mut ctx.attempt.settled, true) {
             return;
         }
-        let Some(pool) = ctx.pool.clone() else {
+        let Some(pool) = ctx.attempt.pool.clone() else {
             return;
         };
-        let failure = attempt_failure(&pool.failure_on, ctx.upstream_status, error);
-        if let (Some(ticket), Some(failure)) = (ctx.breaker_ticket.take(), failure) {
+        let failure = attempt_failure(&pool.failure_on, ctx.attempt.status, error);
+        if let (Some(ticket), Some(failure)) = (ctx.attempt.breaker_ticket.take(), failure) {
             ticket.record(failure);
         }
-        if let (Some(server), Some(failure)) = (ctx.server, failure) {
+        if let (Some(server), Some(failure)) = (ctx.attempt.server, failure) {
             self.record_attempt(&pool, server, failure);
         }
     }
@@ -35,28 +35,28 @@ impl Proxy {
     /// Idempotency-Key, attempts and budget left, nothing sent to the client yet, a body
     /// that can be replayed, time left) and if so readies the next attempt.
     pub(super) fn prepare_retry(&self, session: &Session, ctx: &mut RequestCtx) -> bool {
-        let Some(pool) = ctx.pool.clone() else {
+        let Some(pool) = ctx.attempt.pool.clone() else {
             return false;
         };
         let Some(retry) = &pool.retry else {
             return false;
         };
         let req = session.req_header();
-        let allowed = ctx.retries < retry.attempts
+        let allowed = ctx.attempt.retries < retry.attempts
             && session.response_written().is_none()
             && !session.as_ref().retry_buffer_truncated()
             && retry.eligible(&req.method, &req.headers)
             && ctx.remaining().is_none_or(|r| !r.is_zero())
             && retry.take_retry();
         if allowed {
-            ctx.retries += 1;
-            ctx.retry_backoff = Some(retry.backoff(ctx.retries));
-            if let Some(failed) = ctx.server.take() {
-                ctx.failed_servers.push(failed);
+            ctx.attempt.retries += 1;
+            ctx.attempt.retry_backoff = Some(retry.backoff(ctx.attempt.retries));
+            if let Some(failed) = ctx.attempt.server.take() {
+                ctx.attempt.failed_servers.push(failed);
             }
-            ctx.server_inflight = None;
-            ctx.upstream_status = None;
-            ctx.settled = false;
+            ctx.attempt.server_inflight = None;
+            ctx.attempt.status = None;
+            ctx.attempt.settled = false;
         }
         allowed
     }
@@ -81,18 +81,18 @@ impl Proxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<bool> {
-        let Some(pool) = ctx.pool.clone() else {
+        let Some(pool) = ctx.attempt.pool.clone() else {
             return Ok(false);
         };
         if let Some(guard) = &pool.breaker {
             match guard.breaker.admit() {
-                Ok(ticket) => ctx.breaker_ticket = Some(ticket),
+                Ok(ticket) => ctx.attempt.breaker_ticket = Some(ticket),
                 Err(rejected) => return self.circuit_open(session, ctx, rejected).await,
             }
         }
         if let Some(bulkhead) = &pool.bulkhead {
             match bulkhead.enter().await {
-                Ok(slot) => ctx.bulkhead_slot = Some(slot),
+                Ok(slot) => ctx.attempt.bulkhead_slot = Some(slot),
                 Err(full) => {
                     let detail = match full {
                         bulkhead::Full::QueueFull => format!(
@@ -131,7 +131,7 @@ impl Proxy {
                 .fallback(session, ctx, fallback, Code::CircuitOpen)
                 .await;
         }
-        let pool = ctx.pool.as_ref().map_or("", |p| &*p.name);
+        let pool = ctx.attempt.pool.as_ref().map_or("", |p| &*p.name);
         let problem = Problem::new(
             Code::CircuitOpen,
             format!("upstream `{pool}` is failing; its circuit is open"),

@@ -14,31 +14,54 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Everything one request carries through the phases. The policy is loaded once, in
-/// `new_ctx`, so a request sees a single generation even if a reload lands mid-way.
+/// Everything one request carries through the phases, grouped by who fills it in.
+/// The policy is loaded once, in `new`, so a request sees a single generation even if
+/// a reload lands mid-way.
 pub(crate) struct RequestCtx {
     pub(crate) policy: Arc<Policy>,
     _inflight: InflightRequest,
     pub(crate) started: Instant,
     pub(crate) route: Option<usize>,
-    pub(crate) client_ip: Option<IpAddr>,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) client: Client,
+    pub(crate) limits: Limits,
+    pub(crate) attempt: Attempt,
+    pub(crate) cache: Cache,
+    pub(crate) request_body_bytes: u64,
+    /// Set when the gateway answered itself: the error code, for logs and metrics.
+    pub(crate) answered: Option<Code>,
+}
+
+/// Who is asking: filled in by `request_filter` and admission.
+#[derive(Default)]
+pub(crate) struct Client {
+    pub(crate) ip: Option<IpAddr>,
     pub(crate) peer_trusted: bool,
     /// The resolved user; `None` is anonymous.
     pub(crate) principal: Option<Arc<Principal>>,
+    pub(crate) request_id: Option<HeaderValue>,
+}
+
+/// What the rate limits said.
+#[derive(Default)]
+pub(crate) struct Limits {
     /// Rate-limit headers for the response.
-    pub(crate) ratelimit_headers: Vec<(&'static str, String)>,
+    pub(crate) headers: Vec<(&'static str, String)>,
     /// The rule that denied the request, or the shadow rules that would have.
     pub(crate) limited_by: Option<Arc<str>>,
     pub(crate) shadow_limited: Vec<Arc<str>>,
-    pub(crate) request_id: Option<HeaderValue>,
-    pub(crate) deadline: Option<Instant>,
+}
+
+/// The current upstream attempt, and what earlier attempts left behind.
+#[derive(Default)]
+pub(crate) struct Attempt {
     pub(crate) pool: Option<Arc<Pool>>,
     pub(crate) server: Option<usize>,
     pub(crate) failed_servers: Vec<usize>,
     pub(crate) server_inflight: Option<InflightGuard>,
-    pub(crate) upstream_sent: Option<Instant>,
-    pub(crate) upstream_duration: Option<Duration>,
-    pub(crate) upstream_status: Option<u16>,
+    pub(crate) sent: Option<Instant>,
+    pub(crate) duration: Option<Duration>,
+    pub(crate) status: Option<u16>,
     /// The pool's breaker let this request through; its outcome is recorded at the end.
     pub(crate) breaker_ticket: Option<breaker::Ticket>,
     /// A place in the pool's bulkhead, held until the request ends.
@@ -48,14 +71,16 @@ pub(crate) struct RequestCtx {
     /// Retries taken so far, and the wait before the next attempt.
     pub(crate) retries: u32,
     pub(crate) retry_backoff: Option<Duration>,
-    pub(crate) request_body_bytes: u64,
-    /// Set when the gateway answered itself: the error code, for logs and metrics.
-    pub(crate) answered: Option<Code>,
-    /// What the cache did, once known; a caching route's requests without one were
-    /// answered by the gateway before the cache (BYPASS).
-    pub(crate) cache_outcome: Option<cache::CacheResult>,
+}
+
+/// What the cache did.
+#[derive(Default)]
+pub(crate) struct Cache {
+    /// Once known; a caching route's requests without one were answered by the
+    /// gateway before the cache (BYPASS).
+    pub(crate) outcome: Option<cache::CacheResult>,
     /// The key computed for the fast hit check, handed on to Pingora's cache on a miss.
-    pub(crate) cache_key: Option<CacheKey>,
+    pub(crate) key: Option<CacheKey>,
 }
 
 impl RequestCtx {
@@ -65,30 +90,13 @@ impl RequestCtx {
             _inflight: InflightRequest::new(gateway),
             started: Instant::now(),
             route: None,
-            client_ip: None,
-            peer_trusted: false,
-            principal: None,
-            ratelimit_headers: Vec::new(),
-            limited_by: None,
-            shadow_limited: Vec::new(),
-            request_id: None,
             deadline: None,
-            pool: None,
-            server: None,
-            failed_servers: Vec::new(),
-            server_inflight: None,
-            upstream_sent: None,
-            upstream_duration: None,
-            upstream_status: None,
-            breaker_ticket: None,
-            bulkhead_slot: None,
-            settled: false,
-            retries: 0,
-            retry_backoff: None,
+            client: Client::default(),
+            limits: Limits::default(),
+            attempt: Attempt::default(),
+            cache: Cache::default(),
             request_body_bytes: 0,
             answered: None,
-            cache_outcome: None,
-            cache_key: None,
         }
     }
 
@@ -106,7 +114,7 @@ impl RequestCtx {
         for (name, value) in &self.policy.server.response_headers {
             let _ = header.insert_header(name.clone(), value.clone());
         }
-        if let Some(id) = &self.request_id {
+        if let Some(id) = &self.client.request_id {
             let _ = header.insert_header(self.policy.server.request_id_header.clone(), id.clone());
         }
         if self.route().is_some_and(|r| r.cache.is_some())

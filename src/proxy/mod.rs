@@ -131,15 +131,15 @@ impl Proxy {
             return Ok(false);
         }
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let user = ctx.principal.as_ref().map(|p| &*p.user);
+        let user = ctx.client.principal.as_ref().map(|p| &*p.user);
         let key = cache::key(cache, &route.name, req, tls, user);
         let Some(fresh) = self.gateway.cache.fresh(&key) else {
-            ctx.cache_key = Some(key);
+            ctx.cache.key = Some(key);
             return Ok(false);
         };
         let head_only = req.method == http::Method::HEAD;
         let mut header = fresh.header;
-        ctx.cache_outcome = Some(cache::CacheResult::Hit);
+        ctx.cache.outcome = Some(cache::CacheResult::Hit);
         self.response_filter(session, &mut header, ctx).await?;
         session
             .write_response_header(Box::new(header), head_only)
@@ -182,7 +182,7 @@ impl ProxyHttp for Proxy {
         );
         let req = session.req_header();
 
-        ctx.request_id = Some(match req.headers.get(&policy.server.request_id_header) {
+        ctx.client.request_id = Some(match req.headers.get(&policy.server.request_id_header) {
             Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
             _ => forwarding::new_request_id(),
         });
@@ -192,8 +192,8 @@ impl ProxyHttp for Proxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip())
         {
-            ctx.peer_trusted = policy.is_trusted(peer);
-            ctx.client_ip = Some(forwarding::client_ip(peer, &req.headers, |ip| {
+            ctx.client.peer_trusted = policy.is_trusted(peer);
+            ctx.client.ip = Some(forwarding::client_ip(peer, &req.headers, |ip| {
                 policy.is_trusted(ip)
             }));
         }
@@ -201,27 +201,27 @@ impl ProxyHttp for Proxy {
         let view = admission::RequestView {
             req,
             framing,
-            client_ip: ctx.client_ip,
-            peer_trusted: ctx.peer_trusted,
+            client_ip: ctx.client.ip,
+            peer_trusted: ctx.client.peer_trusted,
         };
         let admission = admission::admit(&policy, &self.gateway, &view, true).await;
         ctx.route = admission.route;
-        ctx.principal = admission.principal;
+        ctx.client.principal = admission.principal;
         if let Some(outcome) = &admission.limits {
             let limits = &policy.rate_limits;
-            ctx.shadow_limited = outcome
+            ctx.limits.shadow_limited = outcome
                 .shadow_limited
                 .iter()
                 .map(|&i| limits.rules[i].name.clone())
                 .collect();
-            ctx.ratelimit_headers = ratelimit::headers(limits, outcome);
-            ctx.limited_by = outcome.denied.map(|i| limits.rules[i].name.clone());
+            ctx.limits.headers = ratelimit::headers(limits, outcome);
+            ctx.limits.limited_by = outcome.denied.map(|i| limits.rules[i].name.clone());
         }
         match admission.verdict {
             Verdict::Forward => {}
             Verdict::Refuse(mut problem) => {
                 if problem.code == Code::RateLimited {
-                    problem.headers.append(&mut ctx.ratelimit_headers);
+                    problem.headers.append(&mut ctx.limits.headers);
                 }
                 return self.answer(session, ctx, problem).await;
             }
@@ -235,7 +235,7 @@ impl ProxyHttp for Proxy {
         }
 
         let route = &policy.routes[admission.route.expect("a forwarded request has a route")];
-        ctx.pool = Some(route.target.choose().clone());
+        ctx.attempt.pool = Some(route.target.choose().clone());
         ctx.deadline = route.timeout.map(|t| ctx.started + t);
         self.serve_fresh_hit(session, ctx).await
     }
@@ -246,7 +246,7 @@ impl ProxyHttp for Proxy {
             return Ok(());
         };
         if cache::request_bypass(cache, session.req_header()).is_some() {
-            ctx.cache_outcome = Some(cache::CacheResult::Bypass);
+            ctx.cache.outcome = Some(cache::CacheResult::Bypass);
             return Ok(());
         }
         let store = self.gateway.cache;
@@ -264,7 +264,7 @@ impl ProxyHttp for Proxy {
     }
 
     fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
-        if let Some(key) = ctx.cache_key.take() {
+        if let Some(key) = ctx.cache.key.take() {
             return Ok(key);
         }
         let route = ctx
@@ -275,7 +275,7 @@ impl ProxyHttp for Proxy {
             .as_ref()
             .expect("the cache is enabled only on caching routes");
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let user = ctx.principal.as_ref().map(|p| &*p.user);
+        let user = ctx.client.principal.as_ref().map(|p| &*p.user);
         Ok(cache::key(
             cache,
             &route.name,
@@ -309,6 +309,7 @@ impl ProxyHttp for Proxy {
         }
         let has_fallback = ctx.route().is_some_and(|r| r.fallback.is_some());
         let circuit_open = ctx
+            .attempt
             .pool
             .as_ref()
             .and_then(|p| p.breaker.as_ref())
@@ -318,7 +319,7 @@ impl ProxyHttp for Proxy {
             && !has_fallback
             && meta.serve_stale_if_error(SystemTime::now())
         {
-            ctx.cache_outcome = Some(cache::CacheResult::Stale);
+            ctx.cache.outcome = Some(cache::CacheResult::Stale);
             return Ok(Some(ForcedFreshness::ForceFresh));
         }
         Ok(None)
@@ -396,7 +397,7 @@ impl ProxyHttp for Proxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        if let Some(backoff) = ctx.retry_backoff.take() {
+        if let Some(backoff) = ctx.attempt.retry_backoff.take() {
             tokio::time::sleep(ctx.remaining().map_or(backoff, |r| backoff.min(r))).await;
         }
         if ctx.remaining().is_some_and(|r| r.is_zero()) {
@@ -410,13 +411,14 @@ impl ProxyHttp for Proxy {
             .route
             .expect("request_filter sets the route before proxying")];
         let pool = ctx
+            .attempt
             .pool
             .get_or_insert_with(|| route.target.choose().clone())
             .clone();
         let req = session.req_header();
         let key = SelectionKey {
-            client_ip: ctx.client_ip,
-            user: ctx.principal.as_ref().map(|p| &*p.user),
+            client_ip: ctx.client.ip,
+            user: ctx.client.principal.as_ref().map(|p| &*p.user),
             header: match &pool.hash_on {
                 Some(HashOn::Header(name)) => req.headers.get(name).map(|v| v.as_bytes()),
                 _ => None,
@@ -424,17 +426,19 @@ impl ProxyHttp for Proxy {
             path: req.uri.path(),
         };
         // A retry goes to another server when there is one, else to the same again.
-        let index = pool
-            .select(&key, &ctx.failed_servers)
-            .or_else(|| (ctx.retries > 0).then(|| pool.select(&key, &[])).flatten());
+        let index = pool.select(&key, &ctx.attempt.failed_servers).or_else(|| {
+            (ctx.attempt.retries > 0)
+                .then(|| pool.select(&key, &[]))
+                .flatten()
+        });
         let Some(index) = index else {
             return Error::e_explain(
                 ErrorType::ConnectNoRoute,
                 format!("no server of upstream `{}` left to try", pool.name),
             );
         };
-        ctx.server = Some(index);
-        ctx.server_inflight = Some(InflightGuard::new(&pool.servers[index].state));
+        ctx.attempt.server = Some(index);
+        ctx.attempt.server_inflight = Some(InflightGuard::new(&pool.servers[index].state));
         Ok(pool.peer(index, ctx.remaining()))
     }
 
@@ -447,12 +451,13 @@ impl ProxyHttp for Proxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.retry_backoff.is_some() {
+        if ctx.attempt.retry_backoff.is_some() {
             // `upstream_response_filter` already decided to retry this response.
             e.set_retry(true);
             return e;
         }
         let retry_on = ctx
+            .attempt
             .pool
             .as_ref()
             .and_then(|p| p.retry.as_ref())
@@ -483,17 +488,18 @@ impl ProxyHttp for Proxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the server, so any method may go to another one.
-        if let Some(failed) = ctx.server.take() {
-            ctx.failed_servers.push(failed);
-            if let Some(pool) = ctx.pool.clone() {
+        if let Some(failed) = ctx.attempt.server.take() {
+            ctx.attempt.failed_servers.push(failed);
+            if let Some(pool) = ctx.attempt.pool.clone() {
                 self.record_attempt(&pool, failed, pool.failure_on.connect_error);
             }
         }
-        ctx.server_inflight = None;
+        ctx.attempt.server_inflight = None;
         let another_left = ctx
+            .attempt
             .pool
             .as_ref()
-            .is_some_and(|p| ctx.failed_servers.len() < p.servers.len());
+            .is_some_and(|p| ctx.attempt.failed_servers.len() < p.servers.len());
         let time_left = ctx.remaining().is_none_or(|r| !r.is_zero());
         if another_left && time_left {
             e.set_retry(true);
@@ -518,9 +524,9 @@ impl ProxyHttp for Proxy {
             } else {
                 "http"
             };
-            forwarding::set_forwarded_headers(upstream, peer, ctx.peer_trusted, scheme)?;
+            forwarding::set_forwarded_headers(upstream, peer, ctx.client.peer_trusted, scheme)?;
         }
-        if let Some(id) = &ctx.request_id {
+        if let Some(id) = &ctx.client.request_id {
             upstream.insert_header(policy.server.request_id_header.clone(), id.clone())?;
         }
         if let Some(prefix) = ctx.route().and_then(|r| r.strip_prefix.as_deref()) {
@@ -540,7 +546,7 @@ impl ProxyHttp for Proxy {
                 upstream.set_uri(uri);
             }
         }
-        ctx.upstream_sent = Some(Instant::now());
+        ctx.attempt.sent = Some(Instant::now());
         Ok(())
     }
 
@@ -551,9 +557,10 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        ctx.upstream_status = Some(status);
+        ctx.attempt.status = Some(status);
         self.settle(ctx, None);
         let retry_wanted = ctx
+            .attempt
             .pool
             .as_ref()
             .and_then(|p| p.retry.as_ref())
@@ -567,9 +574,9 @@ impl ProxyHttp for Proxy {
             e.set_retry(true);
             return Err(e);
         }
-        if let (Some(sent), Some(pool)) = (ctx.upstream_sent, &ctx.pool) {
+        if let (Some(sent), Some(pool)) = (ctx.attempt.sent, &ctx.attempt.pool) {
             let elapsed = sent.elapsed();
-            ctx.upstream_duration = Some(elapsed);
+            ctx.attempt.duration = Some(elapsed);
             pool.upstream_duration.observe(elapsed.as_secs_f64());
             let priority = ctx.route().map_or(Priority::Normal, |r| r.priority);
             self.gateway.load.record_upstream(elapsed, priority);
@@ -612,7 +619,8 @@ impl ProxyHttp for Proxy {
                     .invalidate(cache::Selector::Path(uri.to_string()));
             }
             let outcome = *ctx
-                .cache_outcome
+                .cache
+                .outcome
                 .get_or_insert_with(|| cache::CacheResult::of(session.cache.phase()));
             // A fresh hit's stored header already says HIT (see `cache::Store::fresh`):
             // comparing is far cheaper than Pingora's `insert_header`.
@@ -622,7 +630,7 @@ impl ProxyHttp for Proxy {
             }
         }
         ctx.decorate(response);
-        for (name, value) in &ctx.ratelimit_headers {
+        for (name, value) in &ctx.limits.headers {
             response.insert_header(*name, value.as_str())?;
         }
         Ok(())
@@ -674,7 +682,7 @@ impl ProxyHttp for Proxy {
         session.set_keepalive(None);
         let detail = match code {
             Code::UpstreamTimeout => "the upstream did not answer in time".to_string(),
-            Code::UpstreamUnavailable => match &ctx.pool {
+            Code::UpstreamUnavailable => match &ctx.attempt.pool {
                 Some(pool) => format!("upstream `{}` could not be reached", pool.name),
                 None => "the upstream could not be reached".to_string(),
             },
@@ -717,14 +725,14 @@ impl ProxyHttp for Proxy {
         self.settle(ctx, error);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
-        ctx.server_inflight = None;
-        ctx.bulkhead_slot = None;
+        ctx.attempt.server_inflight = None;
+        ctx.attempt.bulkhead_slot = None;
         let route_metrics = ctx.route().map_or(&self.gateway.unmatched, |r| &*r.metrics);
         route_metrics.count(&session.req_header().method, status);
         route_metrics.duration.observe(elapsed.as_secs_f64());
         if let Some(route) = ctx.route() {
             if let Some(cache) = &route.cache {
-                let outcome = ctx.cache_outcome.unwrap_or(cache::CacheResult::Bypass);
+                let outcome = ctx.cache.outcome.unwrap_or(cache::CacheResult::Bypass);
                 cache.requests[outcome as usize].inc();
                 self.gateway.cache.record(outcome);
             }
