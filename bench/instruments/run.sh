@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Per proxied request, for tollgate, bare Pingora (examples/pingora_floor.rs), a raw tokio
+# proxy (examples/tokio_probe.rs) and nginx, one worker each, on loopback: user and system
+# CPU µs, syscalls, context switches and wakeups (perf stat over a wrk run), and
+# instructions (callgrind over a fixed number of keep-alive requests). Deterministic
+# counts are the figures to steer by (bench/README.md, "Instruments").
+#
+#   cargo build --release --examples && bash bench/instruments/run.sh
+#
+# TARGETS (default "tollgate floor probe nginx"), REQUESTS (callgrind, 2000), DURATION
+# (wrk seconds, 5). Needs perf, valgrind, wrk, python3; nginx for the origin and the nginx
+# row (without nginx, tollgate-upstream is the origin and the nginx row is skipped).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+BIN=$ROOT/target/release
+TARGETS=${TARGETS:-"tollgate floor probe nginx"}
+REQUESTS=${REQUESTS:-2000}
+DURATION=${DURATION:-5}
+ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
+source bench/lib.sh
+export TOLLGATE_RUN_DIR=$RUN
+
+wait_port() {
+  for _ in $(seq 300); do
+    curl -fs -o /dev/null "http://127.0.0.1:$1$2" && return 0
+    sleep 0.1
+  done
+  echo "nothing answers on port $1" >&2
+  return 1
+}
+
+nginx_conf() { # nginx_conf ROLE: the origin (100-byte JSON) or a proxy to it
+  local role=$1 dir=$RUN/nginx-$1
+  mkdir -p "$dir/logs"
+  local server
+  if [ "$role" = origin ]; then
+    server="listen 127.0.0.1:$ORIGIN_PORT; keepalive_requests 1000000000;
+      location / { default_type application/json;
+        return 200 '{\"id\":1,\"name\":\"bench\",\"tags\":[\"a\",\"b\"],\"ok\":true,\"padding\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}'; }"
+  else
+    server="listen 127.0.0.1:$PROXY_PORT; keepalive_requests 1000000000;
+      location / { proxy_pass http://origin; proxy_http_version 1.1;
+        proxy_set_header Connection \"\"; }"
+  fi
+  cat > "$dir/nginx.conf" <<EOF
+daemon off; master_process off; worker_processes 1; error_log $dir/logs/error.log; pid $dir/nginx.pid;
+events { worker_connections 1024; }
+http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
+  uwsgi_temp_path $dir; scgi_temp_path $dir;
+  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }
+  server { $server } }
+EOF
+  echo "$dir/nginx.conf"
+}
+
+if command -v nginx >/dev/null; then
+  taskset -c 0 nginx -c "$(nginx_conf origin)" &
+  pids+=($!)
+  ORIGIN_PATH=/json
+else
+  taskset -c 0 "$BIN/tollgate-upstream" --listen "127.0.0.1:$ORIGIN_PORT" >/dev/null 2>&1 &
+  pids+=($!)
+  ORIGIN_PATH=/health
+  TARGETS=${TARGETS//nginx/}
+fi
+wait_port $ORIGIN_PORT "$ORIGIN_PATH"
+
+# The command line of each target; VALGRIND is prefixed for the instruction count.
+command_of() {
+  case $1 in
+    tollgate)
+      sed -e "s/{{LISTEN}}/127.0.0.1:$PROXY_PORT/; s/{{AUX_PORT}}/$AUX_PORT/; s/{{ORIGIN}}/127.0.0.1:$ORIGIN_PORT/" \
+        bench/gateway.yaml > "$RUN/gateway.yaml"
+      echo "$BIN/tollgate run -c $RUN/gateway.yaml" ;;
+    floor) echo "$BIN/examples/pingora_floor 127.0.0.1:$PROXY_PORT proxy 127.0.0.1:$ORIGIN_PORT" ;;
+    probe) echo "$BIN/examples/tokio_probe 127.0.0.1:$PROXY_PORT 127.0.0.1:$ORIGIN_PORT" ;;
+    nginx) echo "nginx -c $(nginx_conf proxy)" ;;
+  esac
+}
+
+start() { # start TARGET [WRAPPER...]: the target on CPU 1, its PID in $target
+  local name=$1; shift
+  # shellcheck disable=SC2046
+  taskset -c 1 "$@" $(command_of "$name") > "$RUN/$name.log" 2>&1 &
+  target=$!
+  pids+=($target)
+  wait_port $PROXY_PORT "$ORIGIN_PATH"
+}
+
+stop() {
+  kill -TERM "$target" 2>/dev/null || true
+  for _ in $(seq 300); do kill -0 "$target" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$target" 2>/dev/null || true
+  { wait "$target"; } 2>/dev/null || true
+}
+
+# utime and stime of the target, in clock ticks (taskset execs it; nginx stays in the
+# foreground).
+ticks() { awk '{print $14 + $15, $14, $15}' "/proc/$1/stat"; }
+
+printf '| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req |\n'
+printf '|---|---:|---:|---:|---:|---:|\n'
+for name in $TARGETS; do
+  start "$name"
+  taskset -c 0 wrk -t1 -c64 -d1s "http://127.0.0.1:$PROXY_PORT$ORIGIN_PATH" >/dev/null
+  read -r _ user0 sys0 < <(ticks "$target")
+  perf stat -x, -o "$RUN/$name.perf" -e task-clock,context-switches,raw_syscalls:sys_enter,sched:sched_wakeup \
+    -p "$target" -- taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT$ORIGIN_PATH" \
+    > "$RUN/$name.wrk"
+  read -r _ user1 sys1 < <(ticks "$target")
+  stop
+  requests=$(awk '/requests in/ {print $1}' "$RUN/$name.wrk")
+  count() { awk -F, -v e="$1" '$3 == e {print $1}' "$RUN/$name.perf"; }
+  hz=$(getconf CLK_TCK)
+
+  GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=1000000 start "$name" \
+    valgrind --tool=callgrind --callgrind-out-file="$RUN/$name.cg" --dump-instr=no
+  python3 - "$PROXY_PORT" "$ORIGIN_PATH" 300 <<'EOF'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+for _ in range(int(sys.argv[3])):
+    c.request("GET", sys.argv[2]); c.getresponse().read()
+EOF
+  callgrind_control -z "$target" >/dev/null 2>&1
+  python3 - "$PROXY_PORT" "$ORIGIN_PATH" "$REQUESTS" <<'EOF'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+for _ in range(int(sys.argv[3])):
+    c.request("GET", sys.argv[2]); c.getresponse().read()
+EOF
+  callgrind_control -d "$target" >/dev/null 2>&1
+  instructions=$(awk '/^totals:/ {print $2}' "$RUN/$name".cg.* | tail -1)
+  stop
+
+  awk -v n="$name" -v r="$requests" -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$hz" \
+    -v sc="$(count raw_syscalls:sys_enter)" -v cs="$(count context-switches)" \
+    -v wk="$(count sched:sched_wakeup)" -v ins="$instructions" -v q="$REQUESTS" 'BEGIN {
+      us = 1e6 / hz / r
+      printf "| %s | %.1f (%.1f + %.1f) | %.2f | %.3f | %.3f | %d |\n", n, (u + s) * us, u * us, s * us,
+        sc / r, cs / r, wk / r, ins / q }'
+done
