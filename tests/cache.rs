@@ -540,3 +540,29 @@ fn purges_are_not_lost_to_a_redis_stall_or_a_broken_subscription() {
     assert_eq!(b_entries(), 1);
     assert!(wait_for(Duration::from_secs(15), || b_entries() == 0));
 }
+
+/// RFC 9111 §4.2.3: a response arrives with an age (the upstream's `Age`); it counts
+/// against its freshness, and every hit's `Age` goes on from it.
+#[test]
+fn rfc9111_4_2_3_the_upstream_age_counts_against_freshness_and_in_hits() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&policy(&app, "{ ttl: 5m, stale_while_revalidate: 0s }", ""));
+
+    let old = "/api/search?q=age-old&cache_control=max-age%3D60&set_header=age:3600";
+    assert_eq!(x_cache(&gw.get(old)), "MISS");
+    let again = gw.get(old);
+    assert_ne!(
+        x_cache(&again),
+        "HIT",
+        "an hour-old response served as fresh for a minute"
+    );
+    assert_eq!(app.requests(), 2);
+
+    let young = "/api/search?q=age-young&cache_control=max-age%3D600&set_header=age:100";
+    assert_eq!(x_cache(&gw.get(young)), "MISS");
+    let hit = gw.get(young);
+    assert_eq!(x_cache(&hit), "HIT");
+    let age: u64 = hit.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!((100..110).contains(&age), "Age {age}");
+    assert_eq!(app.requests(), 3);
+}

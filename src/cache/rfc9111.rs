@@ -172,22 +172,40 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     }
     let now = SystemTime::now();
     let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
-    let fresh_for = if no_cache {
-        Some(Duration::ZERO)
+    let date = date(resp);
+    let lifetime = if no_cache {
+        Duration::ZERO
     } else if rc.force_ttl {
-        Some(rc.ttl)
+        rc.ttl
     } else {
-        cc.as_ref().and_then(|cc| cc.fresh_duration())
+        match cc.as_ref().and_then(|cc| cc.fresh_duration()) {
+            Some(fresh) => fresh,
+            // §4.2.1: Expires counts from the origin's Date, not from our clock; one
+            // before Date, or one that does not parse, is already past.
+            None => match calculate_expires_header_time(resp) {
+                Some(expires) => expires
+                    .duration_since(date.unwrap_or(now))
+                    .unwrap_or_default(),
+                None => rc.ttl,
+            },
+        }
     };
-    // Zero freshness or an Expires in the past: stored already stale, served only after
+    // §4.2.3: the age it arrived with — what the upstream's Age says, or the time since
+    // its Date, whichever is more (whole seconds, HTTP's resolution). The entry is dated
+    // that much earlier, so freshness and every hit's Age count it.
+    let apparent_age = date
+        .and_then(|date| now.duration_since(date).ok())
+        .map_or(Duration::ZERO, |age| Duration::from_secs(age.as_secs()));
+    let initial_age = age_value(resp).unwrap_or_default().max(apparent_age);
+    let created = now
+        .checked_sub(initial_age)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    // Zero freshness, or an age beyond it: stored already stale, served only after
     // revalidation.
     let stale_now = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
-    let fresh_until = match fresh_for {
-        Some(Duration::ZERO) => stale_now,
-        Some(fresh) => now + fresh,
-        None => calculate_expires_header_time(resp)
-            .unwrap_or(now + rc.ttl)
-            .max(stale_now),
+    let fresh_until = match created.checked_add(lifetime) {
+        Some(until) if !lifetime.is_zero() && until > now => until,
+        _ => stale_now,
     };
     let defaults = CacheMetaDefaults::new(|_| None, rc.stale_while_revalidate, rc.stale_if_error);
     let (stale_while_revalidate, stale_if_error) = if no_cache {
@@ -201,11 +219,35 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     }
     Store(CacheMeta::new(
         fresh_until,
-        now,
+        created,
         stale_while_revalidate,
         stale_if_error,
         header,
     ))
+}
+
+/// The `Age` an upstream sent (RFC 9111 §5.1): the first value when there are several
+/// or a list; a value that is not a whole number of seconds is ignored; one too large
+/// to count saturates at 2^31 seconds (§1.2.2).
+fn age_value(resp: &ResponseHeader) -> Option<Duration> {
+    let value = resp.headers.get(http::header::AGE)?.to_str().ok()?;
+    let first = value.split(',').next()?.trim();
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    const SATURATED: u64 = 1 << 31;
+    Some(Duration::from_secs(
+        first
+            .parse::<u64>()
+            .map_or(SATURATED, |secs| secs.min(SATURATED)),
+    ))
+}
+
+/// The origin's `Date`, in any of the three formats RFC 9110 §5.6.7 makes a recipient
+/// accept; `None` when absent or unreadable.
+fn date(resp: &ResponseHeader) -> Option<SystemTime> {
+    let value = resp.headers.get(http::header::DATE)?.to_str().ok()?;
+    httpdate::parse_http_date(value.trim()).ok()
 }
 
 /// Kept while fresh or servable stale; at least a second so a just-stale entry can
@@ -264,6 +306,104 @@ mod tests {
             }
             RespCacheable::Uncacheable(_) => None,
         }
+    }
+
+    fn http_date(offset_secs: i64) -> String {
+        let now = SystemTime::now();
+        let at = if offset_secs >= 0 {
+            now + Duration::from_secs(offset_secs as u64)
+        } else {
+            now - Duration::from_secs(offset_secs.unsigned_abs())
+        };
+        httpdate::fmt_http_date(at)
+    }
+
+    #[test]
+    fn rfc9111_4_2_3_the_age_it_arrived_with_counts() {
+        let rc = route_cache(RouteCacheConfig::default());
+        let stored = |h: &[(&str, &str)]| match cacheability(&rc, &response(200, h), false) {
+            RespCacheable::Cacheable(meta) => meta,
+            RespCacheable::Uncacheable(_) => panic!("not stored"),
+        };
+        let now = SystemTime::now();
+        // Age beyond max-age: stored stale.
+        let old = stored(&[("cache-control", "max-age=60"), ("age", "3600")]);
+        assert!(!old.is_fresh(now));
+        // Age within it: fresh for the rest, and a hit's Age starts where it arrived.
+        let young = stored(&[("cache-control", "max-age=600"), ("age", "100")]);
+        assert!(young.is_fresh(now + Duration::from_secs(490)));
+        assert!(!young.is_fresh(now + Duration::from_secs(510)));
+        assert!(young.age() >= Duration::from_secs(100));
+        // §5.1: the first of a list; an invalid value is ignored; a huge one saturates.
+        let listed = stored(&[("cache-control", "max-age=600"), ("age", "100, 9000")]);
+        assert!(
+            listed.age() >= Duration::from_secs(100) && listed.age() < Duration::from_secs(200)
+        );
+        for invalid in ["-5", "1.5", "soon", ""] {
+            let meta = stored(&[("cache-control", "max-age=60"), ("age", invalid)]);
+            assert!(meta.is_fresh(now), "Age `{invalid}` was not ignored");
+        }
+        let huge = stored(&[
+            ("cache-control", "max-age=60"),
+            ("age", "99999999999999999999"),
+        ]);
+        assert!(!huge.is_fresh(now));
+        // The time since the origin's Date counts as age too.
+        let dated = stored(&[("cache-control", "max-age=60"), ("date", &http_date(-120))]);
+        assert!(!dated.is_fresh(now));
+    }
+
+    #[test]
+    fn rfc9111_4_2_1_expires_counts_from_date() {
+        let rc = route_cache(RouteCacheConfig::default());
+        let fresh = |h: &[(&str, &str)]| match cacheability(&rc, &response(200, h), false) {
+            RespCacheable::Cacheable(meta) => meta.is_fresh(SystemTime::now()),
+            RespCacheable::Uncacheable(_) => panic!("not stored"),
+        };
+        // An origin clock an hour ahead: Expires - Date is a minute, not an hour.
+        let (date, expires) = (http_date(3600), http_date(3660));
+        assert!(fresh(&[("date", &date), ("expires", &expires)]));
+        let rc_meta = cacheability(
+            &rc,
+            &response(200, &[("date", &date), ("expires", &expires)]),
+            false,
+        );
+        let RespCacheable::Cacheable(meta) = rc_meta else {
+            panic!("not stored")
+        };
+        assert!(meta.fresh_sec() <= 60, "fresh for {}s", meta.fresh_sec());
+        // Expires before Date: stale, whatever our clock says.
+        assert!(!fresh(&[
+            ("date", &http_date(3600)),
+            ("expires", &http_date(1800))
+        ]));
+        // An invalid Expires is already past (§5.3); ANSI C's asctime format is a date.
+        assert!(!fresh(&[("expires", "0")]));
+        let asctime = |imf: String| {
+            // "Sun, 06 Nov 1994 08:49:37 GMT" -> "Sun Nov  6 08:49:37 1994"
+            let p: Vec<&str> = imf.split(' ').collect();
+            let day: u32 = p[1].parse().unwrap();
+            format!(
+                "{} {} {day:>2} {} {}",
+                p[0].trim_end_matches(','),
+                p[2],
+                p[4],
+                p[3]
+            )
+        };
+        let (date, expires) = (asctime(http_date(3600)), asctime(http_date(3660)));
+        let RespCacheable::Cacheable(meta) = cacheability(
+            &rc,
+            &response(200, &[("date", &date), ("expires", &expires)]),
+            false,
+        ) else {
+            panic!("not stored")
+        };
+        assert!(
+            (59..=60).contains(&meta.fresh_sec()),
+            "{date} {expires}: {}s",
+            meta.fresh_sec()
+        );
     }
 
     #[test]
