@@ -566,3 +566,69 @@ fn rfc9111_4_2_3_the_upstream_age_counts_against_freshness_and_in_hits() {
     assert!((100..110).contains(&age), "Age {age}");
     assert_eq!(app.requests(), 3);
 }
+
+/// RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10: `must-revalidate`, `proxy-revalidate`,
+/// `s-maxage` and `no-cache` forbid serving a stale entry — also when the route offers
+/// `stale_if_error` and `stale_while_revalidate`, and with the pool's circuit open: then
+/// the answer is the error, never the stale body. (`Age` beyond `max-age` stores the
+/// entries already stale, so nothing waits for a clock.)
+#[test]
+fn rfc9111_4_2_4_directives_that_forbid_stale_win_over_the_routes_stale_windows() {
+    let app = upstream("app");
+    let body = policy(
+        &app,
+        "{ ttl: 5m, stale_while_revalidate: 10m, stale_if_error: 10m }",
+        "",
+    )
+    .replacen(
+        "    timeouts: { connect: 1s, read: 5s }\n",
+        "    timeouts: { connect: 1s, read: 5s }\n    circuit_breaker: { consecutive_failures: 2, open_for: 1m }\n",
+        1,
+    );
+    let gw = Tollgate::start(&body);
+    let path =
+        |q: &str, cc: &str| format!("/api/search?q={q}&cache_control={cc}&set_header=age:30");
+    let allowed = path("allowed", "max-age%3D1");
+    let forbidding: Vec<String> = [
+        "max-age%3D1,%20must-revalidate",
+        "max-age%3D1,%20proxy-revalidate",
+        "s-maxage%3D1",
+        "no-cache",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, cc)| path(&format!("forbid{i}"), cc))
+    .collect();
+    for p in std::iter::once(&allowed).chain(&forbidding) {
+        assert_eq!(x_cache(&gw.get(p)), "MISS", "{p}");
+    }
+
+    // The upstream fails: the entry that allows it stands in, the others do not.
+    app.knobs.force_status.store(503, Ordering::Relaxed);
+    let stale = gw.get(&allowed);
+    assert_eq!((stale.status().as_u16(), x_cache(&stale)), (200, "STALE"));
+    for p in &forbidding {
+        let answer = gw.get(p);
+        assert_eq!(answer.status(), 503, "{p} was served stale");
+        assert_ne!(x_cache(&answer), "STALE", "{p}");
+    }
+
+    // The circuit opens: still the stale entry where allowed, 503 everywhere else.
+    assert!(wait_for(Duration::from_secs(2), || gw
+        .admin_json("/status")["upstreams"]["app"]["breaker"]
+        == "open"));
+    assert_eq!(x_cache(&gw.get(&allowed)), "STALE");
+    for p in &forbidding {
+        let answer = gw.get(p);
+        assert_eq!(
+            answer.status(),
+            503,
+            "{p} was served stale with the circuit open"
+        );
+        assert_eq!(
+            answer.json::<Value>().unwrap()["error"],
+            "circuit_open",
+            "{p}"
+        );
+    }
+}
