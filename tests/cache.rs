@@ -632,3 +632,81 @@ fn rfc9111_4_2_4_directives_that_forbid_stale_win_over_the_routes_stale_windows(
         );
     }
 }
+
+/// A route on `/` to `origin`, caching with `cache`.
+fn origin_policy(origin: &Origin, cache: &str) -> String {
+    format!(
+        "upstreams:\n  origin:\n    servers: [\"{}\"]\n    timeouts: {{ connect: 1s, read: 5s }}\nroutes:\n  - name: cached\n    match: {{ path_prefix: / }}\n    upstream: origin\n    cache: {cache}\n",
+        origin.addr
+    )
+}
+
+/// RFC 9111 §4.3.1, §3.2, §4.3.4: a stale entry with validators is revalidated with
+/// `If-None-Match` and `If-Modified-Since`; the 304 updates every stored field it
+/// carries (`Content-Length` excepted) and its `Date` and freshness count from then, so
+/// the entry is fresh again; the client gets the updated stored response.
+#[test]
+fn rfc9111_4_3_4_a_304_updates_the_stored_fields_and_freshens_the_entry() {
+    let modified = http_date(-7200);
+    let stored_modified = modified.clone();
+    let origin = Origin::start(move |head, count| {
+        if count == 0 {
+            let date = http_date(-3600);
+            http_response(
+                "200 OK",
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("date", &date),
+                    ("etag", "\"v1\""),
+                    ("last-modified", &stored_modified),
+                    ("x-version", "1"),
+                    ("x-kept", "yes"),
+                ],
+                "hello",
+            )
+        } else if head.to_ascii_lowercase().contains("if-none-match: \"v1\"") {
+            let date = http_date(0);
+            http_response(
+                "304 Not Modified",
+                &[
+                    ("cache-control", "max-age=600"),
+                    ("date", &date),
+                    ("etag", "\"v1\""),
+                    ("x-version", "2"),
+                ],
+                "",
+            )
+        } else {
+            http_response("200 OK", &[("x-version", "unconditional")], "refetched")
+        }
+    });
+    let gw = Tollgate::start(&origin_policy(
+        &origin,
+        "{ ttl: 5m, stale_while_revalidate: 0s, stale_if_error: 0s }",
+    ));
+
+    let first = gw.get("/doc");
+    assert_eq!(x_cache(&first), "MISS");
+    assert_eq!(first.text().unwrap(), "hello");
+
+    // Stored an hour old with a minute of freshness: revalidated, conditionally.
+    let revalidated = gw.get("/doc");
+    assert_eq!(origin.requests().len(), 2);
+    assert_eq!(origin.field(1, "if-none-match").as_deref(), Some("\"v1\""));
+    assert_eq!(origin.field(1, "if-modified-since"), Some(modified));
+    assert_eq!(revalidated.status(), 200);
+    assert_eq!(x_cache(&revalidated), "HIT");
+    assert_eq!(revalidated.headers()["x-version"], "2", "the 304's field was lost");
+    assert_eq!(revalidated.headers()["x-kept"], "yes");
+    assert_eq!(revalidated.headers()["content-length"], "5");
+    assert_eq!(revalidated.text().unwrap(), "hello");
+
+    // Fresh again for ten minutes from the 304's Date: no request reaches the origin.
+    let hit = gw.get("/doc");
+    assert_eq!(x_cache(&hit), "HIT");
+    assert_eq!(hit.headers()["x-version"], "2");
+    assert_eq!(hit.headers()["cache-control"], "max-age=600");
+    let age: u64 = hit.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!(age < 60, "Age {age} after a revalidation");
+    assert_eq!(origin.requests().len(), 2, "the revalidated entry was not fresh");
+}

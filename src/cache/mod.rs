@@ -20,7 +20,9 @@ mod paths;
 mod rfc9111;
 mod store;
 
-pub use rfc9111::{cacheability, request_bypass, request_wants_revalidation, variance};
+pub use rfc9111::{
+    cacheability, request_bypass, request_wants_revalidation, update_stored, variance,
+};
 pub(crate) use rfc9111::{credentials_allow, error_allows_stale, key};
 pub(crate) use store::{Selector, Store};
 

@@ -226,6 +226,30 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     ))
 }
 
+/// RFC 9111 §3.2, §4.3.4: the stored response updated by the upstream's 304 to its
+/// revalidation. Every field the 304 carries replaces the stored one, except
+/// `Content-Length` and the framing fields (they describe the 304's empty body). The
+/// stored `Age` and `Date` told how old the response was when it first arrived: the
+/// 304's own (or none) tell it now.
+pub fn update_stored(stored: &ResponseHeader, not_modified: &ResponseHeader) -> ResponseHeader {
+    use http::header::{AGE, CONTENT_LENGTH, CONTENT_RANGE, DATE, TRANSFER_ENCODING};
+    let mut updated = stored.clone();
+    updated.remove_header(&AGE);
+    updated.remove_header(&DATE);
+    for name in not_modified.headers.keys() {
+        if [CONTENT_LENGTH, TRANSFER_ENCODING, CONTENT_RANGE].contains(name) {
+            continue;
+        }
+        updated.remove_header(name);
+        for value in not_modified.headers.get_all(name) {
+            updated
+                .append_header(name.clone(), value.clone())
+                .expect("a field that was already in a header");
+        }
+    }
+    updated
+}
+
 /// The `Age` an upstream sent (RFC 9111 §5.1): the first value when there are several
 /// or a list; a value that is not a whole number of seconds is ignored; one too large
 /// to count saturates at 2^31 seconds (§1.2.2).

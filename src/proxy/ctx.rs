@@ -81,6 +81,9 @@ pub(crate) struct Cache {
     pub(crate) outcome: Option<cache::CacheResult>,
     /// The key computed for the fast hit check, handed on to Pingora's cache on a miss.
     pub(crate) key: Option<CacheKey>,
+    /// The upstream's 304 to a revalidation, whose fields update the stored ones
+    /// (Pingora merges only a few of them).
+    pub(crate) not_modified: Option<Box<pingora::http::ResponseHeader>>,
 }
 
 impl RequestCtx {

@@ -342,6 +342,7 @@ impl ProxyHttp for Proxy {
         resp: &ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<RespCacheable> {
+        let not_modified = ctx.cache.not_modified.take();
         let Some(cache) = ctx.route().and_then(|r| r.cache.as_ref()) else {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::NeverEnabled));
         };
@@ -350,7 +351,13 @@ impl ProxyHttp for Proxy {
                 .req_header()
                 .headers
                 .contains_key(http::header::AUTHORIZATION);
-        Ok(cache::cacheability(cache, resp, authorized))
+        match not_modified {
+            Some(not_modified) => {
+                let updated = cache::update_stored(resp, &not_modified);
+                Ok(cache::cacheability(cache, &updated, authorized))
+            }
+            None => Ok(cache::cacheability(cache, resp, authorized)),
+        }
     }
 
     fn cache_vary_filter(
@@ -588,6 +595,9 @@ impl ProxyHttp for Proxy {
             for name in forwarding::hop_by_hop_fields(&upstream_response.headers) {
                 upstream_response.remove_header(&name);
             }
+        }
+        if status == 304 && session.cache.enabled() {
+            ctx.cache.not_modified = Some(Box::new(upstream_response.clone()));
         }
         Ok(())
     }

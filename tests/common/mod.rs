@@ -406,6 +406,89 @@ pub fn raw_status(response: &str) -> Option<u16> {
     response.split(' ').nth(1)?.parse().ok()
 }
 
+/// An origin that answers each request with what `respond` makes of its head (the
+/// request line and fields, as text) and the number of requests before it: a raw
+/// HTTP/1.1 response, `Content-Length` included. Keeps connections alive, records
+/// every request head, for tests that need exact fields (validators, dates, 304s).
+pub struct Origin {
+    pub addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Origin {
+    pub fn start(respond: impl Fn(&str, usize) -> String + Send + Sync + 'static) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let respond = Arc::new(respond);
+        let seen = heads.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (respond, seen) = (respond.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut writer = stream;
+                    loop {
+                        let mut head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            match reader.read_line(&mut line) {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) if line == "\r\n" => break,
+                                Ok(_) => head.push_str(&line),
+                            }
+                        }
+                        let count = {
+                            let mut seen = seen.lock().unwrap();
+                            seen.push(head.clone());
+                            seen.len() - 1
+                        };
+                        if writer.write_all(respond(&head, count).as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Origin { addr, heads }
+    }
+
+    /// The heads of the requests that reached this origin, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    /// The value of field `name` in request `index`, if it carried one.
+    pub fn field(&self, index: usize, name: &str) -> Option<String> {
+        self.requests()[index].lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// A raw HTTP/1.1 response: status line, the given fields, `Content-Length` and body.
+pub fn http_response(status: &str, fields: &[(&str, &str)], body: &str) -> String {
+    let mut out = format!("HTTP/1.1 {status}\r\n");
+    for (name, value) in fields {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    out
+}
+
+/// An HTTP date `offset_secs` from now (negative: in the past).
+pub fn http_date(offset_secs: i64) -> String {
+    let now = std::time::SystemTime::now();
+    let at = if offset_secs >= 0 {
+        now + Duration::from_secs(offset_secs as u64)
+    } else {
+        now - Duration::from_secs(offset_secs.unsigned_abs())
+    };
+    httpdate::fmt_http_date(at)
+}
+
 /// A throwaway `redis-server` on a loopback port, killed when dropped.
 pub struct RedisServer {
     child: std::process::Child,
