@@ -57,9 +57,11 @@ routes:
     upstream: app
     priority: low
 rate_limits:
+  # Refilled buckets are dropped every few seconds: this one takes 36 s to refill, so
+  # the client's key is still tracked however long the browser takes.
   - name: per-ip
     key: ip
-    rate: 100/min
+    rate: 100/h
   - name: burst-detect
     key: ip
     rate: 50/10s
