@@ -696,7 +696,11 @@ fn rfc9111_4_3_4_a_304_updates_the_stored_fields_and_freshens_the_entry() {
     assert_eq!(origin.field(1, "if-modified-since"), Some(modified));
     assert_eq!(revalidated.status(), 200);
     assert_eq!(x_cache(&revalidated), "HIT");
-    assert_eq!(revalidated.headers()["x-version"], "2", "the 304's field was lost");
+    assert_eq!(
+        revalidated.headers()["x-version"],
+        "2",
+        "the 304's field was lost"
+    );
     assert_eq!(revalidated.headers()["x-kept"], "yes");
     assert_eq!(revalidated.headers()["content-length"], "5");
     assert_eq!(revalidated.text().unwrap(), "hello");
@@ -708,5 +712,168 @@ fn rfc9111_4_3_4_a_304_updates_the_stored_fields_and_freshens_the_entry() {
     assert_eq!(hit.headers()["cache-control"], "max-age=600");
     let age: u64 = hit.headers()["age"].to_str().unwrap().parse().unwrap();
     assert!(age < 60, "Age {age} after a revalidation");
-    assert_eq!(origin.requests().len(), 2, "the revalidated entry was not fresh");
+    assert_eq!(
+        origin.requests().len(),
+        2,
+        "the revalidated entry was not fresh"
+    );
+}
+
+/// An origin answering each path with the fields the test listed for it (body `ok`),
+/// and a `vary: accept-language` path that echoes nothing but varies.
+fn fields_origin(
+    paths: &'static [(&'static str, &'static [(&'static str, &'static str)])],
+) -> Origin {
+    Origin::start(move |head, _| {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let fields = paths
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or(&[][..], |(_, f)| *f);
+        http_response("200 OK", fields, "ok")
+    })
+}
+
+fn requests_to(origin: &Origin, path: &str) -> usize {
+    origin
+        .requests()
+        .iter()
+        .filter(|head| head.split(' ').nth(1) == Some(path))
+        .count()
+}
+
+/// RFC 9213: `Tollgate-Cache-Control`, then `CDN-Cache-Control` (the route's
+/// `cache.targeted` order) stand for Cache-Control in this cache; the field it obeyed
+/// does not reach the client, the other one does; an invalid one is ignored; `[]` turns
+/// them off.
+#[test]
+fn rfc9213_targeted_cache_control_overrides_cache_control_for_this_cache() {
+    let origin = fields_origin(&[
+        (
+            "/cdn",
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=600"),
+            ],
+        ),
+        (
+            "/own",
+            &[
+                ("cache-control", "max-age=600"),
+                ("tollgate-cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=600"),
+            ],
+        ),
+        (
+            "/invalid",
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=\"60"),
+            ],
+        ),
+        (
+            "/off/cdn",
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=600"),
+            ],
+        ),
+    ]);
+    let body = origin_policy(&origin, "{ ttl: 5m }").replacen(
+        "routes:\n",
+        "routes:\n  - name: off\n    match: { path_prefix: /off/ }\n    upstream: origin\n    cache: { targeted: [] }\n",
+        1,
+    );
+    let gw = Tollgate::start(&body);
+    let twice = |path: &str| [gw.get(path), gw.get(path)];
+
+    let [miss, hit] = twice("/cdn");
+    assert_eq!((x_cache(&miss), x_cache(&hit)), ("MISS", "HIT"));
+    for response in [&miss, &hit] {
+        assert!(!response.headers().contains_key("cdn-cache-control"));
+    }
+    assert_eq!(requests_to(&origin, "/cdn"), 1);
+
+    let [first, second] = twice("/own");
+    assert_eq!((x_cache(&first), x_cache(&second)), ("MISS", "MISS"));
+    assert!(!first.headers().contains_key("tollgate-cache-control"));
+    assert_eq!(first.headers()["cdn-cache-control"], "max-age=600");
+    assert_eq!(requests_to(&origin, "/own"), 2);
+
+    let [first, second] = twice("/invalid");
+    assert_eq!((x_cache(&first), x_cache(&second)), ("MISS", "MISS"));
+    assert_eq!(requests_to(&origin, "/invalid"), 2);
+
+    let [first, second] = twice("/off/cdn");
+    assert_eq!((x_cache(&first), x_cache(&second)), ("MISS", "MISS"));
+    assert_eq!(first.headers()["cdn-cache-control"], "max-age=600");
+}
+
+/// RFC 9111 §3.1: a response that sets a cookie is stored, `Set-Cookie` and all, when
+/// the origin said how long it may be shared; never on the route's own ttl.
+#[test]
+fn rfc9111_3_1_set_cookie_is_stored_with_explicit_shared_freshness() {
+    let origin = fields_origin(&[
+        (
+            "/shared",
+            &[
+                ("cache-control", "max-age=600"),
+                ("set-cookie", "theme=dark"),
+            ],
+        ),
+        ("/ttl-only", &[("set-cookie", "session=secret")]),
+    ]);
+    let gw = Tollgate::start(&origin_policy(&origin, "{ ttl: 5m }"));
+    assert_eq!(x_cache(&gw.get("/shared")), "MISS");
+    let hit = gw.get("/shared");
+    assert_eq!(x_cache(&hit), "HIT");
+    assert_eq!(hit.headers()["set-cookie"], "theme=dark");
+    assert_eq!(x_cache(&gw.get("/ttl-only")), "MISS");
+    assert_eq!(x_cache(&gw.get("/ttl-only")), "MISS");
+    assert_eq!(requests_to(&origin, "/ttl-only"), 2);
+}
+
+/// RFC 9111 §4.2.2 with `cache.heuristic`: a response with Last-Modified and no explicit
+/// freshness is fresh for a share of its age; without Last-Modified the route's ttl
+/// (here none) holds.
+#[test]
+fn rfc9111_4_2_2_heuristic_freshness_from_last_modified() {
+    let origin = fields_origin(&[
+        (
+            "/modified",
+            &[("last-modified", "Sat, 01 Jan 2000 00:00:00 GMT")],
+        ),
+        ("/unmodified", &[]),
+    ]);
+    let gw = Tollgate::start(&origin_policy(
+        &origin,
+        "{ ttl: 0s, heuristic: 10%, heuristic_max: 1h, stale_while_revalidate: 0s, stale_if_error: 0s }",
+    ));
+    assert_eq!(x_cache(&gw.get("/modified")), "MISS");
+    let hit = gw.get("/modified");
+    assert_eq!(x_cache(&hit), "HIT");
+    assert_eq!(requests_to(&origin, "/modified"), 1);
+    gw.get("/unmodified");
+    assert_ne!(x_cache(&gw.get("/unmodified")), "HIT");
+    assert_eq!(requests_to(&origin, "/unmodified"), 2);
+}
+
+/// RFC 9111 §4.1: requests whose varied field differs only in whitespace, case or list
+/// order select the same stored variant; another value is another variant.
+#[test]
+fn rfc9111_4_1_varied_fields_are_normalised() {
+    let origin = fields_origin(&[(
+        "/varied",
+        &[
+            ("cache-control", "max-age=600"),
+            ("vary", "accept-language"),
+        ],
+    )]);
+    let gw = Tollgate::start(&origin_policy(&origin, "{ ttl: 5m }"));
+    let lang = |value: &str| get_with(&gw, "/varied", &[("accept-language", value)]);
+    assert_eq!(x_cache(&lang("en, fr")), "MISS");
+    assert_eq!(x_cache(&lang("FR,en")), "HIT");
+    assert_eq!(x_cache(&lang(" en ,  fr ")), "HIT");
+    assert_eq!(x_cache(&lang("de")), "MISS");
+    assert_eq!(requests_to(&origin, "/varied"), 2);
 }

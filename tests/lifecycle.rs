@@ -417,3 +417,43 @@ fn the_access_log_file_is_reopened_on_sigusr1() {
     assert_eq!(lines(&rotated)[0]["path"], "/echo/before");
     assert!(lines(&log).iter().all(|l| l["path"] == "/echo/after"));
 }
+
+#[test]
+fn check_refuses_invalid_cache_keys_where_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let route = "    upstream: app\n";
+    let cases = [
+        (
+            "    cache: { targeted: [cache-control] }\n",
+            "stand for Cache-Control",
+        ),
+        (
+            "    cache: { targeted: [\"not a name\"] }\n",
+            "not a header name",
+        ),
+        ("    cache: { heuristic: 150% }\n", "invalid percentage"),
+        (
+            "    cache: { heuristic: 10%, heuristic_max: soon }\n",
+            "invalid duration",
+        ),
+    ];
+    for (cache, message) in cases {
+        let text = format!(
+            "{}{}",
+            head(8080, 9901, ""),
+            simple_policy(&["127.0.0.1:3000".into()])
+        )
+        .replacen(route, &format!("{route}{cache}"), 1);
+        std::fs::write(&path, &text).unwrap();
+        let line = text.lines().position(|l| l == cache.trim_end()).unwrap() + 1;
+        let out = tollgate(&["check", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{cache}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let at = format!("{}:{line}:", path.display());
+        assert!(
+            stderr.starts_with(&at) && stderr.contains(message),
+            "{cache}: {stderr}"
+        );
+    }
+}

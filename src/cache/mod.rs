@@ -23,7 +23,7 @@ mod store;
 pub use rfc9111::{
     cacheability, request_bypass, request_wants_revalidation, update_stored, variance,
 };
-pub(crate) use rfc9111::{credentials_allow, error_allows_stale, key};
+pub(crate) use rfc9111::{credentials_allow, error_allows_stale, key, targeted_field};
 pub(crate) use store::{Selector, Store};
 
 use crate::config::{self, ConfigError, RouteCacheConfig};
@@ -54,6 +54,12 @@ pub struct RouteCache {
     pub(crate) methods: Vec<Method>,
     pub(crate) statuses: Vec<u16>,
     pub(crate) warm: Vec<WarmTarget>,
+    /// RFC 9213 fields that stand for Cache-Control in this cache, first present wins.
+    pub(crate) targeted: Vec<HeaderName>,
+    /// RFC 9111 §4.2.2: the share of a response's age since `Last-Modified` it stays
+    /// fresh when it says nothing of its freshness (0: the route's `ttl` instead).
+    pub(crate) heuristic: f64,
+    pub(crate) heuristic_max: Duration,
     /// `tollgate_cache_requests_total{route, result}`, indexed by [`CacheResult`].
     pub(crate) requests: [prometheus::IntCounter; 4],
 }
@@ -198,6 +204,39 @@ pub(crate) fn compile_route(
             ));
         }
     }
+    let mut targeted: Vec<HeaderName> = Vec::with_capacity(c.targeted.len());
+    for field in &c.targeted {
+        match HeaderName::from_bytes(field.value.as_bytes()) {
+            Ok(name) if name == http::header::CACHE_CONTROL => errors.push(ConfigError::at(
+                path,
+                &field.referenced,
+                format!("route `{route}`: cache.targeted lists fields that stand for Cache-Control, not Cache-Control itself"),
+            )),
+            Ok(name) if targeted.contains(&name) => errors.push(ConfigError::at(
+                path,
+                &field.referenced,
+                format!("route `{route}`: cache.targeted lists `{name}` twice"),
+            )),
+            Ok(name) => targeted.push(name),
+            Err(_) => errors.push(ConfigError::at(
+                path,
+                &field.referenced,
+                format!(
+                    "route `{route}`: cache.targeted `{}` is not a header name",
+                    field.value
+                ),
+            )),
+        }
+    }
+    if c.heuristic.0 > 0.0 && c.heuristic_max.0.is_zero() {
+        errors.push(ConfigError::at(
+            path,
+            &Location::UNKNOWN,
+            format!(
+                "route `{route}`: cache.heuristic_max must be above 0s when cache.heuristic is on"
+            ),
+        ));
+    }
     let warm = c
         .warm
         .iter()
@@ -227,6 +266,9 @@ pub(crate) fn compile_route(
         methods,
         statuses: c.statuses.iter().map(|s| s.value).collect(),
         warm,
+        targeted,
+        heuristic: c.heuristic.0,
+        heuristic_max: c.heuristic_max.0,
         requests: CacheResult::ALL.map(|o| metrics.cache_requests(route, o.label())),
     })
 }

@@ -35,8 +35,41 @@ pub(crate) fn credentials_allow(
 ) -> bool {
     rc.per_user
         || !req.headers.contains_key(http::header::AUTHORIZATION)
-        || CacheControl::from_resp_headers(stored)
+        || directives(rc, stored)
+            .0
             .is_some_and(|cc| cc.allow_caching_authorized_req())
+}
+
+/// RFC 9213 §2.2: the first of the route's targeted fields (`cache.targeted`) with a
+/// valid, non-empty structured-field dictionary; `None` when Cache-Control speaks.
+pub(crate) fn targeted_field<'a>(
+    rc: &'a RouteCache,
+    headers: &http::HeaderMap,
+) -> Option<&'a http::HeaderName> {
+    rc.targeted.iter().find(|name| {
+        let mut lines = headers.get_all(*name).iter();
+        let Some(first) = lines.next() else {
+            return false;
+        };
+        let mut value = first.as_bytes().to_vec();
+        for line in lines {
+            value.extend_from_slice(b", ");
+            value.extend_from_slice(line.as_bytes());
+        }
+        sfv::Parser::parse_dictionary(&value).is_ok_and(|dictionary| !dictionary.is_empty())
+    })
+}
+
+/// The directives this cache obeys: a targeted field's when one is present and valid
+/// (then Cache-Control and Expires are ignored, the `bool`), else Cache-Control's.
+fn directives(rc: &RouteCache, resp: &ResponseHeader) -> (Option<CacheControl>, bool) {
+    match targeted_field(rc, &resp.headers) {
+        Some(name) => (
+            CacheControl::from_resp_headers_named(name.as_str(), resp),
+            true,
+        ),
+        None => (CacheControl::from_resp_headers(resp), false),
+    }
 }
 
 /// Whether the request asks for a stored response to be revalidated before use
@@ -96,10 +129,9 @@ pub(crate) fn key(
         primary.push('\n');
         primary.push_str(name.as_str());
         primary.push(':');
-        for value in req.headers.get_all(name) {
-            primary.push_str(&String::from_utf8_lossy(value.as_bytes()));
-            primary.push(',');
-        }
+        primary.push_str(&String::from_utf8_lossy(&variant(
+            req.headers.get_all(name),
+        )));
     }
     CacheKey::new(primary, "")
 }
@@ -123,16 +155,25 @@ pub fn variance(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
             if name.is_empty() {
                 continue;
             }
-            let seen: Vec<u8> = req
-                .headers
-                .get_all(name.as_str())
-                .iter()
-                .flat_map(|v| v.as_bytes().iter().copied().chain([b',']))
-                .collect();
+            let seen = variant(req.headers.get_all(name.as_str()));
             builder.add_owned_name_value(name, seen);
         }
     }
     builder.finalize()
+}
+
+/// What selects a variant of a varied field (RFC 9111 §4.1 lets a cache normalise):
+/// its list members, trimmed, lowercased and sorted, so `fr, EN` and `en,fr` are one
+/// variant. No field and an empty one are one variant too.
+fn variant(lines: http::header::GetAll<'_, http::HeaderValue>) -> Vec<u8> {
+    let mut members: Vec<Vec<u8>> = lines
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|b| *b == b','))
+        .map(|member| member.trim_ascii().to_ascii_lowercase())
+        .filter(|member| !member.is_empty())
+        .collect();
+    members.sort_unstable();
+    members.join(&b","[..])
 }
 
 /// RFC 9111 §3: whether a response may be stored, and its freshness and stale windows.
@@ -144,10 +185,6 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     if !rc.statuses.contains(&resp.status.as_u16()) {
         return uncacheable();
     }
-    // Like NGINX and Varnish: a response that sets a cookie is somebody's.
-    if resp.headers.contains_key(http::header::SET_COOKIE) {
-        return uncacheable();
-    }
     let vary_any = resp
         .headers
         .get_all(http::header::VARY)
@@ -156,7 +193,7 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     if vary_any {
         return uncacheable();
     }
-    let cc = CacheControl::from_resp_headers(resp);
+    let (cc, targeted) = directives(rc, resp);
     if authorized
         && !cc
             .as_ref()
@@ -168,6 +205,33 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
         .as_ref()
         .is_some_and(|cc| cc.is_cacheable() == Cacheable::No)
     {
+        return uncacheable();
+    }
+    let mut header = resp.clone();
+    if let Some(cc) = &cc {
+        cc.strip_private_headers(&mut header);
+    }
+    if let Some(name) = targeted
+        .then(|| targeted_field(rc, &resp.headers))
+        .flatten()
+    {
+        header.remove_header(name);
+    }
+    let expires = if targeted {
+        None
+    } else {
+        calculate_expires_header_time(resp)
+    };
+    let explicit = cc
+        .as_ref()
+        .and_then(|cc| cc.fresh_duration())
+        .or(expires.is_some().then_some(Duration::ZERO));
+    // A cookie is somebody's (NGINX and Varnish never store it): stored only when the
+    // origin itself said how long the response may be shared (RFC 9111 §3.1 allows
+    // that), never on the route's own `ttl`. `private="set-cookie"` and
+    // `no-cache="set-cookie"` stored it without the field, above.
+    let public = cc.as_ref().is_some_and(|cc| cc.public());
+    if header.headers.contains_key(http::header::SET_COOKIE) && explicit.is_none() && !public {
         return uncacheable();
     }
     let now = SystemTime::now();
@@ -182,11 +246,11 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
             Some(fresh) => fresh,
             // §4.2.1: Expires counts from the origin's Date, not from our clock; one
             // before Date, or one that does not parse, is already past.
-            None => match calculate_expires_header_time(resp) {
+            None => match expires {
                 Some(expires) => expires
                     .duration_since(date.unwrap_or(now))
                     .unwrap_or_default(),
-                None => rc.ttl,
+                None => heuristic_lifetime(rc, resp, date.unwrap_or(now)).unwrap_or(rc.ttl),
             },
         }
     };
@@ -213,10 +277,6 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     } else {
         calculate_serve_stale_durations(cc.as_ref(), &defaults)
     };
-    let mut header = resp.clone();
-    if let Some(cc) = &cc {
-        cc.strip_private_headers(&mut header);
-    }
     Store(CacheMeta::new(
         fresh_until,
         created,
@@ -248,6 +308,27 @@ pub fn update_stored(stored: &ResponseHeader, not_modified: &ResponseHeader) -> 
         }
     }
     updated
+}
+
+/// RFC 9111 §4.2.2, when the route allows it (`cache.heuristic`): a response with a
+/// `Last-Modified` and no explicit freshness stays fresh for that share of the time it
+/// had gone unmodified when sent, at most `cache.heuristic_max`.
+fn heuristic_lifetime(
+    rc: &RouteCache,
+    resp: &ResponseHeader,
+    sent: SystemTime,
+) -> Option<Duration> {
+    if rc.heuristic <= 0.0 {
+        return None;
+    }
+    let value = resp
+        .headers
+        .get(http::header::LAST_MODIFIED)?
+        .to_str()
+        .ok()?;
+    let modified = httpdate::parse_http_date(value.trim()).ok()?;
+    let unmodified = sent.duration_since(modified).ok()?;
+    Some(unmodified.mul_f64(rc.heuristic).min(rc.heuristic_max))
 }
 
 /// The `Age` an upstream sent (RFC 9111 §5.1): the first value when there are several
@@ -469,6 +550,153 @@ mod tests {
         assert_eq!(forced_fresh(&[("cache-control", "no-store")]), None);
     }
 
+    /// RFC 9213: the first valid targeted field stands for Cache-Control and Expires,
+    /// and is not stored; an invalid or empty one is ignored; `[]` turns them off.
+    #[test]
+    fn rfc9213_targeted_fields_override_cache_control() {
+        let rc = route_cache(RouteCacheConfig::default());
+        let fresh = |h: &[(&str, &str)]| fresh_secs(cacheability(&rc, &response(200, h), false));
+        let cc = ("cache-control", "max-age=60");
+        assert_eq!(
+            fresh(&[cc, ("cdn-cache-control", "max-age=600")]),
+            Some(600)
+        );
+        assert_eq!(
+            fresh(&[
+                cc,
+                ("cdn-cache-control", "max-age=600"),
+                ("tollgate-cache-control", "max-age=900")
+            ]),
+            Some(900),
+            "the route's order decides"
+        );
+        assert_eq!(fresh(&[cc, ("cdn-cache-control", "no-store")]), None);
+        assert_eq!(
+            fresh(&[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=600")
+            ]),
+            Some(600)
+        );
+        assert_eq!(fresh(&[cc, ("cdn-cache-control", "private")]), None);
+        assert_eq!(fresh(&[cc, ("cdn-cache-control", "no-cache")]), Some(-1));
+        assert_eq!(
+            fresh(&[("expires", "0"), ("cdn-cache-control", "max-age=600")]),
+            Some(600),
+            "Expires is ignored too"
+        );
+        for invalid in ["max-age=\"60", "max-age=60,,", "", "MAX-AGE=600"] {
+            assert_eq!(
+                fresh(&[cc, ("cdn-cache-control", invalid)]),
+                Some(60),
+                "`{invalid}` was obeyed"
+            );
+        }
+        let RespCacheable::Cacheable(meta) = cacheability(
+            &rc,
+            &response(
+                200,
+                &[
+                    cc,
+                    ("tollgate-cache-control", "max-age=600"),
+                    ("cdn-cache-control", "max-age=5"),
+                ],
+            ),
+            false,
+        ) else {
+            panic!("not stored")
+        };
+        assert!(!meta.headers().contains_key("tollgate-cache-control"));
+        assert!(
+            meta.headers().contains_key("cdn-cache-control"),
+            "an unused field is the next cache's"
+        );
+        let off = route_cache(RouteCacheConfig {
+            targeted: Vec::new(),
+            ..Default::default()
+        });
+        assert_eq!(
+            fresh_secs(cacheability(
+                &off,
+                &response(200, &[cc, ("cdn-cache-control", "max-age=600")]),
+                false
+            )),
+            Some(60)
+        );
+    }
+
+    /// RFC 9111 §4.2.2: off by default (the route's ttl); on, a share of the time since
+    /// Last-Modified, capped; explicit freshness always wins.
+    #[test]
+    fn rfc9111_4_2_2_heuristic_freshness_only_when_the_route_says_so() {
+        let day_old = http_date(-86_400);
+        let last_modified = [("last-modified", day_old.as_str())];
+        let default = route_cache(RouteCacheConfig::default());
+        assert_eq!(
+            fresh_secs(cacheability(
+                &default,
+                &response(200, &last_modified),
+                false
+            )),
+            Some(300)
+        );
+        let tenth = route_cache(RouteCacheConfig {
+            heuristic: crate::units::Percent(0.1),
+            ..Default::default()
+        });
+        let fresh = |h: &[(&str, &str)]| fresh_secs(cacheability(&tenth, &response(200, h), false));
+        let secs = fresh(&last_modified).unwrap();
+        assert!((8639..=8640).contains(&secs), "{secs}");
+        assert_eq!(
+            fresh(&[("cache-control", "max-age=5"), last_modified[0]]),
+            Some(5)
+        );
+        assert_eq!(fresh(&[]), Some(300), "no Last-Modified: the route's ttl");
+        let capped = route_cache(RouteCacheConfig {
+            heuristic: crate::units::Percent(0.1),
+            heuristic_max: crate::units::Duration::from_secs(60),
+            ..Default::default()
+        });
+        assert_eq!(
+            fresh_secs(cacheability(&capped, &response(200, &last_modified), false)),
+            Some(60)
+        );
+    }
+
+    /// Set-Cookie is stored when the origin said how long the response may be shared,
+    /// never on the route's own ttl; `private="set-cookie"` stores it without the field.
+    #[test]
+    fn set_cookie_is_stored_only_with_explicit_shared_freshness() {
+        let rc = route_cache(RouteCacheConfig::default());
+        let stored = |h: &[(&str, &str)]| match cacheability(&rc, &response(200, h), false) {
+            RespCacheable::Cacheable(meta) => Some(meta.headers().contains_key("set-cookie")),
+            RespCacheable::Uncacheable(_) => None,
+        };
+        let cookie = ("set-cookie", "a=b");
+        assert_eq!(stored(&[cookie]), None);
+        assert_eq!(
+            stored(&[cookie, ("cache-control", "max-age=60")]),
+            Some(true)
+        );
+        assert_eq!(stored(&[cookie, ("cache-control", "public")]), Some(true));
+        assert_eq!(stored(&[cookie, ("expires", &http_date(60))]), Some(true));
+        assert_eq!(stored(&[cookie, ("cache-control", "private")]), None);
+        assert_eq!(
+            stored(&[
+                cookie,
+                ("cache-control", "max-age=60, private=\"set-cookie\"")
+            ]),
+            Some(false)
+        );
+        assert_eq!(
+            stored(&[
+                cookie,
+                ("cache-control", "max-age=60, no-cache=\"set-cookie\"")
+            ]),
+            Some(false)
+        );
+    }
+
     #[test]
     fn authorized_requests_store_only_what_the_origin_allows() {
         let rc = route_cache(RouteCacheConfig::default());
@@ -503,6 +731,10 @@ mod tests {
         assert_ne!(base, k(&req("a.example", "en"), false, Some("u2")));
         assert_ne!(base, k(&req("a.example", "fr"), false, Some("u1")));
         assert_eq!(base, k(&req("A.example", "en"), false, Some("u1")));
+        // Whitespace, case and order within the varied field select the same variant.
+        let listed = k(&req("a.example", "fr, EN"), false, Some("u1"));
+        assert_eq!(listed, k(&req("a.example", "en,fr"), false, Some("u1")));
+        assert_ne!(listed, base);
         let primary = key(&rc, "r", &req("a.example", "en"), false, None);
         assert_eq!(key_path(primary.primary_key_str().unwrap()), "/a?b=1");
     }

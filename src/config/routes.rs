@@ -162,6 +162,9 @@ pub(crate) struct RouteCacheConfig {
     pub(crate) methods: Vec<Spanned<String>>,
     pub(crate) statuses: Vec<Spanned<u16>>,
     pub(crate) warm: Vec<Spanned<String>>,
+    pub(crate) targeted: Vec<Spanned<String>>,
+    pub(crate) heuristic: Percent,
+    pub(crate) heuristic_max: Duration,
 }
 
 impl Default for RouteCacheConfig {
@@ -181,6 +184,11 @@ impl Default for RouteCacheConfig {
                 .map(|s| Spanned::new(s, unknown, unknown))
                 .into(),
             warm: Vec::new(),
+            targeted: ["tollgate-cache-control", "cdn-cache-control"]
+                .map(|name| Spanned::new(name.to_string(), unknown, unknown))
+                .into(),
+            heuristic: Percent(0.0),
+            heuristic_max: Duration::from_secs(86_400),
         }
     }
 }

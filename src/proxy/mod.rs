@@ -611,7 +611,7 @@ impl ProxyHttp for Proxy {
         if self.gateway.closes_connections() {
             session.set_keepalive(None);
         }
-        if ctx.route().is_some_and(|r| r.cache.is_some()) {
+        if let Some(rc) = ctx.route.and_then(|i| ctx.policy.routes[i].cache.as_ref()) {
             let req = session.req_header();
             // RFC 9111 §4.4: a successful unsafe request invalidates the stored
             // responses for its URI, before its client can ask again.
@@ -632,6 +632,16 @@ impl ProxyHttp for Proxy {
                 .cache
                 .outcome
                 .get_or_insert_with(|| cache::CacheResult::of(session.cache.phase()));
+            // RFC 9213: the targeted field this cache obeyed is its own; stored
+            // responses were stored without it.
+            if matches!(
+                outcome,
+                cache::CacheResult::Miss | cache::CacheResult::Bypass
+            ) {
+                if let Some(name) = cache::targeted_field(rc, &response.headers) {
+                    response.remove_header(name);
+                }
+            }
             // A fresh hit's stored header already says HIT (see `cache::Store::fresh`):
             // comparing is far cheaper than Pingora's `insert_header`.
             let said = response.headers.get(&cache::X_CACHE);
