@@ -8,12 +8,13 @@
 #   cargo build --release --examples && bash bench/instruments/run.sh
 #
 # TARGETS (default "tollgate floor probe nginx"), REQUESTS (callgrind, 2000), DURATION
-# (wrk seconds, 5). Needs perf, valgrind, wrk, python3; nginx for the origin and the nginx
-# row (without nginx, tollgate-upstream is the origin and the nginx row is skipped).
+# (wrk seconds, 5), BIN (where the binaries are, default target/release: another build
+# to compare with). Needs perf, valgrind, wrk, python3; nginx for the origin and the
+# nginx row (without nginx, tollgate-upstream is the origin and the nginx row is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-BIN=$ROOT/target/release
+BIN=${BIN:-$ROOT/target/release}
 TARGETS=${TARGETS:-"tollgate floor probe nginx"}
 REQUESTS=${REQUESTS:-2000}
 DURATION=${DURATION:-5}
