@@ -649,14 +649,16 @@ fn origin_policy(origin: &Origin, cache: &str) -> String {
 fn rfc9111_4_3_4_a_304_updates_the_stored_fields_and_freshens_the_entry() {
     let modified = http_date(-7200);
     let stored_modified = modified.clone();
+    let (first_date, validated_date) = (http_date(-3600), http_date(-1));
+    let (sent_first_date, sent_validated_date) = (first_date.clone(), validated_date.clone());
     let origin = Origin::start(move |head, count| {
         if count == 0 {
-            let date = http_date(-3600);
+            let date = &sent_first_date;
             http_response(
                 "200 OK",
                 &[
                     ("cache-control", "max-age=60"),
-                    ("date", &date),
+                    ("date", date),
                     ("etag", "\"v1\""),
                     ("last-modified", &stored_modified),
                     ("x-version", "1"),
@@ -665,12 +667,12 @@ fn rfc9111_4_3_4_a_304_updates_the_stored_fields_and_freshens_the_entry() {
                 "hello",
             )
         } else if head.to_ascii_lowercase().contains("if-none-match: \"v1\"") {
-            let date = http_date(0);
+            let date = &sent_validated_date;
             http_response(
                 "304 Not Modified",
                 &[
                     ("cache-control", "max-age=600"),
-                    ("date", &date),
+                    ("date", date),
                     ("etag", "\"v1\""),
                     ("x-version", "2"),
                 ],
@@ -687,6 +689,11 @@ fn rfc9111_4_3_4_a_304_updates_the_stored_fields_and_freshens_the_entry() {
 
     let first = gw.get("/doc");
     assert_eq!(x_cache(&first), "MISS");
+    assert_eq!(
+        first.headers()["date"],
+        first_date.as_str(),
+        "the origin's Date was replaced"
+    );
     assert_eq!(first.text().unwrap(), "hello");
 
     // Stored an hour old with a minute of freshness: revalidated, conditionally.
@@ -709,6 +716,11 @@ fn rfc9111_4_3_4_a_304_updates_the_stored_fields_and_freshens_the_entry() {
     let hit = gw.get("/doc");
     assert_eq!(x_cache(&hit), "HIT");
     assert_eq!(hit.headers()["x-version"], "2");
+    assert_eq!(
+        hit.headers()["date"],
+        validated_date.as_str(),
+        "a hit carries the stored Date (RFC 9110 §6.6.1)"
+    );
     assert_eq!(hit.headers()["cache-control"], "max-age=600");
     let age: u64 = hit.headers()["age"].to_str().unwrap().parse().unwrap();
     assert!(age < 60, "Age {age} after a revalidation");

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Rebuilds each vendored crate from its published .crate (checked against the checksum
+# crates.io publishes in the index, recorded below) and the patch series in
+# vendor/patches/<crate>/, in order. vendor/README.md says when to run it.
+#
+#   bash vendor/refresh.sh          # rewrite vendor/<crate>/ from crate + patches
+#   bash vendor/refresh.sh --check  # only verify vendor/<crate>/ is exactly that
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# crate version sha256 (of the .crate file, as in Cargo.lock before the patch)
+CRATES=(
+  "pingora-core 0.9.1 a535f47f65fdcb003f9e1df04cd18e614c128dfe9388acce3f211ae38ac14d68"
+)
+
+status=0
+for entry in "${CRATES[@]}"; do
+  read -r crate version sha <<<"$entry"
+  work=$(mktemp -d)
+  file="$work/$crate-$version.crate"
+  cached=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$version.crate" 2>/dev/null | head -n1 || true)
+  if [ -n "$cached" ]; then
+    cp "$cached" "$file"
+  else
+    curl -fsSL "https://static.crates.io/crates/$crate/$crate-$version.crate" -o "$file"
+  fi
+  echo "$sha  $file" | sha256sum -c --quiet
+  tar xzf "$file" -C "$work"
+  for patch in patches/"$crate"/*.patch; do
+    [ -e "$patch" ] || continue
+    patch --quiet --directory "$work/$crate-$version" --strip 1 --input "$PWD/$patch"
+  done
+  if [ "${1:-}" = --check ]; then
+    if diff -r "$work/$crate-$version" "$crate" >/dev/null; then
+      echo "$crate $version: vendor/$crate is the published crate plus its patches"
+    else
+      diff -r "$work/$crate-$version" "$crate" | head -n 40
+      echo "$crate $version: vendor/$crate differs from the published crate plus its patches" >&2
+      status=1
+    fi
+  else
+    rm -rf "$crate"
+    mv "$work/$crate-$version" "$crate"
+    echo "$crate $version: rebuilt from the published crate and $(ls patches/"$crate"/*.patch 2>/dev/null | wc -l) patches"
+  fi
+  rm -rf "$work"
+done
+exit $status
