@@ -6,120 +6,12 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// What the origin read of one request: the head as sent (lower-cased) and the body.
-#[derive(Debug, Clone)]
-struct Recorded {
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Recorded {
-    fn request_line(&self) -> &str {
-        self.head.lines().next().unwrap_or("")
-    }
-
-    /// The values of every field `name` (lower case), in order.
-    fn fields(&self, name: &str) -> Vec<String> {
-        self.head
-            .lines()
-            .skip(1)
-            .filter_map(|line| line.split_once(':'))
-            .filter(|(n, _)| *n == name)
-            .map(|(_, v)| v.trim().to_string())
-            .collect()
-    }
-}
-
-/// A raw HTTP/1.1 origin that records every request it reads and answers each with
-/// `200 ok`, keeping the connection open. It frames bodies itself (Content-Length or
-/// chunked), so it sees exactly what the gateway forwarded.
-struct RecordingOrigin {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Recorded>>>,
-}
-
-impl RecordingOrigin {
-    fn start() -> RecordingOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = seen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let record = record.clone();
-                std::thread::spawn(move || serve(conn, &record));
-            }
-        });
-        RecordingOrigin { addr, seen }
-    }
-
-    fn seen(&self) -> Vec<Recorded> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-fn serve(conn: TcpStream, record: &Mutex<Vec<Recorded>>) {
-    let mut writer = conn.try_clone().unwrap();
-    let mut reader = BufReader::new(conn);
-    loop {
-        let mut head = String::new();
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let end = line == "\r\n" || line == "\n";
-            head.push_str(&line);
-            if end {
-                break;
-            }
-        }
-        let head = head.to_ascii_lowercase();
-        let field = |name: &str| {
-            head.lines()
-                .filter_map(|l| l.split_once(':'))
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| v.trim().to_string())
-        };
-        let mut body = Vec::new();
-        if field("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
-            loop {
-                let mut size = String::new();
-                if reader.read_line(&mut size).unwrap_or(0) == 0 {
-                    return;
-                }
-                let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-                let mut chunk = vec![0u8; size + 2];
-                if reader.read_exact(&mut chunk).is_err() {
-                    return;
-                }
-                if size == 0 {
-                    break;
-                }
-                body.extend_from_slice(&chunk[..size]);
-            }
-        } else if let Some(length) = field("content-length").and_then(|l| l.parse().ok()) {
-            body = vec![0u8; length];
-            if reader.read_exact(&mut body).is_err() {
-                return;
-            }
-        }
-        record.lock().unwrap().push(Recorded { head, body });
-        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
-        if writer.write_all(answer).is_err() {
-            return;
-        }
-    }
-}
-
 /// The gateway in front of `origin`, everything routed to it, `/cached/` with a cache.
-fn gateway(origin: &RecordingOrigin, server_extra: &str) -> Tollgate {
+fn gateway(origin: &Origin, server_extra: &str) -> Tollgate {
     Tollgate::start_with(
         &format!(
             "upstreams:\n  origin:\n    servers: [\"{}\"]\n    timeouts: {{ connect: 1s, read: 5s }}\n    retry: {{ attempts: 0 }}\nroutes:\n  - name: cached\n    match: {{ path_prefix: /cached/ }}\n    upstream: origin\n    cache: {{ ttl: 5m }}\n  - name: all\n    upstream: origin\n",
@@ -146,7 +38,7 @@ fn statuses(answer: &str) -> Vec<u16> {
 
 #[test]
 fn request_targets_not_in_origin_form_are_400_and_never_reach_the_origin() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "");
     let refused: [&[u8]; 5] = [
         // Two spaces: Pingora would forward `%20/nope` while the pipeline saw `/`.
@@ -182,7 +74,7 @@ fn request_targets_not_in_origin_form_are_400_and_never_reach_the_origin() {
     );
     assert_eq!(raw_status(&answer), Some(200), "{answer}");
     let last = origin.seen().pop().unwrap();
-    assert_eq!(last.request_line(), "get /abs?q=1 http/1.1");
+    assert_eq!(last.request_line(), "GET /abs?q=1 HTTP/1.1");
     assert_eq!(last.fields("host"), ["b.example"]);
     let (answer, _) = exchange(&gw, b"GET http://b.example/abs HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(raw_status(&answer), Some(400), "{answer}");
@@ -199,13 +91,13 @@ fn request_targets_not_in_origin_form_are_400_and_never_reach_the_origin() {
     assert_eq!(raw_status(&answer), Some(200), "{answer}");
     assert_eq!(
         origin.seen().pop().unwrap().request_line(),
-        "options * http/1.1"
+        "OPTIONS * HTTP/1.1"
     );
 }
 
 #[test]
 fn pipelined_requests_are_all_answered_in_order() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "");
     let (answer, _) = exchange(
         &gw,
@@ -222,9 +114,9 @@ fn pipelined_requests_are_all_answered_in_order() {
     assert_eq!(
         lines,
         [
-            "get /one http/1.1",
-            "post /two http/1.1",
-            "get /three http/1.1"
+            "GET /one HTTP/1.1",
+            "POST /two HTTP/1.1",
+            "GET /three HTTP/1.1"
         ]
     );
     assert_eq!(origin.seen()[1].body, b"abc");
@@ -232,7 +124,7 @@ fn pipelined_requests_are_all_answered_in_order() {
 
 #[test]
 fn the_gateways_own_answers_name_no_upstream_address() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "");
     // A chunked body that turns out broken only once the request is on its way.
     let (answer, _) = exchange(
@@ -250,7 +142,7 @@ fn the_gateways_own_answers_name_no_upstream_address() {
 
 #[test]
 fn short_requests_are_answered_at_once() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "  idle_timeout: 30s\n");
     // Fewer bytes than an HTTP/2 preface: decided on what was read, not after a wait.
     let (answer, took) = exchange(&gw, b"GET / HTTP/1.0\r\n\r\n");
@@ -264,7 +156,7 @@ fn short_requests_are_answered_at_once() {
 
 #[test]
 fn framing_fields_spelled_with_underscores_are_refused_and_other_underscores_dropped() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "");
     for smuggle in [
         &b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer_Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
@@ -292,7 +184,7 @@ fn framing_fields_spelled_with_underscores_are_refused_and_other_underscores_dro
 
 #[test]
 fn underscores_are_forwarded_when_the_policy_allows_them() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "  allow_underscores_in_headers: true\n");
     let (answer, _) = exchange(
         &gw,
@@ -304,7 +196,7 @@ fn underscores_are_forwarded_when_the_policy_allows_them() {
 
 #[test]
 fn identical_content_lengths_reach_the_origin_as_one_value() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "");
     for request in [
         &b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"[..],
@@ -320,7 +212,7 @@ fn identical_content_lengths_reach_the_origin_as_one_value() {
 
 #[test]
 fn invalid_hosts_are_400() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "");
     for host in ["", "a, b", "a b", "a/b", "a:port"] {
         let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n");
@@ -332,7 +224,7 @@ fn invalid_hosts_are_400() {
 
 #[test]
 fn client_planted_forwarded_and_x_real_ip_never_reach_the_origin() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "");
     let (answer, _) = exchange(
         &gw,
@@ -353,7 +245,7 @@ fn until_closed(stream: &mut TcpStream, started: Instant) -> (String, Duration) 
 
 #[test]
 fn heads_sent_too_slowly_get_408_within_header_timeout() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "  header_timeout: 1s\n");
     let timeouts = || gw.metric("tollgate_client_timeouts_total{phase=\"header\"}");
 
@@ -403,7 +295,7 @@ fn heads_sent_too_slowly_get_408_within_header_timeout() {
 
 #[test]
 fn bodies_that_stall_get_408_within_body_timeout() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "  body_timeout: 1s\n");
     let mut conn = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
     let started = Instant::now();
@@ -435,7 +327,7 @@ fn bodies_that_stall_get_408_within_body_timeout() {
 /// Smuggling-shaped heads: each is refused with 400 and nothing reaches the origin.
 #[test]
 fn ambiguous_framing_is_400_and_never_reaches_the_origin() {
-    let origin = RecordingOrigin::start();
+    let origin = Origin::recording();
     let gw = gateway(&origin, "");
     let shapes: [(&str, &[u8]); 14] = [
         ("te not chunked last", b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),

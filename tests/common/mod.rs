@@ -406,65 +406,134 @@ pub fn raw_status(response: &str) -> Option<u16> {
     response.split(' ').nth(1)?.parse().ok()
 }
 
-/// An origin that answers each request with what `respond` makes of its head (the
-/// request line and fields, as text) and the number of requests before it: a raw
-/// HTTP/1.1 response, `Content-Length` included. Keeps connections alive, records
-/// every request head, for tests that need exact fields (validators, dates, 304s).
+/// What an origin read of one request: the head as sent, and the body.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn request_line(&self) -> &str {
+        self.head.lines().next().unwrap_or("")
+    }
+
+    /// The request target of the request line.
+    pub fn target(&self) -> &str {
+        self.request_line().split(' ').nth(1).unwrap_or("")
+    }
+
+    /// The values of every field `name` (any case), in order.
+    pub fn fields(&self, name: &str) -> Vec<String> {
+        self.head
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+
+    pub fn field(&self, name: &str) -> Option<String> {
+        self.fields(name).into_iter().next()
+    }
+}
+
+/// A raw HTTP/1.1 origin that records every request it reads, head as sent and body
+/// (it frames bodies itself, Content-Length or chunked, so it sees exactly what the
+/// gateway forwarded), and answers each with what `respond` makes of it and the number
+/// of requests before it: a raw response, `Content-Length` included. Connections stay
+/// open. For tests that need exact fields on either side (framing, validators, dates,
+/// 304s).
 pub struct Origin {
     pub addr: SocketAddr,
-    heads: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Vec<Recorded>>>,
 }
 
 impl Origin {
-    pub fn start(respond: impl Fn(&str, usize) -> String + Send + Sync + 'static) -> Origin {
+    pub fn start(respond: impl Fn(&Recorded, usize) -> String + Send + Sync + 'static) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let heads = Arc::new(Mutex::new(Vec::new()));
-        let respond = Arc::new(respond);
-        let seen = heads.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (record, respond) = (seen.clone(), Arc::new(respond));
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let (respond, seen) = (respond.clone(), seen.clone());
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(stream.try_clone().unwrap());
-                    let mut writer = stream;
-                    loop {
-                        let mut head = String::new();
-                        loop {
-                            let mut line = String::new();
-                            match reader.read_line(&mut line) {
-                                Ok(0) | Err(_) => return,
-                                Ok(_) if line == "\r\n" => break,
-                                Ok(_) => head.push_str(&line),
-                            }
-                        }
-                        let count = {
-                            let mut seen = seen.lock().unwrap();
-                            seen.push(head.clone());
-                            seen.len() - 1
-                        };
-                        if writer.write_all(respond(&head, count).as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                });
+            for conn in listener.incoming().flatten() {
+                let (record, respond) = (record.clone(), respond.clone());
+                std::thread::spawn(move || serve_recorded(conn, &record, &*respond));
             }
         });
-        Origin { addr, heads }
+        Origin { addr, seen }
     }
 
-    /// The heads of the requests that reached this origin, in order.
-    pub fn requests(&self) -> Vec<String> {
-        self.heads.lock().unwrap().clone()
+    /// An origin that answers every request `200` with the body `ok`.
+    pub fn recording() -> Origin {
+        Origin::start(|_, _| http_response("200 OK", &[("content-type", "text/plain")], "ok"))
     }
 
-    /// The value of field `name` in request `index`, if it carried one.
-    pub fn field(&self, index: usize, name: &str) -> Option<String> {
-        self.requests()[index].lines().skip(1).find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
+    /// What reached this origin, in order.
+    pub fn seen(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn serve_recorded(
+    conn: TcpStream,
+    record: &Mutex<Vec<Recorded>>,
+    respond: &(dyn Fn(&Recorded, usize) -> String + Send + Sync),
+) {
+    let mut writer = conn.try_clone().unwrap();
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let end = line == "\r\n" || line == "\n";
+            head.push_str(&line);
+            if end {
+                break;
+            }
+        }
+        let mut request = Recorded {
+            head,
+            body: Vec::new(),
+        };
+        let chunked = request
+            .field("transfer-encoding")
+            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+        if chunked {
+            loop {
+                let mut size = String::new();
+                if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                    return;
+                }
+                let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                let mut chunk = vec![0u8; size + 2];
+                if reader.read_exact(&mut chunk).is_err() {
+                    return;
+                }
+                if size == 0 {
+                    break;
+                }
+                request.body.extend_from_slice(&chunk[..size]);
+            }
+        } else if let Some(length) = request.field("content-length").and_then(|l| l.parse().ok()) {
+            request.body = vec![0u8; length];
+            if reader.read_exact(&mut request.body).is_err() {
+                return;
+            }
+        }
+        let answer = {
+            let mut seen = record.lock().unwrap();
+            seen.push(request.clone());
+            respond(&request, seen.len() - 1)
+        };
+        if writer.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
     }
 }
 
