@@ -51,24 +51,35 @@ pub(crate) fn targeted_field<'a>(
         let Some(first) = lines.next() else {
             return false;
         };
-        let mut value = first.as_bytes().to_vec();
-        for line in lines {
-            value.extend_from_slice(b", ");
-            value.extend_from_slice(line.as_bytes());
-        }
-        sfv::Parser::parse_dictionary(&value).is_ok_and(|dictionary| !dictionary.is_empty())
+        let parsed = match lines.next() {
+            None => sfv::Parser::parse_dictionary(first.as_bytes()),
+            // Several lines are one list (RFC 9110 §5.3).
+            Some(second) => {
+                let mut value = [first.as_bytes(), second.as_bytes()].join(&b", "[..]);
+                for line in lines {
+                    value.extend_from_slice(b", ");
+                    value.extend_from_slice(line.as_bytes());
+                }
+                sfv::Parser::parse_dictionary(&value)
+            }
+        };
+        parsed.is_ok_and(|dictionary| !dictionary.is_empty())
     })
 }
 
 /// The directives this cache obeys: a targeted field's when one is present and valid
-/// (then Cache-Control and Expires are ignored, the `bool`), else Cache-Control's.
-fn directives(rc: &RouteCache, resp: &ResponseHeader) -> (Option<CacheControl>, bool) {
+/// (then Cache-Control and Expires are ignored; the field is returned), else
+/// Cache-Control's.
+fn directives<'a>(
+    rc: &'a RouteCache,
+    resp: &ResponseHeader,
+) -> (Option<CacheControl>, Option<&'a http::HeaderName>) {
     match targeted_field(rc, &resp.headers) {
         Some(name) => (
             CacheControl::from_resp_headers_named(name.as_str(), resp),
-            true,
+            Some(name),
         ),
-        None => (CacheControl::from_resp_headers(resp), false),
+        None => (CacheControl::from_resp_headers(resp), None),
     }
 }
 
@@ -211,13 +222,10 @@ pub fn cacheability(rc: &RouteCache, resp: &ResponseHeader, authorized: bool) ->
     if let Some(cc) = &cc {
         cc.strip_private_headers(&mut header);
     }
-    if let Some(name) = targeted
-        .then(|| targeted_field(rc, &resp.headers))
-        .flatten()
-    {
+    if let Some(name) = targeted {
         header.remove_header(name);
     }
-    let expires = if targeted {
+    let expires = if targeted.is_some() {
         None
     } else {
         calculate_expires_header_time(resp)
@@ -592,6 +600,23 @@ mod tests {
                 "`{invalid}` was obeyed"
             );
         }
+        // Several lines are one dictionary; one invalid line spoils it.
+        assert_eq!(
+            fresh(&[
+                cc,
+                ("cdn-cache-control", "max-age=600"),
+                ("cdn-cache-control", "must-revalidate")
+            ]),
+            Some(600)
+        );
+        assert_eq!(
+            fresh(&[
+                cc,
+                ("cdn-cache-control", "max-age=600"),
+                ("cdn-cache-control", "max-age=\"6")
+            ]),
+            Some(60)
+        );
         let RespCacheable::Cacheable(meta) = cacheability(
             &rc,
             &response(
