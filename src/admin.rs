@@ -4,7 +4,8 @@
 
 use crate::gateway::reload::{self, ReloadResult, Trigger};
 use crate::gateway::{unix_now, Gateway};
-use crate::problem::{Code, Problem};
+use crate::problem::Code;
+use crate::reply::{read_body, Reply};
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -13,58 +14,17 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// The largest request body an admin call reads.
+const MAX_BODY: usize = 64 * 1024;
+
 pub(crate) struct Admin {
     pub(crate) gateway: Arc<Gateway>,
-}
-
-struct Reply {
-    status: StatusCode,
-    content_type: &'static str,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(status: StatusCode, value: &Value) -> Reply {
-        Reply {
-            status,
-            content_type: "application/json",
-            body: serde_json::to_vec_pretty(value).expect("JSON of plain values"),
-        }
-    }
-
-    /// The same RFC 9457 document the proxy writes (`problem::Problem`).
-    fn problem(code: Code, detail: impl Into<String>, extra: Value) -> Reply {
-        let mut problem = Problem::new(code, detail);
-        if let Value::Object(extra) = extra {
-            problem.extra = extra;
-        }
-        Reply {
-            status: StatusCode::from_u16(code.status()).expect("the codes' statuses are valid"),
-            content_type: "application/problem+json",
-            body: problem.body().to_vec(),
-        }
-    }
-
-    fn text(status: StatusCode, text: &str) -> Reply {
-        Reply {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: text.as_bytes().to_vec(),
-        }
-    }
 }
 
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let reply = self.route(session).await;
-        Response::builder()
-            .status(reply.status)
-            .header("content-type", reply.content_type)
-            .header("content-length", reply.body.len())
-            .header("cache-control", "no-store")
-            .body(reply.body)
-            .expect("valid response parts")
+        self.route(session).await.into_response()
     }
 }
 
@@ -135,7 +95,7 @@ impl Admin {
             #[serde(rename = "for", default)]
             duration: Option<String>,
         }
-        let body = match read_body(session).await {
+        let body = match read_body(session, MAX_BODY).await {
             Ok(body) => body,
             Err(reply) => return reply,
         };
@@ -195,7 +155,7 @@ impl Admin {
             #[serde(default)]
             all: bool,
         }
-        let body = match read_body(session).await {
+        let body = match read_body(session, MAX_BODY).await {
             Ok(body) => body,
             Err(reply) => return reply,
         };
@@ -242,7 +202,7 @@ impl Admin {
     }
 
     async fn explain(&self, session: &mut ServerSession) -> Reply {
-        let body = match read_body(session).await {
+        let body = match read_body(session, MAX_BODY).await {
             Ok(body) => body,
             Err(reply) => return reply,
         };
@@ -452,36 +412,6 @@ impl Admin {
 
 /// The live dashboard: one self-contained page (no external assets) polling `/status`.
 const DASHBOARD: &str = include_str!("dashboard.html");
-
-/// The largest request body an admin call reads.
-const MAX_BODY: usize = 64 * 1024;
-
-/// Reads an admin call's JSON body, bounded.
-async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Reply> {
-    let mut body = Vec::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_BODY => {
-                body.extend_from_slice(&chunk)
-            }
-            Ok(Some(_)) => {
-                return Err(Reply::problem(
-                    Code::PayloadTooLarge,
-                    "an admin request body is at most 64 KiB",
-                    Value::Null,
-                ))
-            }
-            Ok(None) => return Ok(body),
-            Err(e) => {
-                return Err(Reply::problem(
-                    Code::BadRequest,
-                    format!("reading the body: {e}"),
-                    Value::Null,
-                ))
-            }
-        }
-    }
-}
 
 /// Compares without an early exit, so response timing does not reveal how much of a
 /// guessed token was right.

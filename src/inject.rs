@@ -41,7 +41,7 @@ impl Node {
         }
     }
 
-    fn path(&self, keys: &[&str]) -> Option<&Node> {
+    pub(crate) fn path(&self, keys: &[&str]) -> Option<&Node> {
         keys.iter().try_fold(self, |node, key| node.get(key))
     }
 
@@ -91,6 +91,7 @@ impl Node {
     }
 }
 
+#[derive(Clone)]
 pub struct Options {
     pub image: String,
     /// The policy ConfigMap for every workload; default `<workload>-tollgate`.
@@ -271,16 +272,49 @@ fn inject_workload(node: &mut Node, options: &Options) -> Result<Option<(Injecte
     let Some(template_path) = pod_template_path(&kind) else {
         return Ok(None);
     };
-    let name = node
-        .path(&["metadata", "name"])
+    inject_template(node, &kind, template_path, options).map(Some)
+}
+
+/// Injects into one Pod as the API server creates it (the admission webhook's case):
+/// returns whether it changed. The same injection as `tollgate inject` gives a Pod.
+pub(crate) fn inject_pod(pod: &mut Node, options: &Options) -> Result<bool, String> {
+    inject_template(pod, "Pod", &[], options).map(|(_, changed)| changed)
+}
+
+/// The workload's name, for its default ConfigMap: `metadata.name`, else what a
+/// controller-made Pod's `generateName` says of its owner (`web-7c5d8f9b6d-` of a
+/// Deployment's ReplicaSet is `web`; `web-` of a StatefulSet or Job is `web`).
+fn workload_name(node: &Node) -> Option<String> {
+    let metadata = node.get("metadata")?;
+    if let Some(name) = metadata.get("name").and_then(Node::str) {
+        return Some(name.to_string());
+    }
+    let generated = metadata.get("generateName").and_then(Node::str)?;
+    let mut owner = generated.strip_suffix('-').unwrap_or(generated);
+    if let Some(hash) = metadata
+        .path(&["labels", "pod-template-hash"])
         .and_then(Node::str)
-        .ok_or_else(|| format!("{kind} without metadata.name"))?
-        .to_string();
+    {
+        owner = owner
+            .strip_suffix(hash)
+            .and_then(|o| o.strip_suffix('-'))
+            .unwrap_or(owner);
+    }
+    (!owner.is_empty()).then(|| owner.to_string())
+}
+
+fn inject_template(
+    node: &mut Node,
+    kind: &str,
+    template_path: &[&str],
+    options: &Options,
+) -> Result<(Injected, bool), String> {
+    let metadata_keys = [template_path, &["metadata"]].concat();
+    let name = workload_name(node).ok_or_else(|| format!("{kind} without metadata.name"))?;
     let namespace = node
         .path(&["metadata", "namespace"])
         .and_then(Node::str)
         .map(str::to_string);
-    let metadata_keys = [template_path, &["metadata"]].concat();
     let spec_keys = [template_path, &["spec"]].concat();
     let containers = match node.path(&spec_keys).map(|spec| spec.get("containers")) {
         Some(Some(Node::Seq(containers))) => containers,
@@ -343,7 +377,7 @@ fn inject_workload(node: &mut Node, options: &Options) -> Result<Option<(Injecte
         ports,
     };
     if already {
-        return Ok(Some((injected, false)));
+        return Ok((injected, false));
     }
 
     let metadata = node.map_at(&metadata_keys);
@@ -363,7 +397,7 @@ fn inject_workload(node: &mut Node, options: &Options) -> Result<Option<(Injecte
         "- name: tollgate-policy\n  configMap:\n    name: {}\n- name: tollgate-run\n  emptyDir: {{}}\n",
         injected.config_map
     ))?.into_seq());
-    Ok(Some((injected, true)))
+    Ok((injected, true))
 }
 
 impl Node {

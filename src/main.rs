@@ -63,6 +63,29 @@ enum Command {
         #[arg(long = "admin-port")]
         admin_port: Option<u16>,
     },
+    /// Serve the Kubernetes mutating admission webhook that injects the sidecar into
+    /// opted-in Pods (`tollgate.dev/inject: enabled`).
+    Webhook {
+        /// The HTTPS listener the API server calls.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// The serving certificate (PEM), read again when it changes.
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Its private key (PEM).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The gateway image (a Pod's `tollgate.dev/image` annotation overrides it).
+        #[arg(long, default_value = concat!("ghcr.io/tollgate/tollgate:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// One policy ConfigMap for every Pod (default: `<workload>-tollgate`; a Pod's
+        /// `tollgate.dev/config-map` annotation overrides it).
+        #[arg(long = "config-map", value_name = "NAME")]
+        config_map: Option<String>,
+        /// A native sidecar (`initContainers`, `restartPolicy: Always`; Kubernetes >= 1.29).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        native: bool,
+    },
     /// Exit 0 when URL answers 2xx within two seconds, else 1: a container HEALTHCHECK
     /// for images without curl.
     Probe {
@@ -120,6 +143,29 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Some(Command::Webhook {
+            listen,
+            cert,
+            key,
+            image,
+            config_map,
+            native,
+        }) => {
+            tollgate::logs::init();
+            report(tollgate::webhook::run(tollgate::webhook::WebhookOptions {
+                listen,
+                cert,
+                key,
+                defaults: tollgate::inject::Options {
+                    image,
+                    config_map,
+                    native,
+                    app_port: None,
+                    port: None,
+                    admin_port: None,
+                },
+            }))
         }
         Some(Command::Probe { url }) => match probe(&url) {
             Ok(()) => ExitCode::SUCCESS,

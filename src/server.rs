@@ -148,7 +148,7 @@ fn listen_addresses(policy: &Policy) -> Vec<SocketAddr> {
 
 /// Pingora retries a busy port for half a minute and then leaves a half-running
 /// process behind; an operator wants a clear error at once instead.
-fn ensure_free(addresses: &[SocketAddr]) -> Result<(), String> {
+pub(crate) fn ensure_free(addresses: &[SocketAddr]) -> Result<(), String> {
     for addr in addresses {
         TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     }
@@ -181,7 +181,7 @@ fn server_conf(policy: &Policy) -> ServerConf {
 /// Where the pid file and the upgrade socket live: `TOLLGATE_RUN_DIR`, else a directory
 /// under the system temp dir named after the listen addresses. Two instances on
 /// different ports never collide, and an upgrade finds the instance it replaces.
-fn run_dir(listen: &[SocketAddr]) -> PathBuf {
+pub(crate) fn run_dir(listen: &[SocketAddr]) -> PathBuf {
     let dir = match std::env::var_os("TOLLGATE_RUN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
