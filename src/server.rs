@@ -2,6 +2,7 @@
 //! reload services, and a shutdown that ends as soon as the last request is done.
 
 use crate::admin::Admin;
+use crate::certificate::ReloadingCertificate;
 use crate::connection::Connections;
 use crate::events::EventLog;
 use crate::gateway::reload::Watcher;
@@ -77,9 +78,11 @@ pub fn run(options: RunOptions) -> Result<(), String> {
         proxy.add_tcp(&addr.to_string());
     }
     if let Some(tls) = &policy.server.tls {
-        let mut settings =
-            TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
-                .map_err(|e| format!("server.tls: {e}"))?;
+        // Read again when the files change: a renewed certificate needs no restart.
+        let certificate = ReloadingCertificate::load(tls.cert.clone(), tls.key.clone())
+            .map_err(|e| format!("server.tls: {e}"))?;
+        let mut settings = TlsSettings::intermediate("", "").map_err(|e| e.to_string())?;
+        settings.set_cert_resolver(Arc::new(certificate));
         settings.enable_h2();
         proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
     }

@@ -100,3 +100,47 @@ fn a_bad_ca_file_is_a_located_policy_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_renewed_listener_certificate_is_served_without_a_restart() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let app = upstream("app");
+    let tls_port = free_port();
+    let tls_section = format!(
+        "  tls: {{ listen: \"127.0.0.1:{tls_port}\", cert: \"{}\", key: \"{}\" }}\n",
+        certs.path().join("tls.crt").display(),
+        certs.path().join("tls.key").display()
+    );
+    let _gateway = Tollgate::start_with(&simple_policy(&[app.addr.to_string()]), &tls_section, &[]);
+    let status = |ca: &std::path::Path| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(ca)
+            .arg(format!("https://localhost:{tls_port}/api/predict"))
+            .args(["--resolve", &format!("localhost:{tls_port}:127.0.0.1")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let old_ca = certs.path().join("ca.pem");
+    assert!(wait_for(std::time::Duration::from_secs(10), || status(
+        &old_ca
+    ) == "200"));
+
+    // The renewal lands as a Secret volume update does: each file replaced whole.
+    let renewed = tempfile::tempdir().unwrap();
+    make_certificates(renewed.path());
+    for file in ["tls.key", "tls.crt"] {
+        let staged = certs.path().join(format!(".{file}"));
+        std::fs::copy(renewed.path().join(file), &staged).unwrap();
+        std::fs::rename(&staged, certs.path().join(file)).unwrap();
+    }
+    let new_ca = renewed.path().join("ca.pem");
+    assert!(
+        wait_for(std::time::Duration::from_secs(10), || status(&new_ca)
+            == "200"),
+        "the renewed certificate is not served"
+    );
+    assert_ne!(status(&old_ca), "200");
+}
