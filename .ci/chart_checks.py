@@ -1,6 +1,7 @@
 """Checks on the rendered Helm chart (.ci/delivery): what the chart promises operators
 that schema validation cannot see. Usage: chart_checks.py RENDER_DIR TOLLGATE_BINARY"""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -103,7 +104,15 @@ def has_private_ca(pod):
 assert has_private_ca(deployment["spec"]["template"]["spec"])
 assert one(r, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "admin"
 alerts = {rule["alert"] for g in one(r, "PrometheusRule")["spec"]["groups"] for rule in g["rules"]}
-assert alerts == {"TollgateHigh5xxRate", "TollgateHighLatency", "TollgateCircuitOpen", "TollgateShedding", "TollgateReloadFailing"}, alerts
+assert alerts == {"TollgateSLOBurnRateFast", "TollgateSLOBurnRateSlow", "TollgateHigh5xxRate",
+                  "TollgateHighLatency", "TollgateCircuitOpen", "TollgateShedding", "TollgateReloadFailing",
+                  "TollgateSharedStoreErrors", "TollgateAccessLogDropping", "TollgateCacheHitRatioCollapse"}, alerts
+# The dashboard ConfigMap carries the JSON tests/observability.rs checked, under the label
+# Grafana's sidecar watches.
+dashboard = next(d for d in kinds(r, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard"))
+assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+assert json.loads(dashboard["data"]["tollgate.json"]) == json.loads(
+    pathlib.Path("helm/tollgate/files/grafana-dashboard.json").read_text())
 
 # sidecar, native (Kubernetes >= 1.29): an init container that keeps running
 r = docs("sidecar-native")

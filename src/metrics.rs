@@ -3,8 +3,8 @@
 //! few atomic adds and no label hashing.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 use std::sync::OnceLock;
 
@@ -51,6 +51,7 @@ pub struct Metrics {
     pub body_timeouts: IntCounter,
     /// Access-log lines dropped because the writer's queue was full.
     pub access_log_dropped: IntCounter,
+    slo_availability: GaugeVec,
 }
 
 impl Metrics {
@@ -196,6 +197,14 @@ impl Metrics {
             "Access-log lines dropped because the log writer fell behind (a request never waits on it)",
         )
         .expect("valid metric");
+        let slo_availability = GaugeVec::new(
+            Opts::new(
+                "tollgate_slo_availability_objective",
+                "The availability objective of each route with an `slo` (a ratio: 0.999); burn-rate alerts divide the error ratio by 1 minus it",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; labelled with the version"),
             &["version"],
@@ -227,6 +236,8 @@ impl Metrics {
             Box::new(cache_bytes.clone()),
             Box::new(client_timeouts.clone()),
             Box::new(access_log_dropped.clone()),
+            Box::new(slo_availability.clone()),
+            Box::new(crate::redis::store_errors().clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -261,6 +272,17 @@ impl Metrics {
             header_timeouts: client_timeouts.with_label_values(&["header"]),
             body_timeouts: client_timeouts.with_label_values(&["body"]),
             access_log_dropped,
+            slo_availability,
+        }
+    }
+
+    /// The objectives of the policy now in force (a reload may add, change or drop them).
+    pub(crate) fn set_slo_objectives<'a>(&self, objectives: impl Iterator<Item = (&'a str, f64)>) {
+        self.slo_availability.reset();
+        for (route, objective) in objectives {
+            self.slo_availability
+                .with_label_values(&[route])
+                .set(objective);
         }
     }
 

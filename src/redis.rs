@@ -92,11 +92,55 @@ impl redis::aio::ConnectionLike for Link {
 pub(crate) struct RedisStore {
     pub(crate) address: Address,
     /// What this store is for, in log lines ("rate-limit store", "cache store").
-    role: &'static str,
+    store: Store,
     connection: Link,
     /// Microseconds on the process clock until which Redis is skipped.
     skip_until: AtomicU64,
     reachable: AtomicBool,
+}
+
+/// What a Redis store serves: its name in logs and its `store` label.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Store {
+    RateLimit,
+    Cache,
+}
+
+impl Store {
+    fn role(self) -> &'static str {
+        match self {
+            Store::RateLimit => "rate-limit store",
+            Store::Cache => "cache store",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Store::RateLimit => "ratelimit",
+            Store::Cache => "cache",
+        }
+    }
+}
+
+/// `tollgate_store_errors_total{store}`: failed calls (errors and timeouts, not the
+/// calls skipped after one). Process-wide because a store outlives the policy that
+/// opened it, and registered by [`Metrics`](crate::metrics::Metrics).
+pub(crate) fn store_errors() -> &'static prometheus::IntCounterVec {
+    static ERRORS: OnceLock<prometheus::IntCounterVec> = OnceLock::new();
+    ERRORS.get_or_init(|| {
+        let errors = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tollgate_store_errors_total",
+                "Calls to a shared Redis store that failed or timed out, by store (ratelimit|cache)",
+            ),
+            &["store"],
+        )
+        .expect("valid metric");
+        for store in [Store::RateLimit, Store::Cache] {
+            errors.with_label_values(&[store.label()]);
+        }
+        errors
+    })
 }
 
 /// The connection's background tasks need a runtime that outlives every policy (a
@@ -116,7 +160,7 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
 impl RedisStore {
     /// Parses the address and prepares a connection that is made on first use (a Redis
     /// that is down at start must not keep the gateway from starting).
-    pub(crate) fn open(address: Address, role: &'static str) -> Result<Arc<RedisStore>, String> {
+    pub(crate) fn open(address: Address, store: Store) -> Result<Arc<RedisStore>, String> {
         let _context = runtime().enter();
         let connection = match &address {
             Address::Server(url) => {
@@ -146,7 +190,7 @@ impl RedisStore {
         };
         Ok(Arc::new(RedisStore {
             address,
-            role,
+            store,
             connection,
             skip_until: AtomicU64::new(0),
             reachable: AtomicBool::new(true),
@@ -167,20 +211,23 @@ impl RedisStore {
         let failure = match tokio::time::timeout(timeout, call(self.connection.clone())).await {
             Ok(Ok(value)) => {
                 if !self.reachable.swap(true, Ordering::Relaxed) {
-                    tracing::info!(address = %self.address, "{} reachable again", self.role);
+                    tracing::info!(address = %self.address, "{} reachable again", self.store.role());
                 }
                 return Ok(value);
             }
             Ok(Err(e)) => e,
             Err(_) => format!("no answer within {timeout:?}"),
         };
+        store_errors()
+            .with_label_values(&[self.store.label()])
+            .inc();
         self.skip_until.store(
             crate::clock::nanos() / 1_000 + BACKOFF.as_micros() as u64,
             Ordering::Relaxed,
         );
         if self.reachable.swap(false, Ordering::Relaxed) {
             tracing::warn!(address = %self.address, error = %failure,
-                "{} unreachable; skipping it for {BACKOFF:?} at a time", self.role);
+                "{} unreachable; skipping it for {BACKOFF:?} at a time", self.store.role());
         }
         Err(())
     }

@@ -48,6 +48,7 @@ impl Gateway {
     pub(crate) fn new(policy: Policy, metrics: Metrics, events: Arc<EventLog>) -> Arc<Gateway> {
         metrics.config_generation.set(policy.generation as i64);
         metrics.config_last_success.set(unix_now() as i64);
+        metrics.set_slo_objectives(policy.slo_objectives());
         let seen = Some(policy.sha256.clone());
         let first_output = policy.access_log.output.clone();
         Arc::new_cyclic(|gateway: &std::sync::Weak<Gateway>| {

@@ -110,6 +110,7 @@ pub(crate) fn reload(
             let changes = diff.lines();
             let generation = new.generation;
             metrics.config_generation.set(generation as i64);
+            metrics.set_slo_objectives(new.slo_objectives());
             gateway.cache.configure(&new.cache);
             gateway.policy.store(Arc::new(new));
             metrics.forget(

@@ -140,6 +140,14 @@ impl Target {
 }
 
 impl Policy {
+    /// Each route's availability objective, for `tollgate_slo_availability_objective`.
+    pub(crate) fn slo_objectives(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.routes.iter().filter_map(|route| {
+            let (targets, _) = route.slo.as_ref()?;
+            Some((&*route.name, targets.availability?.0))
+        })
+    }
+
     /// The index of the first route whose match accepts the request.
     pub fn route_for(&self, req: &pingora::http::RequestHeader) -> Option<usize> {
         let host = crate::routing::request_host(req);

@@ -206,7 +206,7 @@ fn shared_backend(
         .map(|s| s.store.clone());
     let store = match reused {
         Some(store) => store,
-        None => match crate::redis::RedisStore::open(address, "rate-limit store") {
+        None => match crate::redis::RedisStore::open(address, crate::redis::Store::RateLimit) {
             Ok(store) => store,
             Err(message) => {
                 errors.push(ConfigError::at(path, location, message));

@@ -262,13 +262,15 @@ impl Store {
                 match current.clone().filter(|t| t.store.address == address) {
                     Some(tier) if tier.timeout == *timeout => Some(tier),
                     Some(tier) => Some(Arc::new(tier.with_timeout(*timeout))),
-                    None => match crate::redis::RedisStore::open(address, "cache store") {
-                        Ok(store) => Some(Arc::new(shared::SharedTier::new(store, *timeout))),
-                        Err(e) => {
-                            tracing::error!("cache.redis: {e}; caching in this replica only");
-                            None
+                    None => {
+                        match crate::redis::RedisStore::open(address, crate::redis::Store::Cache) {
+                            Ok(store) => Some(Arc::new(shared::SharedTier::new(store, *timeout))),
+                            Err(e) => {
+                                tracing::error!("cache.redis: {e}; caching in this replica only");
+                                None
+                            }
                         }
-                    },
+                    }
                 }
             }
         };
