@@ -38,6 +38,7 @@ mod routing;
 pub mod server;
 mod shed;
 mod slo;
+mod trace;
 pub mod units;
 mod upstream;
 pub mod webhook;

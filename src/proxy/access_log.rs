@@ -34,6 +34,7 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
         "request_id",
         ctx.client.request_id.as_ref().and_then(|v| v.to_str().ok()),
     );
+    line.str("trace_id", ctx.client.trace.as_ref().map(|t| t.trace_id()));
     match ctx.client.ip {
         Some(ip) => line.ip("client_ip", ip),
         None => line.str("client_ip", None),

@@ -40,6 +40,8 @@ pub(crate) struct Client {
     /// The resolved user; `None` is anonymous.
     pub(crate) principal: Option<Arc<Principal>>,
     pub(crate) request_id: Option<HeaderValue>,
+    /// The W3C trace this request belongs to (continued or started).
+    pub(crate) trace: Option<crate::trace::TraceContext>,
 }
 
 /// What the rate limits said.

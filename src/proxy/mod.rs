@@ -186,6 +186,7 @@ impl ProxyHttp for Proxy {
             Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
             _ => forwarding::new_request_id(),
         });
+        ctx.client.trace = Some(crate::trace::TraceContext::of(req));
 
         if let Some(peer) = session
             .client_addr()
@@ -535,6 +536,9 @@ impl ProxyHttp for Proxy {
         }
         if let Some(id) = &ctx.client.request_id {
             upstream.insert_header(policy.server.request_id_header.clone(), id.clone())?;
+        }
+        if let Some(trace) = &ctx.client.trace {
+            trace.propagate(upstream)?;
         }
         if let Some(prefix) = ctx.route().and_then(|r| r.strip_prefix.as_deref()) {
             if let Some(rest) = upstream.uri.path().strip_prefix(prefix) {
