@@ -68,6 +68,13 @@ impl Admin {
                 &json!({ "events": self.gateway.events.snapshot() }),
             ),
             (Method::GET, "/slo") => Reply::json(StatusCode::OK, &self.slo()),
+            (Method::GET, "/history") => Reply::json(
+                StatusCode::OK,
+                &json!({
+                    "interval_seconds": crate::history::INTERVAL.as_secs(),
+                    "buckets": self.gateway.history.buckets(),
+                }),
+            ),
             (Method::POST, "/reload") => self.reload().await,
             (Method::POST, "/explain") => self.explain(session).await,
             (Method::PUT, "/shedding") => self.force_shedding(session).await,

@@ -23,6 +23,7 @@ pub mod forwarding;
 mod gateway;
 mod health;
 mod histogram;
+mod history;
 mod identity;
 pub mod inject;
 pub mod logs;

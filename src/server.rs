@@ -123,6 +123,12 @@ pub fn run(options: RunOptions) -> Result<(), String> {
         },
     ));
     server.add_service(background_service(
+        "historian",
+        crate::gateway::historian::Historian {
+            gateway: gateway.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "rate limit janitor",
         crate::gateway::janitor::Janitor {
             gateway: gateway.clone(),

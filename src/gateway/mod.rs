@@ -5,6 +5,7 @@
 //! knows the gateway.
 
 pub(crate) mod health_checker;
+pub(crate) mod historian;
 pub(crate) mod janitor;
 pub(crate) mod load_monitor;
 pub(crate) mod reload;
@@ -33,6 +34,8 @@ pub(crate) struct Gateway {
     pub(crate) cache: &'static crate::cache::Store,
     /// The access log's queue to its writer thread.
     pub(crate) access_log: crate::access_log::Sink,
+    /// The last 15 minutes, sampled by the historian (`GET /history`).
+    pub(crate) history: crate::history::History,
     inflight: AtomicUsize,
     /// The factor every rate limit is multiplied by (f64 bits); 1.0 unless load
     /// shedding lowers it.
@@ -66,6 +69,7 @@ impl Gateway {
                 )
                 .expect("the access log writer thread starts"),
                 unmatched: metrics.route("_unmatched"),
+                history: crate::history::History::default(),
                 cache: crate::cache::Store::new(policy.cache.clone()),
                 policy_path: policy.source.clone(),
                 policy: ArcSwap::from_pointee(policy),
