@@ -26,6 +26,39 @@ struct RunArgs {
     upgrade: bool,
 }
 
+/// The sidecar `inject` and `webhook` add.
+#[derive(clap::Args)]
+struct SidecarArgs {
+    /// The gateway image.
+    #[arg(long, default_value = concat!("ghcr.io/tollgate/tollgate:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// One policy ConfigMap for every workload (default: `<workload>-tollgate`;
+    /// `inject` generates it when the manifest lacks it).
+    #[arg(long = "config-map", value_name = "NAME")]
+    config_map: Option<String>,
+    /// A native sidecar (`initContainers`, `restartPolicy: Always`; Kubernetes >= 1.29).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    native: bool,
+}
+
+impl SidecarArgs {
+    fn options(
+        self,
+        app_port: Option<u16>,
+        port: Option<u16>,
+        admin_port: Option<u16>,
+    ) -> tollgate::inject::Options {
+        tollgate::inject::Options {
+            image: self.image,
+            config_map: self.config_map,
+            native: self.native,
+            app_port,
+            port,
+            admin_port,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
@@ -42,16 +75,8 @@ enum Command {
         /// The manifest (`-` or nothing: standard input).
         #[arg(short = 'f', long = "filename", value_name = "FILE")]
         file: Option<PathBuf>,
-        /// The gateway image.
-        #[arg(long, default_value = concat!("ghcr.io/tollgate/tollgate:", env!("CARGO_PKG_VERSION")))]
-        image: String,
-        /// One policy ConfigMap for every workload (default: `<workload>-tollgate`,
-        /// generated when the manifest lacks it).
-        #[arg(long = "config-map", value_name = "NAME")]
-        config_map: Option<String>,
-        /// A native sidecar (`initContainers`, `restartPolicy: Always`; Kubernetes >= 1.29).
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        native: bool,
+        #[command(flatten)]
+        sidecar: SidecarArgs,
         /// The application's port, when its container declares none.
         #[arg(long = "app-port")]
         app_port: Option<u16>,
@@ -75,16 +100,10 @@ enum Command {
         /// Its private key (PEM).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
-        /// The gateway image (a Pod's `tollgate.dev/image` annotation overrides it).
-        #[arg(long, default_value = concat!("ghcr.io/tollgate/tollgate:", env!("CARGO_PKG_VERSION")))]
-        image: String,
-        /// One policy ConfigMap for every Pod (default: `<workload>-tollgate`; a Pod's
-        /// `tollgate.dev/config-map` annotation overrides it).
-        #[arg(long = "config-map", value_name = "NAME")]
-        config_map: Option<String>,
-        /// A native sidecar (`initContainers`, `restartPolicy: Always`; Kubernetes >= 1.29).
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        native: bool,
+        /// Defaults a Pod's `tollgate.dev/image` and `tollgate.dev/config-map`
+        /// annotations override.
+        #[command(flatten)]
+        sidecar: SidecarArgs,
     },
     /// Exit 0 when URL answers 2xx within two seconds, else 1: a container HEALTHCHECK
     /// for images without curl.
@@ -115,21 +134,12 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(args),
         Some(Command::Inject {
             file,
-            image,
-            config_map,
-            native,
+            sidecar,
             app_port,
             port,
             admin_port,
         }) => {
-            let options = tollgate::inject::Options {
-                image,
-                config_map,
-                native,
-                app_port,
-                port,
-                admin_port,
-            };
+            let options = sidecar.options(app_port, port, admin_port);
             match inject(file, &options) {
                 Ok(injection) => {
                     print!("{}", injection.manifest);
@@ -148,23 +158,14 @@ fn main() -> ExitCode {
             listen,
             cert,
             key,
-            image,
-            config_map,
-            native,
+            sidecar,
         }) => {
             tollgate::logs::init();
             report(tollgate::webhook::run(tollgate::webhook::WebhookOptions {
                 listen,
                 cert,
                 key,
-                defaults: tollgate::inject::Options {
-                    image,
-                    config_map,
-                    native,
-                    app_port: None,
-                    port: None,
-                    admin_port: None,
-                },
+                defaults: sidecar.options(None, None, None),
             }))
         }
         Some(Command::Probe { url }) => match probe(&url) {

@@ -6,8 +6,9 @@ mod common;
 use common::*;
 use std::process::Command;
 
-#[test]
-fn https_listener_and_verified_tls_upstreams() {
+/// A gateway with an HTTPS listener on certificates made for the test, in front of
+/// the demo upstream: (certificates' directory, upstream, gateway, HTTPS port).
+fn https_gateway() -> (tempfile::TempDir, Upstream, Tollgate, u16) {
     let certs = tempfile::tempdir().unwrap();
     make_certificates(certs.path());
     let app = upstream("app");
@@ -17,10 +18,16 @@ fn https_listener_and_verified_tls_upstreams() {
         certs.path().join("tls.crt").display(),
         certs.path().join("tls.key").display()
     );
-    let _edge = Tollgate::start_with(&simple_policy(&[app.addr.to_string()]), &tls_section, &[]);
+    let gateway = Tollgate::start_with(&simple_policy(&[app.addr.to_string()]), &tls_section, &[]);
     assert!(wait_for(std::time::Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
     }));
+    (certs, app, gateway, tls_port)
+}
+
+#[test]
+fn https_listener_and_verified_tls_upstreams() {
+    let (certs, _app, _edge, tls_port) = https_gateway();
 
     // HTTPS with HTTP/2 negotiated by ALPN, and HTTP/1.1 on the same listener.
     for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
@@ -103,16 +110,7 @@ fn a_bad_ca_file_is_a_located_policy_error() {
 
 #[test]
 fn a_renewed_listener_certificate_is_served_without_a_restart() {
-    let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
-    let app = upstream("app");
-    let tls_port = free_port();
-    let tls_section = format!(
-        "  tls: {{ listen: \"127.0.0.1:{tls_port}\", cert: \"{}\", key: \"{}\" }}\n",
-        certs.path().join("tls.crt").display(),
-        certs.path().join("tls.key").display()
-    );
-    let _gateway = Tollgate::start_with(&simple_policy(&[app.addr.to_string()]), &tls_section, &[]);
+    let (certs, _app, _gateway, tls_port) = https_gateway();
     let status = |ca: &std::path::Path| {
         let out = Command::new("curl")
             .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
