@@ -117,3 +117,75 @@ shedding:
         "open breaker not shown: {dom}"
     );
 }
+
+#[test]
+fn the_dashboard_charts_history_with_event_markers() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&format!(
+        "upstreams:
+  app:
+    servers: [\"{}\"]
+routes:
+  - name: predict
+    match: {{ path_prefix: /api/predict }}
+    upstream: app
+  - name: suggest
+    match: {{ path_prefix: /api/suggest }}
+    upstream: app
+    priority: low
+shedding:
+  levels:
+    - {{ above: 80%, shed: [low] }}
+",
+        app.addr
+    ));
+    assert_eq!(
+        gw.admin_put_json("/shedding", &json!({ "level": 1, "for": "5m" }))
+            .status(),
+        200
+    );
+    // Traffic until a 5-second bucket holds it: answered requests and shed ones.
+    let busy = |gw: &Tollgate| {
+        gw.admin_json("/history")["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| {
+                b["total"]["requests_per_s"].as_f64() > Some(0.0)
+                    && b["total"]["shed_per_s"].as_f64() > Some(0.0)
+            })
+    };
+    assert!(wait_for(Duration::from_secs(15), || {
+        assert_eq!(gw.get("/api/predict").status(), 200);
+        assert_eq!(gw.get("/api/suggest").status(), 503);
+        std::thread::sleep(Duration::from_millis(100));
+        busy(&gw)
+    }));
+
+    let dom = rendered(&gw.admin_url("/"), 4_000);
+    let chart = |id: &str| {
+        let start = dom
+            .find(&format!("id=\"chart-{id}\""))
+            .unwrap_or_else(|| panic!("no {id} chart: {dom}"));
+        let end = dom[start..].find("</svg>").unwrap() + start;
+        dom[start..end].to_string()
+    };
+    for id in ["rps", "latency", "shed"] {
+        let svg = chart(id);
+        let max: f64 = svg
+            .split("data-max=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{svg}"));
+        assert!(max > 0.0, "the {id} series is flat: {svg}");
+        assert!(svg.contains("<polyline"), "{svg}");
+    }
+    // The forced level is marked on every chart's time axis.
+    assert!(
+        chart("rps").contains("class=\"marker shedding_forced\""),
+        "{}",
+        chart("rps")
+    );
+    assert!(dom.contains("<option>suggest</option>"), "route choice: {dom}");
+}
