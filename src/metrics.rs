@@ -51,6 +51,8 @@ pub struct Metrics {
     pub body_timeouts: IntCounter,
     /// Access-log lines dropped because the writer's queue was full.
     pub access_log_dropped: IntCounter,
+    /// Spans that never reached the collector: a full queue or a failed export.
+    pub trace_spans_dropped: IntCounter,
     slo_availability: GaugeVec,
 }
 
@@ -197,6 +199,11 @@ impl Metrics {
             "Access-log lines dropped because the log writer fell behind (a request never waits on it)",
         )
         .expect("valid metric");
+        let trace_spans_dropped = IntCounter::new(
+            "tollgate_trace_spans_dropped_total",
+            "Spans not exported: the export queue was full or the collector failed (a request never waits on it)",
+        )
+        .expect("valid metric");
         let slo_availability = GaugeVec::new(
             Opts::new(
                 "tollgate_slo_availability_objective",
@@ -237,6 +244,7 @@ impl Metrics {
             Box::new(client_timeouts.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(slo_availability.clone()),
+            Box::new(trace_spans_dropped.clone()),
             Box::new(crate::redis::store_errors().clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
@@ -272,6 +280,7 @@ impl Metrics {
             header_timeouts: client_timeouts.with_label_values(&["header"]),
             body_timeouts: client_timeouts.with_label_values(&["body"]),
             access_log_dropped,
+            trace_spans_dropped,
             slo_availability,
         }
     }

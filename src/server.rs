@@ -225,6 +225,11 @@ fn exit_when_drained(server: &Server, gateway: Arc<Gateway>) {
                     if !gateway.access_log.flush(Duration::from_secs(2)) {
                         tracing::warn!("the access log did not flush within 2 s");
                     }
+                    if gateway.policy.load().tracing.is_some()
+                        && !gateway.spans.flush(Duration::from_secs(2))
+                    {
+                        tracing::warn!("the spans were not exported within 2 s");
+                    }
                     tracing::info!("drained: exiting");
                     std::process::exit(0);
                 }

@@ -187,5 +187,8 @@ shedding:
         "{}",
         chart("rps")
     );
-    assert!(dom.contains("<option>suggest</option>"), "route choice: {dom}");
+    assert!(
+        dom.contains("<option>suggest</option>"),
+        "route choice: {dom}"
+    );
 }

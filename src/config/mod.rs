@@ -15,7 +15,7 @@ pub(crate) use limits::*;
 pub(crate) use routes::*;
 pub(crate) use upstreams::*;
 
-use crate::units::{Duration, Size};
+use crate::units::{Duration, Percent, Size};
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -44,6 +44,8 @@ pub struct Config {
     pub(crate) access_log: AccessLogConfig,
     #[serde(default)]
     pub(crate) cache: CacheConfig,
+    #[serde(default)]
+    pub(crate) tracing: Option<TracingConfig>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -132,6 +134,47 @@ impl Default for AccessLogConfig {
             buffer: Size(64 << 10),
             flush: Duration::from_secs(1),
             path: None,
+        }
+    }
+}
+
+/// SPEC §3 `tracing`: spans exported over OTLP/HTTP (protobuf). Absent: trace context is
+/// still propagated, nothing is exported.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct TracingConfig {
+    pub(crate) otlp: OtlpConfig,
+    /// Head sampling of traces the gateway starts (a sampled parent is always followed).
+    pub(crate) sample: Spanned<Percent>,
+    /// Also export the answers the gateway made itself (429, 502, 503, 504).
+    pub(crate) sample_errors: bool,
+    pub(crate) service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp: OtlpConfig::default(),
+            sample: unlocated(Percent(0.01)),
+            sample_errors: true,
+            service_name: "tollgate".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct OtlpConfig {
+    /// The collector's base URL; `/v1/traces` is appended.
+    pub(crate) endpoint: Spanned<String>,
+    pub(crate) timeout: Duration,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        OtlpConfig {
+            endpoint: unlocated("http://127.0.0.1:4318".to_string()),
+            timeout: Duration::from_secs(2),
         }
     }
 }

@@ -34,6 +34,8 @@ pub(crate) struct Gateway {
     pub(crate) cache: &'static crate::cache::Store,
     /// The access log's queue to its writer thread.
     pub(crate) access_log: crate::access_log::Sink,
+    /// The span exporter's queue (`tracing`).
+    pub(crate) spans: crate::trace::export::SpanSink,
     /// The last 15 minutes, sampled by the historian (`GET /history`).
     pub(crate) history: crate::history::History,
     inflight: AtomicUsize,
@@ -55,6 +57,13 @@ impl Gateway {
         let seen = Some(policy.sha256.clone());
         let first_output = policy.access_log.output.clone();
         Arc::new_cyclic(|gateway: &std::sync::Weak<Gateway>| {
+            let weak = gateway.clone();
+            // The span exporter reads where to send from the policy in force at each batch.
+            let destination = move || {
+                let gateway = weak.upgrade()?;
+                let policy = gateway.policy.load();
+                policy.tracing.as_ref().map(|t| t.export.clone())
+            };
             let gateway = gateway.clone();
             // The writer reads where to write from the policy in force at each tick.
             let output = move || {
@@ -68,6 +77,11 @@ impl Gateway {
                     output,
                 )
                 .expect("the access log writer thread starts"),
+                spans: crate::trace::export::SpanSink::start(
+                    metrics.trace_spans_dropped.clone(),
+                    destination,
+                )
+                .expect("the span export thread starts"),
                 unmatched: metrics.route("_unmatched"),
                 history: crate::history::History::default(),
                 cache: crate::cache::Store::new(policy.cache.clone()),

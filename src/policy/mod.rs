@@ -38,6 +38,8 @@ pub struct Policy {
     pub routes: Vec<Route>,
     pub(crate) upstreams: BTreeMap<String, Arc<Pool>>,
     pub(crate) access_log: AccessLog,
+    /// Span export (`tracing`); absent, trace context is still propagated.
+    pub(crate) tracing: Option<crate::trace::Tracing>,
     pub(crate) identity: Option<crate::identity::Identity>,
     pub(crate) rate_limits: crate::ratelimit::RateLimits,
     pub(crate) shedding: Option<crate::shed::Shedding>,
@@ -270,6 +272,10 @@ impl Compiler<'_> {
             .as_ref()
             .and_then(|s| crate::shed::compile(&mut self.cx, s));
         let cache = crate::cache::compile_settings(&mut self.cx, &config.cache);
+        let tracing = config
+            .tracing
+            .as_ref()
+            .and_then(|t| crate::trace::compile(&mut self.cx, t));
         let access_log = AccessLog {
             enabled: config.access_log.enabled,
             redact: config
@@ -307,6 +313,7 @@ impl Compiler<'_> {
             routes,
             upstreams,
             access_log,
+            tracing,
             identity,
             rate_limits,
             shedding,

@@ -2,7 +2,7 @@
 //! no JSON value tree, no allocation per field. The line goes to the queue of
 //! `crate::access_log`, which writes it off the request path.
 
-use super::ctx::RequestCtx;
+use super::ctx::{Reason, RequestCtx};
 use crate::access_log::Sink;
 use pingora::proxy::Session;
 use std::io::Write;
@@ -53,19 +53,15 @@ fn render(session: &Session, ctx: &RequestCtx, status: u16, elapsed: Duration) -
     line.str("upstream_addr", upstream_addr);
     line.str("user", ctx.client.principal.as_ref().map(|p| &*p.user));
     line.str("tier", ctx.client.principal.as_ref().map(|p| &*p.tier));
-    match (&ctx.limits.limited_by, ctx.answered, ctx.cache.outcome) {
-        (Some(rule), _, _) => {
+    match ctx.reason() {
+        Some(Reason::RateLimited(rule)) => {
             line.key("reason");
             line.buf.extend_from_slice(b"\"rate_limited:");
             escape_into(&mut line.buf, rule);
             line.buf.push(b'"');
         }
-        (None, Some(code), _) => line.str("reason", Some(code.as_str())),
-        (None, None, Some(crate::cache::CacheResult::Hit)) => line.str("reason", Some("cache_hit")),
-        (None, None, Some(crate::cache::CacheResult::Stale)) => {
-            line.str("reason", Some("cache_stale"))
-        }
-        (None, None, _) => line.str("reason", None),
+        Some(Reason::Other(reason)) => line.str("reason", Some(reason)),
+        None => line.str("reason", None),
     }
     line.str("cache", ctx.cache.outcome.map(|o| o.header()));
     line.key("shadow_limited");

@@ -10,6 +10,15 @@ use crate::problem::{Code, Problem};
 use crate::upstream::Pool;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::borrow::Cow;
+use std::time::SystemTime;
+
+/// Closes the current attempt's span, if one is open, with its outcome.
+pub(super) fn end_span(ctx: &mut RequestCtx, outcome: Cow<'static, str>) {
+    if let Some(span) = ctx.attempt.spans.last_mut().filter(|s| s.end.is_none()) {
+        span.end = Some((SystemTime::now(), outcome));
+    }
+}
 
 impl Proxy {
     /// Judges the upstream outcome once, as soon as it is known (the response header,
@@ -18,6 +27,14 @@ impl Proxy {
     pub(super) fn settle(&self, ctx: &mut RequestCtx, error: Option<&Error>) {
         if std::mem::replace(&mut ctx.attempt.settled, true) {
             return;
+        }
+        if !ctx.attempt.spans.is_empty() {
+            let outcome = match (ctx.attempt.status, error) {
+                (Some(status), _) => Cow::Owned(status.to_string()),
+                (None, Some(e)) => Cow::Borrowed(e.etype().as_str()),
+                (None, None) => Cow::Borrowed("no answer"),
+            };
+            end_span(ctx, outcome);
         }
         let Some(pool) = ctx.attempt.pool.clone() else {
             return;

@@ -73,6 +73,8 @@ pub(crate) struct Attempt {
     /// Retries taken so far, and the wait before the next attempt.
     pub(crate) retries: u32,
     pub(crate) retry_backoff: Option<Duration>,
+    /// Each attempt's span, kept only while `tracing` exports spans.
+    pub(crate) spans: Vec<crate::trace::export::AttemptSpan>,
 }
 
 /// What the cache did.
@@ -88,7 +90,33 @@ pub(crate) struct Cache {
     pub(crate) not_modified: Option<Box<pingora::http::ResponseHeader>>,
 }
 
+/// Why the gateway answered a request itself, or served it from the cache: the access
+/// log's `reason` and the server span's `tollgate.reason`.
+pub(crate) enum Reason<'a> {
+    RateLimited(&'a str),
+    Other(&'static str),
+}
+
+impl std::fmt::Display for Reason<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::RateLimited(rule) => write!(f, "rate_limited:{rule}"),
+            Reason::Other(reason) => f.write_str(reason),
+        }
+    }
+}
+
 impl RequestCtx {
+    pub(crate) fn reason(&self) -> Option<Reason<'_>> {
+        match (&self.limits.limited_by, self.answered, self.cache.outcome) {
+            (Some(rule), _, _) => Some(Reason::RateLimited(rule)),
+            (None, Some(code), _) => Some(Reason::Other(code.as_str())),
+            (None, None, Some(cache::CacheResult::Hit)) => Some(Reason::Other("cache_hit")),
+            (None, None, Some(cache::CacheResult::Stale)) => Some(Reason::Other("cache_stale")),
+            (None, None, _) => None,
+        }
+    }
+
     pub(crate) fn new(gateway: &Arc<Gateway>) -> RequestCtx {
         RequestCtx {
             policy: gateway.policy.load_full(),

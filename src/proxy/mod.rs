@@ -30,6 +30,7 @@ mod access_log;
 pub(crate) mod admission;
 mod attempt;
 pub(crate) mod ctx;
+mod spans;
 
 use crate::cache;
 use crate::config::Priority;
@@ -39,6 +40,7 @@ use crate::gateway::Gateway;
 use crate::policy::Fallback;
 use crate::problem::{Code, Problem};
 use crate::ratelimit;
+use crate::trace::export::AttemptSpan;
 use crate::upstream::{HashOn, InflightGuard, SelectionKey};
 use admission::Verdict;
 use async_trait::async_trait;
@@ -186,7 +188,8 @@ impl ProxyHttp for Proxy {
             Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
             _ => forwarding::new_request_id(),
         });
-        ctx.client.trace = Some(crate::trace::TraceContext::of(req));
+        let sample = policy.tracing.as_ref().map(|t| t.sample);
+        ctx.client.trace = Some(crate::trace::TraceContext::of(req, sample));
 
         if let Some(peer) = session
             .client_addr()
@@ -447,6 +450,17 @@ impl ProxyHttp for Proxy {
         };
         ctx.attempt.server = Some(index);
         ctx.attempt.server_inflight = Some(InflightGuard::new(&pool.servers[index].state));
+        // Each attempt its own client span, whose id the upstream sees as its parent.
+        if let (Some(_), Some(trace)) = (&policy.tracing, &mut ctx.client.trace) {
+            ctx.attempt.spans.push(AttemptSpan {
+                span: trace.next_span(),
+                upstream: pool.name.clone(),
+                server: pool.servers[index].label.clone(),
+                retry: ctx.attempt.retries,
+                start: std::time::SystemTime::now(),
+                end: None,
+            });
+        }
         Ok(pool.peer(index, ctx.remaining()))
     }
 
@@ -495,6 +509,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        attempt::end_span(ctx, std::borrow::Cow::Borrowed("connect_error"));
         // Nothing reached the server, so any method may go to another one.
         if let Some(failed) = ctx.attempt.server.take() {
             ctx.attempt.failed_servers.push(failed);
@@ -771,5 +786,6 @@ impl ProxyHttp for Proxy {
         if ctx.policy.access_log.enabled {
             access_log::write(&self.gateway.access_log, session, ctx, status, elapsed);
         }
+        self.export_spans(session, ctx, status, elapsed);
     }
 }

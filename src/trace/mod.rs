@@ -1,8 +1,15 @@
 //! W3C Trace Context (SPEC §9): a request's `traceparent` is continued — same trace id
 //! and flags, the gateway's own span id as the parent the upstream sees — or, when
 //! absent or invalid, a trace is started. `tracestate` travels with a continued trace and
-//! is dropped with an invalid one, as the recommendation requires. Nothing is exported.
+//! is dropped with an invalid one, as the recommendation requires.
+//!
+//! With a `tracing` section, spans are exported over OTLP ([`export`]): a trace the
+//! gateway starts is sampled at `tracing.sample`, a continued one as its parent says.
 
+pub(crate) mod export;
+
+use crate::config::TracingConfig;
+use crate::policy::compile::Compile;
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
@@ -13,18 +20,63 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// A traceparent is 55 bytes: `00-` trace id (32 hex) `-` parent id (16 hex) `-` flags.
 const LEN: usize = 55;
+const SAMPLED: u8 = 0x01;
 
-/// The gateway's place in a trace, as the `traceparent` it sends upstream.
+/// The compiled `tracing` section.
+#[derive(Debug)]
+pub(crate) struct Tracing {
+    /// The share of started traces that are sampled.
+    pub(crate) sample: f64,
+    pub(crate) sample_errors: bool,
+    pub(crate) export: export::Destination,
+}
+
+pub(crate) fn compile(cx: &mut Compile, config: &TracingConfig) -> Option<Tracing> {
+    let endpoint = &config.otlp.endpoint;
+    let Some(base) = endpoint.value.strip_prefix("http://") else {
+        cx.error(
+            &endpoint.referenced,
+            format!(
+                "tracing.otlp.endpoint `{}` must be an http:// URL (a collector or agent beside the gateway; OTLP over TLS is not supported)",
+                endpoint.value
+            ),
+        );
+        return None;
+    };
+    if base.is_empty() || config.otlp.timeout.0.is_zero() {
+        cx.error(
+            &endpoint.referenced,
+            "tracing.otlp needs a host in `endpoint` and a `timeout` above 0s",
+        );
+        return None;
+    }
+    Some(Tracing {
+        sample: config.sample.value.0,
+        sample_errors: config.sample_errors,
+        export: export::Destination {
+            url: format!("{}/v1/traces", endpoint.value.trim_end_matches('/')),
+            timeout: config.otlp.timeout.0,
+            service_name: config.service_name.clone(),
+        },
+    })
+}
+
+/// The gateway's place in a trace, and the `traceparent` it sends upstream.
 #[derive(Clone, Copy)]
 pub(crate) struct TraceContext {
     traceparent: [u8; LEN],
+    /// The client's span, the parent of the gateway's (a continued trace only).
+    pub(crate) parent: Option<u64>,
+    /// The gateway's span for the whole request.
+    pub(crate) span: u64,
     /// Whether the client's trace was continued (its `tracestate` stays valid).
     pub(crate) continued: bool,
 }
 
 impl TraceContext {
-    /// Continues the request's trace, or starts one.
-    pub(crate) fn of(request: &RequestHeader) -> TraceContext {
+    /// Continues the request's trace, or starts one; `sample` is the share of started
+    /// traces marked sampled (`None`: nothing is exported, none is).
+    pub(crate) fn of(request: &RequestHeader, sample: Option<f64>) -> TraceContext {
         let mut received = request.headers.get_all(&TRACEPARENT).iter();
         let parent = match (received.next(), received.next()) {
             (Some(one), None) => parse(one.as_bytes()),
@@ -34,31 +86,47 @@ impl TraceContext {
         traceparent[..3].copy_from_slice(b"00-");
         traceparent[35] = b'-';
         traceparent[52] = b'-';
-        match parent {
-            Some((trace_id, flags)) => {
+        let flags = match parent {
+            Some(Parent {
+                trace_id, flags, ..
+            }) => {
                 traceparent[3..35].copy_from_slice(trace_id);
                 // Only the sampled and random bits are defined; the rest go out as 0.
-                let flags = hex_byte(flags) & 0x03;
-                hex(&mut traceparent[53..], u128::from(flags), 2);
+                flags & 0x03
             }
             None => {
                 hex(&mut traceparent[3..35], nonzero(fastrand::u128(..)), 32);
-                traceparent[53..].copy_from_slice(b"00");
+                if sample.is_some_and(|share| fastrand::f64() < share) {
+                    SAMPLED
+                } else {
+                    0
+                }
             }
-        }
-        hex(
-            &mut traceparent[36..52],
-            u128::from(nonzero(fastrand::u64(..))),
-            16,
-        );
-        TraceContext {
+        };
+        hex(&mut traceparent[53..], u128::from(flags), 2);
+        let mut context = TraceContext {
             traceparent,
+            parent: parent.map(|p| p.span),
+            span: 0,
             continued: parent.is_some(),
-        }
+        };
+        context.span = context.next_span();
+        context
     }
 
     pub(crate) fn trace_id(&self) -> &str {
         std::str::from_utf8(&self.traceparent[3..35]).expect("hex digits")
+    }
+
+    pub(crate) fn sampled(&self) -> bool {
+        digit(self.traceparent[54]) & SAMPLED != 0
+    }
+
+    /// A new span id, written as the parent the upstream will see.
+    pub(crate) fn next_span(&mut self) -> u64 {
+        let span = nonzero(fastrand::u64(..));
+        hex(&mut self.traceparent[36..52], u128::from(span), 16);
+        span
     }
 
     /// What the upstream receives: this context's `traceparent`, and the client's
@@ -73,10 +141,18 @@ impl TraceContext {
     }
 }
 
-/// The trace id and flags of a valid `traceparent` (W3C Trace Context §3.2): lowercase
-/// hex, no all-zero id, version `ff` refused, version `00` exactly 55 bytes, a later
-/// version at least 55 with a `-` after the flags (parsed as `00`).
-fn parse(value: &[u8]) -> Option<(&[u8], &[u8])> {
+/// The fields of a valid `traceparent` the gateway keeps.
+#[derive(Clone, Copy)]
+struct Parent<'a> {
+    trace_id: &'a [u8],
+    span: u64,
+    flags: u8,
+}
+
+/// A valid `traceparent` (W3C Trace Context §3.2): lowercase hex, no all-zero id,
+/// version `ff` refused, version `00` exactly 55 bytes, a later version at least 55 with a
+/// `-` after the flags (parsed as `00`).
+fn parse(value: &[u8]) -> Option<Parent<'_>> {
     if value.len() < LEN || (value.len() > LEN && (value.starts_with(b"00") || value[LEN] != b'-'))
     {
         return None;
@@ -86,25 +162,28 @@ fn parse(value: &[u8]) -> Option<(&[u8], &[u8])> {
     let dashes = value[2] == b'-' && value[35] == b'-' && value[52] == b'-';
     let lower_hex = |field: &[u8]| field.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     let nonzero = |field: &[u8]| field.iter().any(|b| *b != b'0');
-    (dashes
+    let valid = dashes
         && version != b"ff"
         && [version, trace_id, parent_id, flags]
             .iter()
             .all(|f| lower_hex(f))
         && nonzero(trace_id)
-        && nonzero(parent_id))
-    .then_some((trace_id, flags))
+        && nonzero(parent_id);
+    valid.then(|| Parent {
+        trace_id,
+        span: parent_id
+            .iter()
+            .fold(0, |acc, b| acc << 4 | u64::from(digit(*b))),
+        flags: digit(flags[0]) << 4 | digit(flags[1]),
+    })
 }
 
-fn hex_byte(two: &[u8]) -> u8 {
-    let digit = |b: u8| {
-        if b.is_ascii_digit() {
-            b - b'0'
-        } else {
-            b - b'a' + 10
-        }
-    };
-    digit(two[0]) << 4 | digit(two[1])
+fn digit(b: u8) -> u8 {
+    if b.is_ascii_digit() {
+        b - b'0'
+    } else {
+        b - b'a' + 10
+    }
 }
 
 /// Writes the low `digits` hex digits of `value` into `out`.
@@ -136,7 +215,7 @@ mod tests {
         if let Some(state) = tracestate {
             request.append_header(TRACESTATE, state).unwrap();
         }
-        let trace = TraceContext::of(&request);
+        let trace = TraceContext::of(&request, None);
         trace.propagate(&mut request).unwrap();
         (trace, request)
     }
@@ -163,9 +242,11 @@ mod tests {
         assert_ne!(&traceparent[36..52], "00f067aa0ba902b7");
         assert!(traceparent.ends_with("-01"));
         assert_eq!(
-            parse(traceparent.as_bytes()).map(|(t, _)| t.len()),
+            parse(traceparent.as_bytes()).map(|p| p.trace_id.len()),
             Some(32)
         );
+        assert_eq!(trace.parent, Some(0x00f0_67aa_0ba9_02b7));
+        assert_eq!(format!("{:016x}", trace.span), &traceparent[36..52]);
         assert_eq!(state.as_deref(), Some("congo=t61rcWkgMzE"));
     }
 
@@ -205,5 +286,25 @@ mod tests {
         let (first, _) = context(&[], None);
         let (second, _) = context(&[], None);
         assert_ne!(first.trace_id(), second.trace_id());
+    }
+
+    #[test]
+    fn started_traces_are_sampled_at_the_share_continued_ones_as_their_parent() {
+        let request = |traceparent: Option<&str>| {
+            let mut request = RequestHeader::build("GET", b"/", None).unwrap();
+            if let Some(value) = traceparent {
+                request.append_header(TRACEPARENT, value).unwrap();
+            }
+            request
+        };
+        assert!(TraceContext::of(&request(None), Some(1.0)).sampled());
+        assert!(!TraceContext::of(&request(None), Some(0.0)).sampled());
+        assert!(!TraceContext::of(&request(None), None).sampled());
+        assert!(TraceContext::of(&request(Some(CLIENT)), Some(0.0)).sampled());
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(!TraceContext::of(&request(Some(unsampled)), Some(1.0)).sampled());
+        let mut trace = TraceContext::of(&request(None), Some(1.0));
+        let first = trace.span;
+        assert_ne!(trace.next_span(), first, "each attempt its own span");
     }
 }
