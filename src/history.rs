@@ -63,7 +63,8 @@ struct Stats {
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     shed_per_s: f64,
-    /// Hits over cache lookups; `null` where nothing was looked up.
+    /// Hits over cache lookups (hit, miss, stale; not bypass); `null` where nothing was
+    /// looked up.
     cache_hit_ratio: Option<f64>,
 }
 
@@ -129,7 +130,8 @@ impl Totals {
                     "tollgate_shed_requests_total" => {
                         totals.routes.entry(route()).or_default().shed += counter();
                     }
-                    "tollgate_cache_requests_total" => {
+                    // A bypass (answered before the cache, e.g. a 429) looked nothing up.
+                    "tollgate_cache_requests_total" if label(metric, "result") != "bypass" => {
                         let entry = totals.routes.entry(route()).or_default();
                         entry.cache_lookups += counter();
                         if label(metric, "result") == "hit" {
@@ -368,6 +370,24 @@ mod tests {
         );
         assert_eq!(buckets.last().unwrap().at, 1_000 + 240 * 5);
         assert_eq!(buckets.last().unwrap().total.requests_per_s, 48.0);
+    }
+
+    #[test]
+    fn a_bypass_is_not_a_cache_lookup() {
+        let registry = Registry::new();
+        let cache = IntCounterVec::new(
+            Opts::new("tollgate_cache_requests_total", "c"),
+            &["route", "result"],
+        )
+        .unwrap();
+        registry.register(Box::new(cache.clone())).unwrap();
+        let history = History::default();
+        history.sample(&registry.gather(), 1_000);
+        cache.with_label_values(&["search", "hit"]).inc_by(3);
+        cache.with_label_values(&["search", "miss"]).inc_by(1);
+        cache.with_label_values(&["search", "bypass"]).inc_by(96);
+        history.sample(&registry.gather(), 1_005);
+        assert_eq!(history.buckets()[0].routes["search"].cache_hit_ratio, Some(0.75));
     }
 
     #[test]
