@@ -387,7 +387,10 @@ mod tests {
         cache.with_label_values(&["search", "miss"]).inc_by(1);
         cache.with_label_values(&["search", "bypass"]).inc_by(96);
         history.sample(&registry.gather(), 1_005);
-        assert_eq!(history.buckets()[0].routes["search"].cache_hit_ratio, Some(0.75));
+        assert_eq!(
+            history.buckets()[0].routes["search"].cache_hit_ratio,
+            Some(0.75)
+        );
     }
 
     #[test]

@@ -87,6 +87,7 @@ impl PolicyDiff {
             ("shedding", differs(&was.shedding, &is.shedding)),
             ("access_log", differs(&was.access_log, &is.access_log)),
             ("cache", differs(&was.cache, &is.cache)),
+            ("tracing", differs(&was.tracing, &is.tracing)),
         ];
         diff.sections = sections
             .into_iter()
@@ -405,5 +406,15 @@ rate_limits:
         assert_eq!(json["reset"][0]["part"], "rate_limit");
         assert_eq!(json["rules"]["changed"][0], "per-ip");
         assert!(reload(BASE, BASE).lines().is_empty());
+    }
+
+    #[test]
+    fn a_tracing_section_is_a_section_change() {
+        let traced = format!("{BASE}tracing:\n  sample: 5%\n");
+        assert_eq!(reload(BASE, &traced).sections, ["tracing"]);
+        assert_eq!(
+            reload(&traced, BASE).lines(),
+            ["`tracing` settings changed"]
+        );
     }
 }
