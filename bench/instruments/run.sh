@@ -9,7 +9,8 @@
 #
 # TARGETS (default "tollgate floor probe nginx"), REQUESTS (callgrind, 2000), DURATION
 # (wrk seconds, 5), BIN (where the binaries are, default target/release: another build
-# to compare with). Needs perf, valgrind, wrk, python3; nginx for the origin and the
+# to compare with), GATEWAY_CONF (tollgate's policy template, default bench/gateway.yaml).
+# Needs perf, valgrind, wrk, python3; nginx for the origin and the
 # nginx row (without nginx, tollgate-upstream is the origin and the nginx row is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -72,7 +73,7 @@ command_of() {
   case $1 in
     tollgate)
       sed -e "s/{{LISTEN}}/127.0.0.1:$PROXY_PORT/; s/{{AUX_PORT}}/$AUX_PORT/; s/{{ORIGIN}}/127.0.0.1:$ORIGIN_PORT/" \
-        bench/gateway.yaml > "$RUN/gateway.yaml"
+        "${GATEWAY_CONF:-bench/gateway.yaml}" > "$RUN/gateway.yaml"
       echo "$BIN/tollgate run -c $RUN/gateway.yaml" ;;
     floor) echo "$BIN/examples/pingora_floor 127.0.0.1:$PROXY_PORT proxy 127.0.0.1:$ORIGIN_PORT" ;;
     probe) echo "$BIN/examples/tokio_probe 127.0.0.1:$PROXY_PORT 127.0.0.1:$ORIGIN_PORT" ;;
