@@ -39,24 +39,20 @@ fn rendered(url: &str, budget_ms: u32) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// The pool `app` (with `pool_extra` settings) and the two routes both tests use:
+/// `predict` (normal priority) and `suggest` (low, shed first).
+fn pool_and_routes(app: &Upstream, pool_extra: &str) -> String {
+    format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\n{pool_extra}routes:\n  - name: predict\n    match: {{ path_prefix: /api/predict }}\n    upstream: app\n  - name: suggest\n    match: {{ path_prefix: /api/suggest }}\n    upstream: app\n    priority: low\n",
+        app.addr
+    )
+}
+
 #[test]
 fn the_dashboard_renders_live_state_in_a_browser() {
     let app = upstream("app");
     let gw = Tollgate::start(&format!(
-        "upstreams:
-  app:
-    servers: [\"{}\"]
-    circuit_breaker: {{ consecutive_failures: 1, open_for: 1m }}
-    max_concurrent: 20
-routes:
-  - name: predict
-    match: {{ path_prefix: /api/predict }}
-    upstream: app
-  - name: suggest
-    match: {{ path_prefix: /api/suggest }}
-    upstream: app
-    priority: low
-rate_limits:
+        "{}rate_limits:
   # Refilled buckets are dropped every few seconds: this one takes 36 s to refill, so
   # the client's key is still tracked however long the browser takes.
   - name: per-ip
@@ -71,7 +67,10 @@ shedding:
     - {{ above: 80%, shed: [low], limit_scale: 0.5 }}
     - {{ above: 95%, shed: [low, normal, high] }}
 ",
-        app.addr
+        pool_and_routes(
+            &app,
+            "    circuit_breaker: { consecutive_failures: 1, open_for: 1m }\n    max_concurrent: 20\n"
+        )
     ));
     assert_eq!(gw.get("/api/predict").status(), 200);
     assert_eq!(
@@ -122,22 +121,8 @@ shedding:
 fn the_dashboard_charts_history_with_event_markers() {
     let app = upstream("app");
     let gw = Tollgate::start(&format!(
-        "upstreams:
-  app:
-    servers: [\"{}\"]
-routes:
-  - name: predict
-    match: {{ path_prefix: /api/predict }}
-    upstream: app
-  - name: suggest
-    match: {{ path_prefix: /api/suggest }}
-    upstream: app
-    priority: low
-shedding:
-  levels:
-    - {{ above: 80%, shed: [low] }}
-",
-        app.addr
+        "{}shedding:\n  levels:\n    - {{ above: 80%, shed: [low] }}\n",
+        pool_and_routes(&app, "")
     ));
     assert_eq!(
         gw.admin_put_json("/shedding", &json!({ "level": 1, "for": "5m" }))

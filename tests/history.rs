@@ -10,20 +10,9 @@ use std::time::Duration;
 #[test]
 fn history_fills_five_second_buckets_from_live_traffic() {
     let app = upstream("app");
-    let gw = Tollgate::start(&format!(
-        "upstreams:
-  app:
-    servers: [\"{}\"]
-routes:
-  - name: api
-    match: {{ path_prefix: / }}
-    upstream: app
-rate_limits:
-  - name: per-ip
-    key: ip
-    rate: 20/h
-",
-        app.addr
+    let gw = Tollgate::start(&api_policy(
+        app.addr,
+        "rate_limits:\n  - name: per-ip\n    key: ip\n    rate: 20/h\n",
     ));
     let history = || gw.admin_json("/history");
     assert_eq!(history()["interval_seconds"], 5);

@@ -87,21 +87,12 @@ routes:
 
 #[test]
 fn a_bad_ca_file_is_a_located_policy_error() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
-    let policy = dir.path().join("gateway.yaml");
     let text = format!(
         "{}upstreams:\n  app:\n    servers: [\"127.0.0.1:1\"]\n    tls: {{ ca: ca.pem }}\nroutes:\n  - name: all\n    upstream: app\n",
         head(8080, 9901, "")
     );
-    std::fs::write(&policy, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("check")
-        .arg(&policy)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr) = check_policy(&text, &[("ca.pem", "not a certificate")]);
+    assert_eq!(code, Some(1));
     assert!(
         stderr.contains(":12:") && stderr.contains("tls.ca `ca.pem`: no certificate"),
         "{stderr}"

@@ -67,25 +67,20 @@ fn spans_are_exported_with_their_parents_and_sampling() {
         http_response("200 OK", &[("content-type", "application/x-protobuf")], "")
     });
     let origin = Origin::recording();
-    let gw = Tollgate::start(&format!(
-        "upstreams:
-  app:
-    servers: [\"{origin}\"]
-routes:
-  - name: api
-    match: {{ path_prefix: / }}
-    upstream: app
-rate_limits:
+    let gw = Tollgate::start(&api_policy(
+        origin.addr,
+        &format!(
+            "rate_limits:
   - name: per-ip
     key: ip
     rate: 2/h
 tracing:
-  otlp: {{ endpoint: \"http://{receiver}\" }}
+  otlp: {{ endpoint: \"http://{}\" }}
   sample: 0%
   service_name: edge
 ",
-        origin = origin.addr,
-        receiver = receiver.addr
+            receiver.addr
+        ),
     ));
 
     // A sampled parent from the client is followed; a trace started here at 0 % is not.
@@ -200,20 +195,12 @@ tracing:
 #[test]
 fn spans_the_collector_cannot_take_are_counted_as_dropped() {
     let origin = Origin::recording();
-    let gw = Tollgate::start(&format!(
-        "upstreams:
-  app:
-    servers: [\"{}\"]
-routes:
-  - name: api
-    match: {{ path_prefix: / }}
-    upstream: app
-tracing:
-  otlp: {{ endpoint: \"http://{}\", timeout: 500ms }}
-  sample: 100%
-",
+    let gw = Tollgate::start(&api_policy(
         origin.addr,
-        closed_addr()
+        &format!(
+            "tracing:\n  otlp: {{ endpoint: \"http://{}\", timeout: 500ms }}\n  sample: 100%\n",
+            closed_addr()
+        ),
     ));
     assert_eq!(gw.get("/api/x").status(), 200);
     assert!(
@@ -227,32 +214,17 @@ tracing:
 
 #[test]
 fn check_refuses_an_endpoint_it_cannot_send_to() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &policy,
-        "version: 1
-upstreams:
-  app:
-    servers: [\"127.0.0.1:3000\"]
-routes:
-  - name: api
-    upstream: app
-tracing:
-  otlp:
-    endpoint: https://collector.example:4318
-",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("check")
-        .arg(&policy)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let text = format!(
+        "version: 1\n{}",
+        api_policy(
+            "127.0.0.1:3000",
+            "tracing:\n  otlp:\n    endpoint: https://collector.example:4318\n"
+        )
+    );
+    let (code, stderr) = check_policy(&text, &[]);
+    assert_eq!(code, Some(1));
     assert!(
-        stderr.contains("gateway.yaml:10:") && stderr.contains("must be an http:// URL"),
+        stderr.contains("gateway.yaml:11:") && stderr.contains("must be an http:// URL"),
         "{stderr}"
     );
 }

@@ -128,6 +128,34 @@ pub fn simple_policy(servers: &[String]) -> String {
     )
 }
 
+/// One pool `app` over `server` and one catch-all route `api` to it, then `extra`
+/// (top-level sections such as `rate_limits:` or `tracing:`).
+pub fn api_policy(server: impl std::fmt::Display, extra: &str) -> String {
+    format!(
+        "upstreams:\n  app:\n    servers: [\"{server}\"]\nroutes:\n  - name: api\n    match: {{ path_prefix: / }}\n    upstream: app\n{extra}"
+    )
+}
+
+/// `tollgate check` on `text` written as `gateway.yaml`, beside `files` (name, content):
+/// its exit code and standard error.
+pub fn check_policy(text: &str, files: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.path().join(name), content).unwrap();
+    }
+    let policy = dir.path().join("gateway.yaml");
+    std::fs::write(&policy, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("check")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 impl Tollgate {
     /// Starts the gateway with `head(...)` + `body` and waits until it serves.
     pub fn start(body: &str) -> Tollgate {
