@@ -9,7 +9,8 @@
 #
 # TARGETS (default "tollgate floor probe nginx"), REQUESTS (callgrind, 2000), DURATION
 # (wrk seconds, 5), BIN (where the binaries are, default target/release: another build
-# to compare with), GATEWAY_CONF (tollgate's policy template, default bench/gateway.yaml).
+# to compare with), GATEWAY_CONF (tollgate's policy template, default bench/gateway.yaml),
+# CALLGRIND_OUT (a directory to keep the callgrind profiles in, for callgrind_annotate).
 # Needs perf, valgrind, wrk, python3; nginx for the origin and the
 # nginx row (without nginx, tollgate-upstream is the origin and the nginx row is skipped).
 set -euo pipefail
@@ -133,6 +134,7 @@ for _ in range(int(sys.argv[3])):
 EOF
   callgrind_control -d "$target" >/dev/null 2>&1
   instructions=$(awk '/^totals:/ {print $2}' "$RUN/$name".cg.* | tail -1)
+  if [ -n "${CALLGRIND_OUT:-}" ]; then mkdir -p "$CALLGRIND_OUT" && cp "$RUN/$name".cg.* "$CALLGRIND_OUT/"; fi
   stop
 
   awk -v n="$name" -v r="$requests" -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$hz" \

@@ -13,8 +13,9 @@ use crate::policy::compile::Compile;
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
-// Static names: inserting a custom name built from a string would parse and allocate it
-// on every request.
+// Lookups by a prebuilt name parse nothing. Inserting takes the `&'static str`: Pingora
+// keeps it as the field's case without a copy, where a custom `HeaderName` would be
+// copied into a new allocation first.
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
@@ -133,7 +134,7 @@ impl TraceContext {
     /// `tracestate` only with the client's trace.
     pub(crate) fn propagate(&self, upstream: &mut RequestHeader) -> pingora::Result<()> {
         let value = HeaderValue::from_bytes(&self.traceparent).expect("hex digits and dashes");
-        upstream.insert_header(TRACEPARENT, value)?;
+        upstream.insert_header("traceparent", value)?;
         if !self.continued {
             upstream.remove_header(&TRACESTATE);
         }
