@@ -6,6 +6,13 @@ use http::header::{self, HeaderMap, HeaderName};
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
 
+// Prebuilt names: looked up without a parse, inserted without a copy.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// The client address (SPEC §4 Identity): the TCP peer, unless the peer is a trusted
 /// proxy; then the right-most `X-Forwarded-For` address that is not itself trusted.
 /// An unparsable hop ends the walk at the last address that could be believed.
@@ -53,27 +60,29 @@ pub(crate) fn set_forwarded_headers(
     let mut peer_text = [0u8; 46];
     let peer_text = format_ip(peer, &mut peer_text);
     let existing_chain = peer_trusted
-        .then(|| joined(upstream.headers.get_all("x-forwarded-for").iter()))
+        .then(|| joined(upstream.headers.get_all(&X_FORWARDED_FOR).iter()))
         .flatten();
     match existing_chain {
-        Some(chain) => {
-            upstream.insert_header("x-forwarded-for", format!("{chain}, {peer_text}"))?
-        }
-        None => upstream.insert_header("x-forwarded-for", peer_text)?,
+        Some(chain) => upstream.insert_header_name(
+            &X_FORWARDED_FOR,
+            "x-forwarded-for",
+            format!("{chain}, {peer_text}"),
+        )?,
+        None => upstream.insert_header_name(&X_FORWARDED_FOR, "x-forwarded-for", peer_text)?,
     }
     // Other spellings of the client address are believed only as far as the
     // X-Forwarded-* fields are: from anyone but a trusted proxy, they go.
     if !peer_trusted {
-        for name in ["forwarded", "x-real-ip"] {
+        for name in [&FORWARDED, &X_REAL_IP] {
             if upstream.headers.contains_key(name) {
                 upstream.remove_header(name);
             }
         }
     }
-    if !(peer_trusted && upstream.headers.contains_key("x-forwarded-proto")) {
-        upstream.insert_header("x-forwarded-proto", scheme)?;
+    if !(peer_trusted && upstream.headers.contains_key(&X_FORWARDED_PROTO)) {
+        upstream.insert_header_name(&X_FORWARDED_PROTO, "x-forwarded-proto", scheme)?;
     }
-    if !(peer_trusted && upstream.headers.contains_key("x-forwarded-host")) {
+    if !(peer_trusted && upstream.headers.contains_key(&X_FORWARDED_HOST)) {
         let host = upstream.headers.get(header::HOST).cloned().or_else(|| {
             upstream
                 .uri
@@ -81,9 +90,11 @@ pub(crate) fn set_forwarded_headers(
                 .and_then(|a| a.as_str().parse().ok())
         });
         match host {
-            Some(host) => upstream.insert_header("x-forwarded-host", host)?,
+            Some(host) => {
+                upstream.insert_header_name(&X_FORWARDED_HOST, "x-forwarded-host", host)?
+            }
             None => {
-                upstream.remove_header("x-forwarded-host");
+                upstream.remove_header(&X_FORWARDED_HOST);
             }
         }
     }

@@ -11,6 +11,7 @@ cd "$(dirname "$0")"
 # crate version sha256 (of the .crate file, as in Cargo.lock before the patch)
 CRATES=(
   "pingora-core 0.9.1 a535f47f65fdcb003f9e1df04cd18e614c128dfe9388acce3f211ae38ac14d68"
+  "pingora-http 0.9.1 3f38e9e519d53fab09eb320f7be2cd27ef9e66f755eba3bd84cc68852108d841"
 )
 
 status=0

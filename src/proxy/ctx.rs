@@ -144,16 +144,21 @@ impl RequestCtx {
 
     /// Headers on every response: the request id and the policy's security headers.
     pub(crate) fn decorate(&self, header: &mut ResponseHeader) {
-        for (name, value) in &self.policy.server.response_headers {
-            let _ = header.insert_header(name.clone(), value.clone());
+        for (field, value) in &self.policy.server.response_headers {
+            let _ = header.insert_header_name(&field.name, field.case.clone(), value.clone());
         }
         if let Some(id) = &self.client.request_id {
-            let _ = header.insert_header(self.policy.server.request_id_header.clone(), id.clone());
+            let field = &self.policy.server.request_id_header;
+            let _ = header.insert_header_name(&field.name, field.case.clone(), id.clone());
         }
         if self.route().is_some_and(|r| r.cache.is_some())
             && !header.headers.contains_key(&cache::X_CACHE)
         {
-            let _ = header.insert_header("x-cache", cache::CacheResult::Bypass.header());
+            let _ = header.insert_header_name(
+                &cache::X_CACHE,
+                "x-cache",
+                cache::CacheResult::Bypass.header(),
+            );
         }
     }
 }

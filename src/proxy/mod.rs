@@ -184,10 +184,12 @@ impl ProxyHttp for Proxy {
         );
         let req = session.req_header();
 
-        ctx.client.request_id = Some(match req.headers.get(&policy.server.request_id_header) {
-            Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
-            _ => forwarding::new_request_id(),
-        });
+        ctx.client.request_id = Some(
+            match req.headers.get(&policy.server.request_id_header.name) {
+                Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
+                _ => forwarding::new_request_id(),
+            },
+        );
         let sample = policy.tracing.as_ref().map(|t| t.sample);
         ctx.client.trace = Some(crate::trace::TraceContext::of(req, sample));
 
@@ -550,7 +552,8 @@ impl ProxyHttp for Proxy {
             forwarding::set_forwarded_headers(upstream, peer, ctx.client.peer_trusted, scheme)?;
         }
         if let Some(id) = &ctx.client.request_id {
-            upstream.insert_header(policy.server.request_id_header.clone(), id.clone())?;
+            let field = &policy.server.request_id_header;
+            upstream.insert_header_name(&field.name, field.case.clone(), id.clone())?;
         }
         if let Some(trace) = &ctx.client.trace {
             trace.propagate(upstream)?;
@@ -665,7 +668,7 @@ impl ProxyHttp for Proxy {
             // comparing is far cheaper than Pingora's `insert_header`.
             let said = response.headers.get(&cache::X_CACHE);
             if said.is_none_or(|v| v.as_bytes() != outcome.header().as_bytes()) {
-                response.insert_header("x-cache", outcome.header())?;
+                response.insert_header_name(&cache::X_CACHE, "x-cache", outcome.header())?;
             }
         }
         ctx.decorate(response);

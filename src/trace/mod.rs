@@ -13,9 +13,7 @@ use crate::policy::compile::Compile;
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
-// Lookups by a prebuilt name parse nothing. Inserting takes the `&'static str`: Pingora
-// keeps it as the field's case without a copy, where a custom `HeaderName` would be
-// copied into a new allocation first.
+// Prebuilt names: looked up without a parse, inserted without a copy.
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
@@ -134,7 +132,7 @@ impl TraceContext {
     /// `tracestate` only with the client's trace.
     pub(crate) fn propagate(&self, upstream: &mut RequestHeader) -> pingora::Result<()> {
         let value = HeaderValue::from_bytes(&self.traceparent).expect("hex digits and dashes");
-        upstream.insert_header("traceparent", value)?;
+        upstream.insert_header_name(&TRACEPARENT, "traceparent", value)?;
         if !self.continued {
             upstream.remove_header(&TRACESTATE);
         }

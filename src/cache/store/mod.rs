@@ -335,7 +335,7 @@ impl Store {
         let mut header = decoded.header.clone();
         let age = now.duration_since(decoded.epoch).unwrap_or_default();
         header
-            .insert_header(http::header::AGE, age.as_secs())
+            .insert_header_name(&http::header::AGE, "Age", age.as_secs())
             .ok()?;
         Some(Fresh {
             header,
