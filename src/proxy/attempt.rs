@@ -11,12 +11,12 @@ use crate::upstream::Pool;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::borrow::Cow;
-use std::time::SystemTime;
+use std::time::Instant;
 
 /// Closes the current attempt's span, if one is open, with its outcome.
 pub(super) fn end_span(ctx: &mut RequestCtx, outcome: Cow<'static, str>) {
     if let Some(span) = ctx.attempt.spans.last_mut().filter(|s| s.end.is_none()) {
-        span.end = Some((SystemTime::now(), outcome));
+        span.end = Some((Instant::now(), outcome));
     }
 }
 

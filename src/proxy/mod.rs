@@ -453,15 +453,19 @@ impl ProxyHttp for Proxy {
         ctx.attempt.server = Some(index);
         ctx.attempt.server_inflight = Some(InflightGuard::new(&pool.servers[index].state));
         // Each attempt its own client span, whose id the upstream sees as its parent.
-        if let (Some(_), Some(trace)) = (&policy.tracing, &mut ctx.client.trace) {
-            ctx.attempt.spans.push(AttemptSpan {
-                span: trace.next_span(),
-                upstream: pool.name.clone(),
-                server: pool.servers[index].label.clone(),
-                retry: ctx.attempt.retries,
-                start: std::time::SystemTime::now(),
-                end: None,
-            });
+        // It is recorded only when it may be exported: sampled, or kept for an error.
+        if let (Some(tracing), Some(trace)) = (&policy.tracing, &mut ctx.client.trace) {
+            let span = trace.next_span();
+            if trace.sampled() || tracing.sample_errors {
+                ctx.attempt.spans.push(AttemptSpan {
+                    span,
+                    upstream: pool.name.clone(),
+                    server: pool.servers[index].label.clone(),
+                    retry: ctx.attempt.retries,
+                    start: std::time::Instant::now(),
+                    end: None,
+                });
+            }
         }
         Ok(pool.peer(index, ctx.remaining()))
     }

@@ -8,7 +8,7 @@ use super::Proxy;
 use crate::trace::export::ServerSpan;
 use pingora::proxy::Session;
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 impl Proxy {
     pub(super) fn export_spans(
@@ -26,7 +26,6 @@ impl Proxy {
             return;
         }
         let req = session.req_header();
-        let end = SystemTime::now();
         self.gateway.spans.send(
             &ServerSpan {
                 trace,
@@ -34,8 +33,8 @@ impl Proxy {
                 path: req.uri.path(),
                 route: ctx.route().map(|r| &*r.name),
                 status,
-                start: end.checked_sub(elapsed).unwrap_or(end),
-                end,
+                start: ctx.started,
+                end: ctx.started + elapsed,
                 tier: ctx.client.principal.as_ref().map(|p| &*p.tier),
                 reason: ctx.reason().map(|r| Cow::Owned(r.to_string())),
                 cache: ctx.cache.outcome.map(|o| o.header()),

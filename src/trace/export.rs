@@ -37,9 +37,9 @@ pub(crate) struct AttemptSpan {
     pub(crate) server: Arc<str>,
     /// 0 for the first try.
     pub(crate) retry: u32,
-    pub(crate) start: SystemTime,
+    pub(crate) start: Instant,
     /// When the outcome was known, and what it was: a status code or an error.
-    pub(crate) end: Option<(SystemTime, Cow<'static, str>)>,
+    pub(crate) end: Option<(Instant, Cow<'static, str>)>,
 }
 
 /// The gateway's server span, as the proxy saw the request.
@@ -49,8 +49,8 @@ pub(crate) struct ServerSpan<'a> {
     pub(crate) path: &'a str,
     pub(crate) route: Option<&'a str>,
     pub(crate) status: u16,
-    pub(crate) start: SystemTime,
-    pub(crate) end: SystemTime,
+    pub(crate) start: Instant,
+    pub(crate) end: Instant,
     pub(crate) tier: Option<&'a str>,
     /// Why the gateway answered itself (`rate_limited:RULE`, `cache_hit`, ...).
     pub(crate) reason: Option<Cow<'a, str>>,
@@ -92,6 +92,14 @@ impl SpanSink {
 
     /// Queues a request's spans: the server span and one client span per attempt.
     pub(crate) fn send(&self, server: &ServerSpan<'_>, attempts: &[AttemptSpan]) {
+        // Every time of the request is monotonic and turned into wall-clock time against
+        // one reading of both clocks: a span then never starts before its parent, whatever
+        // the wall clock does meanwhile.
+        let (wall, now) = (SystemTime::now(), Instant::now());
+        let wall_clock = |at: Instant| {
+            let ago = now.saturating_duration_since(at);
+            wall.checked_sub(ago).unwrap_or(wall)
+        };
         let trace = server.trace;
         let trace_id = TraceId::from_hex(trace.trace_id()).unwrap_or(TraceId::INVALID);
         let flags = if trace.sampled() {
@@ -134,8 +142,8 @@ impl SpanSink {
             parent_span_is_remote: trace.parent.is_some(),
             span_kind: SpanKind::Server,
             name: name.into(),
-            start_time: server.start,
-            end_time: server.end,
+            start_time: wall_clock(server.start),
+            end_time: wall_clock(server.end),
             attributes,
             dropped_attributes_count: 0,
             events: SpanEvents::default(),
@@ -155,8 +163,8 @@ impl SpanSink {
                 parent_span_is_remote: false,
                 span_kind: SpanKind::Client,
                 name: format!("{} upstream {}", server.method, attempt.upstream).into(),
-                start_time: attempt.start,
-                end_time: end,
+                start_time: wall_clock(attempt.start),
+                end_time: wall_clock(end),
                 attributes: vec![
                     KeyValue::new("tollgate.upstream", attempt.upstream.to_string()),
                     KeyValue::new("server.address", attempt.server.to_string()),
