@@ -175,3 +175,40 @@ fn upstream_read_timeout_is_504() {
     ));
     assert_eq!(gw.get("/health").status(), 504);
 }
+
+#[test]
+fn upstream_connections_are_kept_alive_on_every_worker_thread() {
+    // The harness runs two worker threads; each reuses the upstream connections it opened.
+    let origin = Origin::recording();
+    let gw = Tollgate::start(&simple_policy(&[origin.addr.to_string()]));
+    for _ in 0..50 {
+        assert_eq!(gw.get("/sequential").status(), 200);
+    }
+    assert_eq!(
+        origin.connections(),
+        1,
+        "one client, one upstream connection"
+    );
+
+    let clients = 8;
+    std::thread::scope(|scope| {
+        for _ in 0..clients {
+            scope.spawn(|| {
+                let client = reqwest::blocking::Client::new();
+                for _ in 0..50 {
+                    let response = client.get(gw.url("/concurrent")).send().unwrap();
+                    assert_eq!(response.status(), 200);
+                }
+            });
+        }
+    });
+    assert_eq!(origin.seen().len(), 50 + clients * 50);
+    // A connection goes back to its thread's pool only once its response is read, so a
+    // thread may open one more than it has clients; never one per request.
+    assert!(
+        origin.connections() <= 1 + 2 * clients,
+        "{} upstream connections for {} requests",
+        origin.connections(),
+        clients * 50
+    );
+}

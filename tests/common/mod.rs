@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 pub use tollgate_upstreams::{Handle as Upstream, Knobs};
@@ -476,6 +477,7 @@ impl Recorded {
 pub struct Origin {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Recorded>>>,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -483,14 +485,20 @@ impl Origin {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (record, respond) = (seen.clone(), Arc::new(respond));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (record, respond, count) = (seen.clone(), Arc::new(respond), accepted.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
+                count.fetch_add(1, Ordering::Relaxed);
                 let (record, respond) = (record.clone(), respond.clone());
                 std::thread::spawn(move || serve_recorded(conn, &record, &*respond));
             }
         });
-        Origin { addr, seen }
+        Origin {
+            addr,
+            seen,
+            accepted,
+        }
     }
 
     /// An origin that answers every request `200` with the body `ok`.
@@ -501,6 +509,11 @@ impl Origin {
     /// What reached this origin, in order.
     pub fn seen(&self) -> Vec<Recorded> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// How many connections this origin has accepted.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 }
 

@@ -327,8 +327,10 @@ impl TransportConnector {
         let idle_meta = IdleConnection::new(meta);
         let pool = self.connection_pool.clone(); //clone the arc
         let keepalive_pool_callback = self.keepalive_pool_callback.clone();
-        let rt = pingora_runtime::current_handle();
-        rt.spawn(async move {
+        // The watch runs where the connection was used: on a no-steal runtime another
+        // thread would poll a socket registered with this thread's I/O driver, and reusing
+        // the connection here would have to wake that thread to end its watch.
+        tokio::spawn(async move {
             if pool
                 .idle_poll(
                     locked_stream,

@@ -226,10 +226,23 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 }
             };
             match new_io {
-                Ok(io) => {
+                Ok(mut io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
+                    let accepted_on = std::thread::current().id();
                     current_handle().spawn(async move {
+                        // Each thread of a no-steal runtime is a runtime of its own: a
+                        // connection served on another thread than the accepting one moves
+                        // to that thread's I/O driver, so its events wake only that thread.
+                        if std::thread::current().id() != accepted_on
+                            && tokio::runtime::Handle::current().runtime_flavor()
+                                == tokio::runtime::RuntimeFlavor::CurrentThread
+                        {
+                            if let Err(e) = io.register_with_current_runtime() {
+                                error!("{e}");
+                                return;
+                            }
+                        }
                         let peer_addr = io.peer_addr();
                         match timeout(Duration::from_secs(60), io.handshake()).await {
                             Ok(handshake) => {

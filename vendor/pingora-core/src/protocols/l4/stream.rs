@@ -623,6 +623,26 @@ impl Stream {
         }
     }
 
+    /// Register the socket with the I/O driver of the runtime this task runs on.
+    ///
+    /// A socket belongs to the driver of the runtime that created it. When a connection
+    /// accepted on one single-threaded runtime is served on another, every readiness
+    /// event first wakes the accepting thread, whose driver then wakes the serving one.
+    pub(crate) fn register_with_current_runtime(&mut self) -> io::Result<()> {
+        let Some(stream) = self.stream.take() else {
+            return Ok(());
+        };
+        let mut raw = stream.into_inner();
+        raw.stream = match raw.stream {
+            RawStream::Tcp(s) => RawStream::Tcp(TcpStream::from_std(s.into_std()?)?),
+            #[cfg(unix)]
+            RawStream::Unix(s) => RawStream::Unix(UnixStream::from_std(s.into_std()?)?),
+            virt => virt,
+        };
+        self.stream = Some(BufferedStream::with_capacity(0, 0, raw));
+        Ok(())
+    }
+
     /// Set the read and write buffer sizes
     /// It is only set later because of the malloc overhead in critical accept() path
     pub(crate) fn set_buffer(&mut self, buffer: L4BufferSettings) {
