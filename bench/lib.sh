@@ -23,3 +23,39 @@ start_gateway() {
   done
   curl -fs "http://127.0.0.1:$admin_port$path" >/dev/null
 }
+
+# wait_port PORT PATH: returns once 127.0.0.1:PORT answers PATH with a 2xx.
+wait_port() {
+  for _ in $(seq 300); do
+    curl -fs -o /dev/null "http://127.0.0.1:$1$2" && return 0
+    sleep 0.1
+  done
+  echo "nothing answers on port $1" >&2
+  return 1
+}
+
+# nginx_conf ROLE: an nginx configuration (one worker, access log off, keep-alive without
+# end) for the origin on $ORIGIN_PORT (100-byte JSON) or a proxy to it on $PROXY_PORT.
+nginx_conf() {
+  local role=$1 dir=$RUN/nginx-$1
+  mkdir -p "$dir/logs"
+  local server
+  if [ "$role" = origin ]; then
+    server="listen 127.0.0.1:$ORIGIN_PORT; keepalive_requests 1000000000;
+      location / { default_type application/json;
+        return 200 '{\"id\":1,\"name\":\"bench\",\"tags\":[\"a\",\"b\"],\"ok\":true,\"padding\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}'; }"
+  else
+    server="listen 127.0.0.1:$PROXY_PORT; keepalive_requests 1000000000;
+      location / { proxy_pass http://origin; proxy_http_version 1.1;
+        proxy_set_header Connection \"\"; }"
+  fi
+  cat > "$dir/nginx.conf" <<EOF
+daemon off; master_process off; worker_processes 1; error_log $dir/logs/error.log; pid $dir/nginx.pid;
+events { worker_connections 1024; }
+http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
+  uwsgi_temp_path $dir; scgi_temp_path $dir;
+  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }
+  server { $server } }
+EOF
+  echo "$dir/nginx.conf"
+}

@@ -24,39 +24,6 @@ ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
 source bench/lib.sh
 export TOLLGATE_RUN_DIR=$RUN
 
-wait_port() {
-  for _ in $(seq 300); do
-    curl -fs -o /dev/null "http://127.0.0.1:$1$2" && return 0
-    sleep 0.1
-  done
-  echo "nothing answers on port $1" >&2
-  return 1
-}
-
-nginx_conf() { # nginx_conf ROLE: the origin (100-byte JSON) or a proxy to it
-  local role=$1 dir=$RUN/nginx-$1
-  mkdir -p "$dir/logs"
-  local server
-  if [ "$role" = origin ]; then
-    server="listen 127.0.0.1:$ORIGIN_PORT; keepalive_requests 1000000000;
-      location / { default_type application/json;
-        return 200 '{\"id\":1,\"name\":\"bench\",\"tags\":[\"a\",\"b\"],\"ok\":true,\"padding\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}'; }"
-  else
-    server="listen 127.0.0.1:$PROXY_PORT; keepalive_requests 1000000000;
-      location / { proxy_pass http://origin; proxy_http_version 1.1;
-        proxy_set_header Connection \"\"; }"
-  fi
-  cat > "$dir/nginx.conf" <<EOF
-daemon off; master_process off; worker_processes 1; error_log $dir/logs/error.log; pid $dir/nginx.pid;
-events { worker_connections 1024; }
-http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
-  uwsgi_temp_path $dir; scgi_temp_path $dir;
-  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }
-  server { $server } }
-EOF
-  echo "$dir/nginx.conf"
-}
-
 if command -v nginx >/dev/null; then
   taskset -c 0 nginx -c "$(nginx_conf origin)" &
   pids+=($!)

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Added latency at a fixed rate: oha sends RATE requests/s (below every proxy's maximum)
+# over CONNECTIONS keep-alive connections, latency corrected for coordinated omission
+# (each request timed from when it was due, not from when it was sent), to the origin
+# directly and through each proxy. Reported per target, medians over ROUNDS interleaved
+# rounds: p50/p99/p99.9, the latency added over direct (paired within a round), and the
+# proxy's CPU per request at that rate (utime + stime of the whole process).
+#
+#   cargo build --release && bash bench/latency/run.sh
+#
+# TARGETS (default "direct tollgate tollgate-2t nginx envoy"; tollgate-2t is the same
+# policy with server.threads: 2, on the CPUs in CPUS_2T, default 1: the same core, so that
+# its CPU per request compares with one thread's), RATE (5000), CONNECTIONS (64), DURATION
+# (seconds measured, 15), WARMUP (seconds, 3), ROUNDS (3), BIN (default target/release),
+# ENVOY (the envoy binary; default `envoy` on PATH or $PEERS_VENV/bin/envoy, the shared
+# peer harness's environment). Needs nginx (origin and the nginx row), oha
+# (`cargo install oha`), python3. Every proxy gets one worker on CPU 1; the origin and
+# oha run on CPU 0.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+BIN=${BIN:-$ROOT/target/release}
+TARGETS=${TARGETS:-"direct tollgate tollgate-2t nginx envoy"}
+RATE=${RATE:-5000}
+CONNECTIONS=${CONNECTIONS:-64}
+DURATION=${DURATION:-15}
+WARMUP=${WARMUP:-3}
+ROUNDS=${ROUNDS:-3}
+CPUS_2T=${CPUS_2T:-1}
+ENVOY=${ENVOY:-$(command -v envoy || echo "${PEERS_VENV:-/nonexistent}/bin/envoy")}
+ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
+source bench/lib.sh
+export TOLLGATE_RUN_DIR=$RUN
+OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
+[ -x "$OHA" ] || { echo "needs oha: cargo install oha" >&2; exit 1; }
+if [[ " $TARGETS " == *" envoy "* && ! -x $ENVOY ]]; then
+  echo "no envoy ($ENVOY): the envoy row is skipped" >&2
+  TARGETS=${TARGETS//envoy/}
+fi
+
+taskset -c 0 nginx -c "$(nginx_conf origin)" &
+pids+=($!)
+wait_port $ORIGIN_PORT /json
+
+tollgate_policy() { # tollgate_policy THREADS
+  sed -e "s/{{LISTEN}}/127.0.0.1:$PROXY_PORT/; s/{{AUX_PORT}}/$AUX_PORT/; s/{{ORIGIN}}/127.0.0.1:$ORIGIN_PORT/" \
+    -e "s/threads: 1/threads: $1/" bench/gateway.yaml > "$RUN/gateway-$1.yaml"
+  echo "$RUN/gateway-$1.yaml"
+}
+
+envoy_conf() {
+  cat > "$RUN/envoy.yaml" <<EOF
+static_resources:
+  listeners:
+  - address: { socket_address: { address: 127.0.0.1, port_value: $PROXY_PORT } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          codec_type: HTTP1
+          generate_request_id: false
+          route_config:
+            virtual_hosts:
+            - { name: all, domains: ["*"], routes: [{ match: { prefix: "/" }, route: { cluster: origin } }] }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+  clusters:
+  - name: origin
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: origin
+      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $ORIGIN_PORT } } } }] }]
+EOF
+  echo "$RUN/envoy.yaml"
+}
+
+# start TARGET: the proxy on its CPUs, its PID in $target and the port to load in $port.
+start() {
+  target='' port=$PROXY_PORT
+  case $1 in
+    direct) port=$ORIGIN_PORT; return ;;
+    tollgate) taskset -c 1 "$BIN/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
+    tollgate-2t) taskset -c "$CPUS_2T" "$BIN/tollgate" run -c "$(tollgate_policy 2)" > "$RUN/$1.log" 2>&1 & ;;
+    nginx) taskset -c 1 nginx -c "$(nginx_conf proxy)" > "$RUN/$1.log" 2>&1 & ;;
+    envoy) taskset -c 1 "$ENVOY" -c "$(envoy_conf)" --concurrency 1 --log-level error > "$RUN/$1.log" 2>&1 & ;;
+  esac
+  target=$!
+  pids+=($target)
+  wait_port $PROXY_PORT /json
+}
+
+stop() {
+  [ -n "$target" ] || return 0
+  kill -TERM "$target" 2>/dev/null || true
+  for _ in $(seq 300); do kill -0 "$target" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$target" 2>/dev/null || true
+  { wait "$target"; } 2>/dev/null || true
+}
+
+ticks() { if [ -n "$target" ]; then awk '{print $14 + $15}' "/proc/$target/stat"; else echo 0; fi; }
+
+load() { # load SECONDS OUT
+  taskset -c 0 "$OHA" -z "$1s" -q "$RATE" -c "$CONNECTIONS" --latency-correction --no-tui \
+    --output-format json "http://127.0.0.1:$port/json" > "$2"
+}
+
+: > "$RUN/rows"
+for round in $(seq "$ROUNDS"); do
+  # Rotated by one each round, so slow drifts of the machine spread over every target.
+  read -r -a order <<< "$TARGETS"
+  shift_by=$(( (round - 1) % ${#order[@]} ))
+  order=("${order[@]:shift_by}" "${order[@]:0:shift_by}")
+  for name in "${order[@]}"; do
+    start "$name"
+    load "$WARMUP" "$RUN/warmup.json"
+    before=$(ticks)
+    load "$DURATION" "$RUN/$name-$round.json"
+    after=$(ticks)
+    stop
+    echo "$round $name $((after - before)) $RUN/$name-$round.json" >> "$RUN/rows"
+    echo "round $round: $name done" >&2
+  done
+done
+
+python3 - "$RUN/rows" "$(getconf CLK_TCK)" "$RATE" "$CONNECTIONS" "$DURATION" "$ROUNDS" <<'EOF'
+import json, statistics, sys
+rows, hz, rate, conns, duration, rounds = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
+runs = {}
+for line in open(rows):
+    rnd, name, ticks, path = line.split()
+    report = json.load(open(path))
+    codes = report.get("statusCodeDistribution", {})
+    ok = sum(n for code, n in codes.items() if code.startswith("2"))
+    # Requests still in flight when the run's time is up are cut by oha itself.
+    errors = {e: n for e, n in report.get("errorDistribution", {}).items() if "deadline" not in e}
+    total = sum(codes.values()) + sum(errors.values())
+    p = report["latencyPercentiles"]
+    runs.setdefault(name, {})[rnd] = {
+        "p50": p["p50"] * 1e3, "p99": p["p99"] * 1e3, "p99.9": p["p99.9"] * 1e3,
+        "rps": report["summary"]["requestsPerSec"], "ok": ok, "total": total,
+        "cpu": int(ticks) * 1e6 / hz / max(ok, 1),
+    }
+med = lambda xs: statistics.median(xs) if xs else float("nan")
+print(f"Fixed rate {rate} req/s, {conns} connections, {duration} s per run, {rounds} rounds; "
+      "latency corrected for coordinated omission (oha --latency-correction); medians over rounds.\n")
+print("| target | req/s | non-2xx or errors (all rounds) | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | CPU µs/req |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+direct = runs.get("direct", {})
+for name, by_round in runs.items():
+    col = lambda k: med([r[k] for r in by_round.values()])
+    added = lambda k: med([r[k] - direct[n][k] for n, r in by_round.items() if n in direct])
+    failed = sum(r["total"] - r["ok"] for r in by_round.values())
+    cpu = "—" if name == "direct" else f"{col('cpu'):.1f}"
+    extra = ("—", "—") if name == "direct" else (f"{added('p50'):.3f}", f"{added('p99'):.3f}")
+    print(f"| {name} | {col('rps'):,.0f} | {failed} | {col('p50'):.3f} | {col('p99'):.3f} | "
+          f"{col('p99.9'):.3f} | {extra[0]} | {extra[1]} | {cpu} |")
+EOF
