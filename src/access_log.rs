@@ -1,14 +1,15 @@
 //! One JSON line per request (SPEC §3 `access_log`), field names after Envoy's JSON
 //! access log, written off the request path the way nginx's buffered log is.
 //!
-//! A request renders its line straight into bytes (no JSON value tree) and hands it to
-//! a bounded queue; it never waits on the log. A writer thread drains the queue into a
+//! A request renders its line straight into its worker thread's shard of a bounded
+//! queue (no JSON value tree, no allocation per line, no lock another worker takes); it
+//! never waits on the log. A writer thread takes the shards' bytes every [`TICK`] into a
 //! buffer and writes it when it holds `access_log.buffer` bytes or its oldest line is
 //! `access_log.flush` old, to stdout or `access_log.path` (reopened on `SIGUSR1`, for
-//! logrotate). When the queue is full a line is dropped and counted
-//! (`tollgate_access_log_dropped_total`, `/status`). A clean stop flushes what is
-//! queued ([`Sink::flush`]). `TOLLGATE_LOG` still governs the lines through the
-//! `access` target (`TOLLGATE_LOG=info,access=off`).
+//! logrotate); within one tick, lines of different threads may be out of order. When a
+//! shard is full a line is dropped and counted (`tollgate_access_log_dropped_total`,
+//! `/status`). A clean stop flushes what is queued ([`Sink::flush`]). `TOLLGATE_LOG`
+//! still governs the lines through the `access` target (`TOLLGATE_LOG=info,access=off`).
 //!
 //! This module is the queue and the writer; a line is rendered by the proxy
 //! (`proxy::access_log`).
@@ -18,13 +19,15 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Lines the queue holds between two drains of the writer (every [`TICK`]): room for
-/// 800,000 requests a second.
-const QUEUE_LINES: usize = 16_384;
+/// Bytes one shard holds between two drains of the writer (every [`TICK`]): room for
+/// some 70,000 lines a second from one worker thread, twice what one thread proxies.
+const SHARD_BYTES: usize = 1 << 20;
+/// Shards of the queue; worker threads beyond this many share them.
+const SHARDS: usize = 8;
 /// How often the writer drains the queue; a request never wakes it.
 const TICK: Duration = Duration::from_millis(20);
 
@@ -40,16 +43,21 @@ pub(crate) struct Output {
 /// The request side of the log: cheap to clone, never blocks.
 #[derive(Clone)]
 pub(crate) struct Sink {
-    lines: SyncSender<Vec<u8>>,
+    queue: Arc<Queue>,
     dropped: IntCounter,
-    control: Arc<Control>,
 }
 
 #[derive(Default)]
-struct Control {
+struct Queue {
+    /// Rendered lines, a shard per worker thread.
+    shards: [Mutex<Vec<u8>>; SHARDS],
     reopen: AtomicBool,
     /// Flush requests: each is answered once everything queued before it is written.
     flushes: Mutex<Vec<mpsc::Sender<()>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sink {
@@ -58,11 +66,9 @@ impl Sink {
         dropped: IntCounter,
         output: impl Fn() -> Output + Send + 'static,
     ) -> std::io::Result<Sink> {
-        let (lines, queue) = mpsc::sync_channel(QUEUE_LINES);
-        let control = Arc::new(Control::default());
+        let queue = Arc::new(Queue::default());
         let writer = Writer {
-            queue,
-            control: control.clone(),
+            queue: queue.clone(),
             output,
             current: None,
             target: Target::Stdout,
@@ -72,19 +78,20 @@ impl Sink {
         std::thread::Builder::new()
             .name("access log".into())
             .spawn(move || writer.run())?;
-        Ok(Sink {
-            lines,
-            dropped,
-            control,
-        })
+        Ok(Sink { queue, dropped })
     }
 
-    /// Queues one line; drops (and counts) it when the queue is full.
-    pub(crate) fn send(&self, line: Vec<u8>) {
-        match self.lines.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+    /// Queues the line `render` appends to the thread's shard; drops (and counts) it
+    /// when the shard is full.
+    pub(crate) fn append(&self, render: impl FnOnce(&mut Vec<u8>)) {
+        let shard = &self.queue.shards[crate::worker::index() as usize % SHARDS];
+        let mut lines = lock(shard);
+        if lines.len() >= SHARD_BYTES {
+            drop(lines);
+            self.dropped.inc();
+            return;
         }
+        render(&mut lines);
     }
 
     pub(crate) fn dropped(&self) -> u64 {
@@ -93,17 +100,13 @@ impl Sink {
 
     /// Reopens `access_log.path` at the next tick (logrotate's `postrotate`).
     pub(crate) fn reopen(&self) {
-        self.control.reopen.store(true, Ordering::Relaxed);
+        self.queue.reopen.store(true, Ordering::Relaxed);
     }
 
     /// Writes everything queued so far; waits at most `timeout`. For a clean stop.
     pub(crate) fn flush(&self, timeout: Duration) -> bool {
         let (done, wait) = mpsc::channel();
-        self.control
-            .flushes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(done);
+        lock(&self.queue.flushes).push(done);
         wait.recv_timeout(timeout).is_ok()
     }
 }
@@ -114,8 +117,7 @@ enum Target {
 }
 
 struct Writer<F> {
-    queue: Receiver<Vec<u8>>,
-    control: Arc<Control>,
+    queue: Arc<Queue>,
     output: F,
     current: Option<Output>,
     target: Target,
@@ -128,19 +130,15 @@ impl<F: Fn() -> Output> Writer<F> {
     fn run(mut self) {
         loop {
             let output = (self.output)();
-            let reopen = self.control.reopen.swap(false, Ordering::Relaxed);
+            let reopen = self.queue.reopen.swap(false, Ordering::Relaxed);
             if reopen || self.current.as_ref().map(|o| &o.path) != Some(&output.path) {
                 self.write_pending();
                 self.open(&output);
             }
-            let flushes = std::mem::take(
-                &mut *self
-                    .control
-                    .flushes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()),
-            );
-            let open = self.drain(&output);
+            let flushes = std::mem::take(&mut *lock(&self.queue.flushes));
+            // Every sink gone: what is queued now is the last of it.
+            let open = Arc::strong_count(&self.queue) > 1;
+            self.drain(&output);
             let due = self.oldest.is_some_and(|t| t.elapsed() >= output.flush);
             if due || !flushes.is_empty() || !open {
                 self.write_pending();
@@ -156,20 +154,25 @@ impl<F: Fn() -> Output> Writer<F> {
         }
     }
 
-    /// Moves what is queued into the buffer, writing whenever it is full; `false` when
-    /// every sink is gone.
-    fn drain(&mut self, output: &Output) -> bool {
-        loop {
-            match self.queue.try_recv() {
-                Ok(line) => {
-                    self.oldest.get_or_insert_with(Instant::now);
-                    self.pending.extend_from_slice(&line);
-                    if self.pending.len() >= output.buffer {
-                        self.write_pending();
-                    }
-                }
-                Err(mpsc::TryRecvError::Empty) => return true,
-                Err(mpsc::TryRecvError::Disconnected) => return false,
+    /// Moves what the shards hold into the buffer, writing whenever it is full.
+    fn drain(&mut self, output: &Output) {
+        let queue = self.queue.clone();
+        for shard in &queue.shards {
+            let mut lines = lock(shard);
+            if lines.is_empty() {
+                continue;
+            }
+            self.oldest.get_or_insert_with(Instant::now);
+            if self.pending.is_empty() {
+                // The shard keeps the buffer's allocation for its next lines.
+                std::mem::swap(&mut *lines, &mut self.pending);
+            } else {
+                self.pending.extend_from_slice(&lines);
+                lines.clear();
+            }
+            drop(lines);
+            if self.pending.len() >= output.buffer {
+                self.write_pending();
             }
         }
     }
@@ -225,7 +228,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
         let sink = sink_to(path.clone(), 1 << 20, Duration::from_secs(3600));
-        sink.send(b"{\"n\":1}\n".to_vec());
+        sink.append(|buf| buf.extend_from_slice(b"{\"n\":1}\n"));
         std::thread::sleep(TICK * 3);
         assert_eq!(
             std::fs::read_to_string(&path).unwrap_or_default(),
@@ -236,7 +239,7 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":1}\n");
 
         let due = sink_to(dir.path().join("due.log"), 1 << 20, Duration::ZERO);
-        due.send(b"x\n".to_vec());
+        due.append(|buf| buf.extend_from_slice(b"x\n"));
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::fs::read_to_string(dir.path().join("due.log")).unwrap_or_default() != "x\n" {
             assert!(Instant::now() < deadline, "never written");
@@ -263,16 +266,18 @@ mod tests {
             }
         })
         .unwrap();
-        for _ in 0..QUEUE_LINES * 4 {
-            sink.send(b"x\n".to_vec());
+        // Lines of 2 bytes from one thread: its shard takes SHARD_BYTES / 2 of them.
+        let lines = SHARD_BYTES * 2;
+        for _ in 0..lines {
+            sink.append(|buf| buf.extend_from_slice(b"x\n"));
         }
-        assert_eq!(sink.dropped(), (QUEUE_LINES * 3) as u64);
+        assert_eq!(sink.dropped(), (lines - SHARD_BYTES / 2) as u64);
         drop(stalled);
         assert!(sink.flush(Duration::from_secs(5)));
         let written = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
         assert_eq!(
             written.lines().count() as u64 + sink.dropped(),
-            (QUEUE_LINES * 4) as u64,
+            lines as u64,
             "every line is written or counted"
         );
     }

@@ -44,3 +44,4 @@ pub mod units;
 mod upstream;
 pub mod webhook;
 mod window;
+mod worker;

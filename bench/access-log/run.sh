@@ -3,7 +3,8 @@
 # log off and on, ROUNDS rounds interleaved, one worker pinned to CPU 1, wrk and the
 # demo application on CPU 0 (as the peer harness does). Prints each run's req/s and
 # the median ratio on ÷ off. Loopback only; everything it starts is stopped when it
-# ends. Needs a release build and wrk.
+# ends. Needs a release build of both binaries (`cargo build --release --workspace`)
+# and wrk.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -37,6 +38,11 @@ measure() {
   kill -TERM "$gw"
   wait "$gw" || true
   rm -f "$RUN/access.log"
+  if grep -q "Non-2xx" "$RUN/wrk.out"; then
+    echo "the gateway answered errors (is $BIN/tollgate-upstream built?):" >&2
+    cat "$RUN/wrk.out" >&2
+    exit 1
+  fi
   local rps requests
   rps=$(awk '/Requests\/sec/ { print $2 }' "$RUN/wrk.out")
   requests=$(awk '/requests in/ { print $1 }' "$RUN/wrk.out")

@@ -387,7 +387,10 @@ impl Pool {
     /// The peer for `index`, with read/write timeouts cut to what remains of `deadline`.
     pub(crate) fn peer(&self, index: usize, remaining: Option<StdDuration>) -> Box<HttpPeer> {
         let mut peer = self.servers[index].peer.clone();
-        peer.group_key = worker_thread();
+        // Pingora's pool key includes `group_key`: keyed by thread, each worker reuses
+        // only the connections it opened, whose sockets its own runtime's I/O driver
+        // watches (a reuse on another thread would need that thread to wake this one).
+        peer.group_key = crate::worker::index();
         if let Some(remaining) = remaining {
             let remaining = remaining.max(StdDuration::from_millis(1));
             let cap =
@@ -399,18 +402,6 @@ impl Pool {
         }
         Box::new(peer)
     }
-}
-
-/// The worker thread asking for a connection. Pingora's pool key includes the peer's
-/// `group_key`, so keyed by thread each worker reuses only the connections it opened:
-/// their sockets are registered with its own runtime's reactor, and a reuse on another
-/// thread would need that other thread to poll its reactor and wake this one.
-fn worker_thread() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    thread_local! {
-        static WORKER: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    WORKER.with(|worker| *worker)
 }
 
 /// A fixed-key hasher: the same key must reach the same server in every process.
