@@ -31,6 +31,11 @@ pub(super) const MAX_HEADER_SIZE: usize = 1048575;
 
 pub(crate) const BODY_BUF_LIMIT: usize = 1024 * 64;
 
+/// Room for fields added to a parsed head, beyond the fields it arrived with. A header
+/// map sized to exactly what was parsed rehashes on the first field a proxy adds
+/// (`X-Forwarded-*`, `Via`, a request id, `traceparent`, ...) and again as it doubles.
+pub(crate) const ADDED_FIELDS_ROOM: usize = 8;
+
 pub const CRLF: &[u8; 2] = b"\r\n";
 /// The empty line that terminates a message's header section.
 pub(super) const HEADER_SECTION_END: &[u8; 4] = b"\r\n\r\n";
