@@ -59,3 +59,12 @@ http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir; fastcgi
 EOF
   echo "$dir/nginx.conf"
 }
+
+# stop: stops the process in $target (if any) with SIGTERM, SIGKILL after 30 s.
+stop() {
+  [ -n "$target" ] || return 0
+  kill -TERM "$target" 2>/dev/null || true
+  for _ in $(seq 300); do kill -0 "$target" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$target" 2>/dev/null || true
+  { wait "$target"; } 2>/dev/null || true
+}

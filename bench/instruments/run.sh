@@ -58,13 +58,6 @@ start() { # start TARGET [WRAPPER...]: the target on CPU 1, its PID in $target
   wait_port $PROXY_PORT "$ORIGIN_PATH"
 }
 
-stop() {
-  kill -TERM "$target" 2>/dev/null || true
-  for _ in $(seq 300); do kill -0 "$target" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$target" 2>/dev/null || true
-  { wait "$target"; } 2>/dev/null || true
-}
-
 # utime and stime of the target, in clock ticks (taskset execs it; nginx stays in the
 # foreground).
 ticks() { awk '{print $14 + $15, $14, $15}' "/proc/$1/stat"; }

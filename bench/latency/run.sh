@@ -93,14 +93,6 @@ start() {
   wait_port $PROXY_PORT /json
 }
 
-stop() {
-  [ -n "$target" ] || return 0
-  kill -TERM "$target" 2>/dev/null || true
-  for _ in $(seq 300); do kill -0 "$target" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$target" 2>/dev/null || true
-  { wait "$target"; } 2>/dev/null || true
-}
-
 ticks() { if [ -n "$target" ]; then awk '{print $14 + $15}' "/proc/$target/stat"; else echo 0; fi; }
 
 load() { # load SECONDS OUT
