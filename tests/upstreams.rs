@@ -212,3 +212,88 @@ fn upstream_connections_are_kept_alive_on_every_worker_thread() {
         clients * 50
     );
 }
+
+#[test]
+fn idle_upstream_connections_close_after_the_idle_timeout() {
+    let origin = Origin::recording();
+    let gw = Tollgate::start(&format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\n    timeouts: {{ idle: 1s }}\nroutes:\n  - name: all\n    upstream: app\n",
+        origin.addr
+    ));
+    assert_eq!(gw.get("/").status(), 200);
+    let served = Instant::now();
+    assert_eq!(origin.open_connections(), 1, "kept for reuse");
+    assert!(
+        wait_for(Duration::from_secs(10), || origin.open_connections() == 0),
+        "the idle upstream connection stayed open"
+    );
+    let idle = served.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900),
+        "closed after {idle:?}, before its idle timeout"
+    );
+}
+
+#[test]
+fn an_idle_connection_the_server_ends_is_closed_and_not_reused() {
+    // A server that answers one request per connection, ends its side a moment later
+    // (the connection idle in the gateway's pool by then) without having said so in the
+    // response, and waits for the gateway to close the other.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let closed_tx = closed_tx.clone();
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Read, Write};
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                let mut conn = conn;
+                conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+                conn.shutdown(std::net::Shutdown::Write).unwrap();
+                let ended = Instant::now();
+                let mut rest = Vec::new();
+                let _ = reader.read_to_end(&mut rest);
+                closed_tx.send(ended.elapsed()).unwrap();
+            });
+        }
+    });
+    let gw = Tollgate::start(&simple_policy(&[addr.to_string()]));
+    assert_eq!(gw.get("/first").status(), 200);
+    let closed_after = closed_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the gateway kept a connection the server had ended");
+    assert!(closed_after < Duration::from_secs(3), "{closed_after:?}");
+    assert_eq!(
+        gw.get("/second").status(),
+        200,
+        "served on a new connection"
+    );
+}
+
+#[test]
+fn keepalive_zero_keeps_no_idle_upstream_connection() {
+    let origin = Origin::recording();
+    let gw = Tollgate::start(&format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\n    keepalive: 0\nroutes:\n  - name: all\n    upstream: app\n",
+        origin.addr
+    ));
+    for _ in 0..5 {
+        assert_eq!(gw.get("/").status(), 200);
+    }
+    assert_eq!(origin.connections(), 5, "one connection per request");
+    for request in origin.seen() {
+        assert_eq!(request.fields("connection"), ["close"]);
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || origin.open_connections() == 0),
+        "{} upstream connections left open",
+        origin.open_connections()
+    );
+}

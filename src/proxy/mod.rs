@@ -555,6 +555,11 @@ impl ProxyHttp for Proxy {
             };
             forwarding::set_forwarded_headers(upstream, peer, ctx.client.peer_trusted, scheme)?;
         }
+        // The idle pool is one for the process, bounded by the sum over pools: a pool
+        // that keeps none says so on each request, and the connection ends with it.
+        if ctx.attempt.pool.as_ref().is_some_and(|p| p.keepalive == 0) {
+            upstream.insert_header_name(&http::header::CONNECTION, "Connection", "close")?;
+        }
         if let Some(id) = &ctx.client.request_id {
             let field = &policy.server.request_id_header;
             upstream.insert_header_name(&field.name, field.case.clone(), id.clone())?;

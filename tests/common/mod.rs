@@ -478,6 +478,7 @@ pub struct Origin {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Recorded>>>,
     accepted: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -486,18 +487,24 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let ended = Arc::new(AtomicUsize::new(0));
         let (record, respond, count) = (seen.clone(), Arc::new(respond), accepted.clone());
+        let end = ended.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 count.fetch_add(1, Ordering::Relaxed);
-                let (record, respond) = (record.clone(), respond.clone());
-                std::thread::spawn(move || serve_recorded(conn, &record, &*respond));
+                let (record, respond, end) = (record.clone(), respond.clone(), end.clone());
+                std::thread::spawn(move || {
+                    serve_recorded(conn, &record, &*respond);
+                    end.fetch_add(1, Ordering::Relaxed);
+                });
             }
         });
         Origin {
             addr,
             seen,
             accepted,
+            ended,
         }
     }
 
@@ -514,6 +521,11 @@ impl Origin {
     /// How many connections this origin has accepted.
     pub fn connections(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// How many of those the gateway still holds open.
+    pub fn open_connections(&self) -> usize {
+        self.connections() - self.ended.load(Ordering::Relaxed)
     }
 }
 

@@ -134,7 +134,7 @@ impl Entry {
                 }
                 // What every fresh hit writes the same, settled once: the framing,
                 // `x-cache: HIT`, and an `Age` slot that each hit only overwrites.
-                let mut header = meta.response_header_copy();
+                let mut header = with_room(meta.response_header())?;
                 if !header.headers.contains_key(http::header::CONTENT_LENGTH) {
                     header.remove_header(&http::header::TRANSFER_ENCODING);
                     header
@@ -153,6 +153,24 @@ impl Entry {
             })
             .as_ref()
     }
+}
+
+/// Fields a hit adds to or rewrites in the stored head (`Age`, `x-cache`, the request
+/// id, a `traceparent`, the framing) beyond the stored ones.
+const HIT_ROOM: usize = 8;
+
+/// A copy of `stored` whose header maps have room for `HIT_ROOM` more fields: each hit
+/// clones the decoded head, and a map at capacity grows (rehashing every field) on the
+/// first insert, even of a field it holds.
+fn with_room(stored: &ResponseHeader) -> Option<ResponseHeader> {
+    let mut header =
+        ResponseHeader::build(stored.status, Some(stored.headers.len() + HIT_ROOM)).ok()?;
+    header.set_version(stored.version);
+    header.set_reason_phrase(stored.get_reason_phrase()).ok()?;
+    for (name, value) in stored.case_header_iter() {
+        header.append_header(name.clone(), value.clone()).ok()?;
+    }
+    Some(header)
 }
 
 /// A fresh stored response, with its `Age` set, ready to be written.
@@ -644,6 +662,41 @@ impl HandleMiss for Fill {
 mod tests {
     use super::*;
     use http::HeaderName;
+
+    #[test]
+    fn a_decoded_head_has_room_for_what_each_hit_adds() {
+        let mut stored = ResponseHeader::build(200, None).unwrap();
+        for (name, value) in [
+            ("Content-Type", "text/plain"),
+            ("Cache-Control", "max-age=60"),
+            ("Date", "Wed, 02 Dec 2026 10:00:00 GMT"),
+            ("X-Seven", "7"),
+            ("Content-Length", "2"),
+            ("Server", "origin"),
+        ] {
+            stored.append_header(name, value).unwrap();
+        }
+        let mut header = with_room(&stored).unwrap();
+        let wire = |h: &ResponseHeader| {
+            let mut buf = bytes::BytesMut::new();
+            h.header_to_h1_wire(&mut buf);
+            buf
+        };
+        assert_eq!(
+            wire(&header),
+            wire(&stored),
+            "the same fields, in the same case"
+        );
+        header.insert_header(http::header::AGE, 0).unwrap();
+        header.insert_header("x-cache", "HIT").unwrap();
+        let copy = header.clone();
+        assert!(
+            copy.headers.capacity() >= copy.headers.len() + HIT_ROOM - 2,
+            "{} fields, room for {}",
+            copy.headers.len(),
+            copy.headers.capacity()
+        );
+    }
 
     #[test]
     fn both_bounds_hold_under_a_flood() {

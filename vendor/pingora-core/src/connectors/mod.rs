@@ -30,17 +30,16 @@ use crate::upstreams::peer::{Peer, ALPN};
 use crate::offload::OffloadRuntime;
 pub use l4::Connect as L4Connect;
 use l4::{connect as l4_connect, BindTo};
-use log::{debug, error, warn};
+use log::{debug, warn};
 use parking_lot::RwLock;
 use pingora_error::{Error, ErrorType::*, OrErr, Result};
-use pingora_pool::{ConnectionMeta, ConnectionPool};
-use std::collections::HashMap;
+use pingora_pool::ConnectionMeta;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tls::TlsConnector;
-use tokio::sync::Mutex;
 
 #[derive(Clone, Debug)]
 pub(crate) struct IdleConnection {
@@ -58,6 +57,181 @@ impl IdleConnection {
 
     fn elapsed(&self) -> Duration {
         self.idle_since.elapsed()
+    }
+}
+
+/// How often idle connections are checked for a close by the server, unexpected data and
+/// their idle timeout.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Idle connections kept for reuse, by the peer's reuse hash, with no task per
+/// connection: a reuse takes one from a queue and checks it there and then (a close or
+/// data from the server shows in the socket's readiness without anyone waiting on it);
+/// one sweep task per pool closes, about once a second, those the server closed or
+/// that outstayed their idle timeout. The bound is over all peers, the least recently
+/// parked connection going first.
+struct IdlePool {
+    capacity: usize,
+    idle: parking_lot::Mutex<Idle>,
+    sweeping: AtomicBool,
+}
+
+#[derive(Default)]
+struct Idle {
+    /// Oldest first; a reuse takes the newest, the warmest.
+    by_key: HashMap<u64, VecDeque<Parked>, std::hash::BuildHasherDefault<ReuseHashHasher>>,
+    /// (key, serial) in the order connections were parked, for the bound. A connection
+    /// reused since is skipped when its entry comes up, and the order is rebuilt when
+    /// such entries outnumber the parked ones.
+    order: VecDeque<(u64, u64)>,
+    len: usize,
+    serial: u64,
+}
+
+struct Parked {
+    serial: u64,
+    stream: Stream,
+    since: Instant,
+    timeout: Option<Duration>,
+}
+
+impl Parked {
+    fn expired(&self, now: Instant) -> bool {
+        self.timeout
+            .is_some_and(|timeout| now.saturating_duration_since(self.since) >= timeout)
+    }
+}
+
+/// The keys are already hashes ([Peer::reuse_hash]): used as they are.
+#[derive(Default)]
+struct ReuseHashHasher(u64);
+
+impl std::hash::Hasher for ReuseHashHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
+}
+
+impl IdlePool {
+    fn new(capacity: usize) -> Self {
+        IdlePool {
+            capacity,
+            idle: parking_lot::Mutex::new(Idle::default()),
+            sweeping: AtomicBool::new(false),
+        }
+    }
+
+    /// The most recently parked connection under `key`, if any.
+    fn take(&self, key: u64) -> Option<Parked> {
+        let mut idle = self.idle.lock();
+        let parked = idle.by_key.get_mut(&key)?.pop_back()?;
+        idle.len -= 1;
+        Some(parked)
+    }
+
+    /// Parks a connection; answers how long each connection the bound pushed out had
+    /// been idle.
+    fn park(&self, key: u64, stream: Stream, timeout: Option<Duration>) -> Vec<Duration> {
+        let mut evicted = Vec::new();
+        let mut idle = self.idle.lock();
+        let idle = &mut *idle;
+        idle.serial += 1;
+        let serial = idle.serial;
+        idle.by_key.entry(key).or_default().push_back(Parked {
+            serial,
+            stream,
+            since: Instant::now(),
+            timeout,
+        });
+        idle.order.push_back((key, serial));
+        idle.len += 1;
+        while idle.len > self.capacity {
+            let Some((key, serial)) = idle.order.pop_front() else {
+                break;
+            };
+            let Some(queue) = idle.by_key.get_mut(&key) else {
+                continue;
+            };
+            // A queue is in parking order, and older entries of the order went first:
+            // the entry is its front, unless that connection was reused.
+            if queue.front().is_some_and(|p| p.serial == serial) {
+                let oldest = queue.pop_front().expect("front exists");
+                idle.len -= 1;
+                evicted.push(oldest.since.elapsed());
+            }
+        }
+        if idle.order.len() > 2 * idle.len + 64 {
+            idle.rebuild_order();
+        }
+        evicted
+    }
+
+    /// Closes the connections the server closed or sent data on, and those idle past
+    /// their timeout.
+    fn sweep(&self, unexpected_data_conn_count: &AtomicU64) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock();
+        let idle = &mut *idle;
+        for queue in idle.by_key.values_mut() {
+            queue.retain_mut(|p| {
+                !p.expired(now) && test_reusable_stream(&mut p.stream, unexpected_data_conn_count)
+            });
+        }
+        idle.by_key.retain(|_, queue| !queue.is_empty());
+        idle.len = idle.by_key.values().map(VecDeque::len).sum();
+        idle.rebuild_order();
+    }
+
+    /// Starts the sweep unless one runs: on the runtime of the first connection parked,
+    /// for as long as that runtime and the pool live.
+    fn sweep_in_background(self: &Arc<Self>, unexpected_data_conn_count: &Arc<AtomicU64>) {
+        if self.sweeping.load(Ordering::Acquire) || self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let unexpected_data_conn_count = unexpected_data_conn_count.clone();
+        struct Running(Weak<IdlePool>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                if let Some(pool) = self.0.upgrade() {
+                    pool.sweeping.store(false, Ordering::Release);
+                }
+            }
+        }
+        let running = Running(Arc::downgrade(self));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                let Some(pool) = running.0.upgrade() else {
+                    return;
+                };
+                pool.sweep(&unexpected_data_conn_count);
+            }
+        });
+    }
+}
+
+impl Idle {
+    fn rebuild_order(&mut self) {
+        let mut order: Vec<(u64, u64)> = self
+            .by_key
+            .iter()
+            .flat_map(|(key, queue)| queue.iter().map(|p| (p.serial, *key)))
+            .collect();
+        order.sort_unstable();
+        self.order = order
+            .into_iter()
+            .map(|(serial, key)| (key, serial))
+            .collect();
     }
 }
 
@@ -170,7 +344,7 @@ impl ConnectorOptions {
 /// [TransportConnector] provides APIs to connect to servers via TCP or TLS with connection reuse
 pub struct TransportConnector {
     tls_ctx: tls::Connector,
-    connection_pool: Arc<ConnectionPool<Arc<Mutex<Stream>>>>,
+    connection_pool: Arc<IdlePool>,
     offload: Option<OffloadRuntime>,
     bind_to_v4: Vec<SocketAddr>,
     bind_to_v6: Vec<SocketAddr>,
@@ -203,7 +377,7 @@ impl TransportConnector {
             .and_then(|o| o.keepalive_pool_callback.clone());
         TransportConnector {
             tls_ctx: tls::Connector::new(options),
-            connection_pool: Arc::new(ConnectionPool::new(pool_size)),
+            connection_pool: Arc::new(IdlePool::new(pool_size)),
             offload: offload.map(|v| OffloadRuntime::new("upstream connect offload", v.0, v.1)),
             bind_to_v4,
             bind_to_v6,
@@ -249,57 +423,34 @@ impl TransportConnector {
 
     /// Try to find a reusable connection to the given server [Peer]
     pub async fn reused_stream<P: Peer + Send + Sync>(&self, peer: &P) -> Option<Stream> {
-        match self.connection_pool.get(&peer.reuse_hash()) {
-            Some(s) => {
-                debug!("find reusable stream, trying to acquire it");
-                {
-                    let _ = s.lock().await;
-                } // wait for the idle poll to release it
-                match Arc::try_unwrap(s) {
-                    Ok(l) => {
-                        let mut stream = l.into_inner();
-                        // test_reusable_stream: we assume server would never actively send data
-                        // first on an idle stream.
-                        #[cfg(unix)]
-                        if still_connected_to(peer, &stream)
-                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
-                        {
-                            Some(stream)
-                        } else {
-                            None
-                        }
-                        #[cfg(windows)]
-                        {
-                            use std::os::windows::io::{AsRawSocket, RawSocket};
-                            struct WrappedRawSocket(RawSocket);
-                            impl AsRawSocket for WrappedRawSocket {
-                                fn as_raw_socket(&self) -> RawSocket {
-                                    self.0
-                                }
-                            }
-                            if peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
-                                && test_reusable_stream(
-                                    &mut stream,
-                                    &self.unexpected_data_conn_count,
-                                )
-                            {
-                                Some(stream)
-                            } else {
-                                None
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        error!("failed to acquire reusable stream");
-                        None
+        let key = peer.reuse_hash();
+        while let Some(mut parked) = self.connection_pool.take(key) {
+            if parked.expired(Instant::now()) {
+                continue;
+            }
+            // test_reusable_stream: we assume server would never actively send data
+            // first on an idle stream.
+            #[cfg(unix)]
+            let same_peer = still_connected_to(peer, &parked.stream);
+            #[cfg(windows)]
+            let same_peer = {
+                use std::os::windows::io::{AsRawSocket, RawSocket};
+                struct WrappedRawSocket(RawSocket);
+                impl AsRawSocket for WrappedRawSocket {
+                    fn as_raw_socket(&self) -> RawSocket {
+                        self.0
                     }
                 }
-            }
-            None => {
-                debug!("No reusable connection found for {peer}");
-                None
+                peer.matches_sock(WrappedRawSocket(parked.stream.id() as RawSocket))
+            };
+            if same_peer
+                && test_reusable_stream(&mut parked.stream, &self.unexpected_data_conn_count)
+            {
+                return Some(parked.stream);
             }
         }
+        debug!("No reusable connection found for {peer}");
+        None
     }
 
     /// Return the [Stream] to the [TransportConnector] for connection reuse.
@@ -318,34 +469,15 @@ impl TransportConnector {
         if !test_reusable_stream(&mut stream, &self.unexpected_data_conn_count) {
             return;
         }
-        let id = stream.id();
-        let meta = ConnectionMeta::new(key, id);
         debug!("Try to keepalive client session");
-        let stream = Arc::new(Mutex::new(stream));
-        let locked_stream = stream.clone().try_lock_owned().unwrap(); // safe as we just created it
-        let (notify_close, watch_use) = self.connection_pool.put(&meta, stream);
-        let idle_meta = IdleConnection::new(meta);
-        let pool = self.connection_pool.clone(); //clone the arc
-        let keepalive_pool_callback = self.keepalive_pool_callback.clone();
-        // The watch runs where the connection was used: on a no-steal runtime another
-        // thread would poll a socket registered with this thread's I/O driver, and reusing
-        // the connection here would have to wake that thread to end its watch.
-        tokio::spawn(async move {
-            if pool
-                .idle_poll(
-                    locked_stream,
-                    &idle_meta.connection,
-                    idle_timeout,
-                    notify_close,
-                    watch_use,
-                )
-                .await
-            {
-                if let Some(callback) = keepalive_pool_callback {
-                    callback(idle_meta.elapsed());
-                }
+        let evicted = self.connection_pool.park(key, stream, idle_timeout);
+        if let Some(callback) = &self.keepalive_pool_callback {
+            for idle in evicted {
+                callback(idle);
             }
-        });
+        }
+        self.connection_pool
+            .sweep_in_background(&self.unexpected_data_conn_count);
     }
 
     /// Get a stream to the given server [Peer]
