@@ -38,6 +38,7 @@ mod retry;
 mod routing;
 pub mod server;
 mod shed;
+mod signals;
 mod slo;
 mod trace;
 pub mod units;

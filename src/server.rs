@@ -14,7 +14,7 @@ use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{ExecutionPhase, RunArgs, Server};
+use pingora::server::{ExecutionPhase, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use std::net::{SocketAddr, TcpListener};
@@ -30,6 +30,7 @@ pub struct RunOptions {
 
 /// Loads the policy and runs the gateway until it is shut down.
 pub fn run(options: RunOptions) -> Result<(), String> {
+    let signals = crate::signals::catch().map_err(|e| format!("cannot catch signals: {e}"))?;
     let metrics = Metrics::new();
     let events = Arc::new(EventLog::default());
     let policy = policy::load(&options.policy_path, None, &metrics, &events).map_err(|errors| {
@@ -102,6 +103,8 @@ pub fn run(options: RunOptions) -> Result<(), String> {
         "policy watcher",
         Watcher {
             gateway: gateway.clone(),
+            reload: signals.reload,
+            reopen_log: signals.reopen_log,
         },
     ));
     server.add_service(background_service(
@@ -144,7 +147,7 @@ pub fn run(options: RunOptions) -> Result<(), String> {
         "tollgate started"
     );
     drop(policy);
-    server.run(RunArgs::default());
+    server.run(signals.shutdown);
     Ok(())
 }
 

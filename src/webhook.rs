@@ -21,7 +21,7 @@ use pingora::apps::http_app::{HttpServer, ServeHttp};
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::http::ServerSession;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{RunArgs, Server};
+use pingora::server::Server;
 use pingora::services::listening::Service;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -49,6 +49,8 @@ pub struct WebhookOptions {
 
 /// Serves the webhook until SIGTERM.
 pub fn run(options: WebhookOptions) -> Result<(), String> {
+    // SIGHUP and SIGUSR1 are caught and mean nothing here: the certificate follows its files.
+    let signals = crate::signals::catch().map_err(|e| format!("cannot catch signals: {e}"))?;
     crate::server::ensure_free(&[options.listen])?;
     let certificate = ReloadingCertificate::load(options.cert, options.key)?;
     let run_dir = crate::server::run_dir(&[options.listen]);
@@ -73,7 +75,7 @@ pub fn run(options: WebhookOptions) -> Result<(), String> {
     service.add_tls_with_settings(&options.listen.to_string(), None, tls);
     server.add_service(service);
     tracing::info!(listen = %options.listen, "tollgate webhook started");
-    server.run(RunArgs::default());
+    server.run(signals.shutdown);
     Ok(())
 }
 

@@ -184,7 +184,7 @@ fn sigterm_on_an_idle_gateway_exits_at_once() {
     let started = Instant::now();
     gw.signal("TERM");
     let status = gw.wait_exit(Duration::from_secs(5)).expect("exits");
-    assert!(status.success());
+    assert!(status.success(), "{status:?}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "took {:?}",
@@ -326,6 +326,50 @@ fn graceful_upgrade_hands_the_sockets_over_without_failed_requests() {
     );
     assert_eq!(new.admin_get("/healthz").unwrap().status(), 200);
     assert!(new.wait_exit(Duration::ZERO).is_none());
+}
+
+/// An instance waiting for the hand-over has opened no socket yet: signals that came
+/// then killed it (their default action) before it caught them.
+#[test]
+fn signals_sent_while_a_new_instance_waits_for_the_hand_over_are_not_lost() {
+    const SIGHUP: u32 = 1;
+    const SIGINT: u32 = 2;
+    const SIGQUIT: u32 = 3;
+    const SIGUSR1: u32 = 10;
+    const SIGTERM: u32 = 15;
+    let app = upstream("app");
+    let mut old = Tollgate::start(&simple_policy(&[app.addr.to_string()]));
+    let mut new = old.spawn_upgrade();
+    let all = [SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGTERM];
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let caught = new.caught_signals();
+            all.iter().all(|s| caught.contains(s))
+        }),
+        "caught: {:?}",
+        new.caught_signals()
+    );
+    new.signal("HUP");
+    new.signal("USR1");
+    assert!(
+        new.wait_exit(Duration::ZERO).is_none(),
+        "killed by a signal"
+    );
+    old.signal("QUIT");
+    let old_status = old.wait_exit(Duration::from_secs(20)).expect("old exits");
+    assert!(old_status.success(), "{old_status:?}");
+    assert_eq!(new.get("/health").status(), 200, "the new instance serves");
+    // The SIGHUP was kept for the policy watcher, which reloads once it runs.
+    assert!(wait_for(Duration::from_secs(5), || new
+        .metric("tollgate_config_reloads_total{result=\"success\"}")
+        == Some(1.0)));
+    assert!(new
+        .stdout()
+        .iter()
+        .any(|l| l.contains("\"trigger\":\"sighup\"")));
+    new.signal("TERM");
+    let status = new.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]

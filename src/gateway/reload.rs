@@ -159,6 +159,10 @@ pub(crate) fn reload(
 /// log reopened on SIGUSR1.
 pub(crate) struct Watcher {
     pub(crate) gateway: Arc<Gateway>,
+    /// Notified on SIGHUP (`crate::signals`).
+    pub(crate) reload: Arc<tokio::sync::Notify>,
+    /// Notified on SIGUSR1: the access log file is reopened, for logrotate.
+    pub(crate) reopen_log: Arc<tokio::sync::Notify>,
 }
 
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -168,19 +172,6 @@ const SETTLE: Duration = Duration::from_millis(100);
 #[async_trait]
 impl BackgroundService for Watcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => Some(signal),
-            Err(e) => {
-                tracing::error!("cannot install the SIGHUP handler: {e}");
-                None
-            }
-        };
-        // SIGUSR1 reopens the access log file (logrotate's postrotate), as nginx does.
-        let mut user1 =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-                .map_err(|e| tracing::error!("cannot install the SIGUSR1 handler: {e}"))
-                .ok();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
         let _watch = watch_directory(&self.gateway.policy_path, tx);
         let mut poll = tokio::time::interval(POLL_INTERVAL);
@@ -194,8 +185,8 @@ impl BackgroundService for Watcher {
                     Trigger::FileChange
                 }
                 _ = poll.tick() => Trigger::FileChange,
-                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Signal,
-                Some(()) = async { match user1.as_mut() { Some(u) => u.recv().await, None => std::future::pending().await } } => {
+                _ = self.reload.notified() => Trigger::Signal,
+                _ = self.reopen_log.notified() => {
                     self.gateway.access_log.reopen();
                     continue;
                 }

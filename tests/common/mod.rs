@@ -352,6 +352,18 @@ impl Tollgate {
         format!("{}{body}", head(self.port, self.admin_port, ""))
     }
 
+    /// The signals the process has a handler for (`SigCgt` in `/proc/<pid>/status`), by
+    /// number.
+    pub fn caught_signals(&self) -> Vec<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .map_or(0, |hex| u64::from_str_radix(hex.trim(), 16).unwrap());
+        (1..=64).filter(|n| mask & (1 << (n - 1)) != 0).collect()
+    }
+
     pub fn signal(&self, name: &str) {
         let ok = Command::new("kill")
             .args([format!("-{name}"), self.child.id().to_string()])
