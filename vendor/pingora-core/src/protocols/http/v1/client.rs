@@ -441,8 +441,13 @@ impl HttpSession {
     /// Similar to [`Self::read_response()`], read the response header and then return a copy of it.
     pub async fn read_resp_header_parts(&mut self) -> Result<Box<ResponseHeader>> {
         self.read_response().await?;
+        // The parsed head has room for the fields a proxy adds, and a clone of a header map
+        // has none (its first insert regrows it): the caller gets the parsed head, and the
+        // session keeps the copy it reads its own decisions from.
         // safe to unwrap because it is just read
-        Ok(Box::new(self.resp_header().unwrap().clone()))
+        let parsed = self.response_header.take().unwrap();
+        self.response_header = Some(Box::new((*parsed).clone()));
+        Ok(parsed)
     }
 
     /// Return a reference of the [`ResponseHeader`] if the response is read

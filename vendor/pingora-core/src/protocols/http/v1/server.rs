@@ -851,17 +851,18 @@ impl HttpSession {
             /* update headers */
             // A response that already carries a Date (an origin's, a stored one) keeps
             // it (RFC 9110 §6.6.1); one without gets ours.
+            // By prebuilt name and case, and a static value: `insert_header` would parse the
+            // name again, spell its case into a new string and copy the value.
             if !header.headers.contains_key(header::DATE) {
-                header.insert_header(header::DATE, date::get_cached_date())?;
+                header.insert_header_name(&header::DATE, "Date", date::get_cached_date())?;
             }
 
-            // TODO: make these lazy static
-            let connection_value = if self.will_keepalive() {
+            let connection_value = HeaderValue::from_static(if self.will_keepalive() {
                 "keep-alive"
             } else {
                 "close"
-            };
-            header.insert_header(header::CONNECTION, connection_value)?;
+            });
+            header.insert_header_name(&header::CONNECTION, "Connection", connection_value)?;
         }
 
         if header.status == 101 {
