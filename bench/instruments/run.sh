@@ -5,7 +5,7 @@
 # instructions (callgrind over a fixed number of keep-alive requests). Deterministic
 # counts are the figures to steer by (bench/README.md, "Instruments").
 #
-#   cargo build --release --examples && bash bench/instruments/run.sh
+#   cargo build --release --workspace --bins --examples && bash bench/instruments/run.sh
 #
 # TARGETS (default "tollgate floor probe nginx"), REQUESTS (callgrind, 2000), DURATION
 # (wrk seconds, 5), BIN (where the binaries are, default target/release: another build
