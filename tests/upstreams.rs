@@ -169,10 +169,7 @@ fn route_timeout_is_504_upstream_timeout() {
 fn upstream_read_timeout_is_504() {
     let slow = upstream("slow");
     slow.knobs.latency_ms.store(3000, Ordering::Relaxed);
-    let gw = Tollgate::start(&format!(
-        "upstreams:\n  app:\n    servers: [\"{}\"]\n    timeouts: {{ read: 200ms }}\nroutes:\n  - name: all\n    upstream: app\n",
-        slow.addr
-    ));
+    let gw = Tollgate::start(&pool_policy(slow.addr, "timeouts: { read: 200ms }"));
     assert_eq!(gw.get("/health").status(), 504);
 }
 
@@ -216,10 +213,7 @@ fn upstream_connections_are_kept_alive_on_every_worker_thread() {
 #[test]
 fn idle_upstream_connections_close_after_the_idle_timeout() {
     let origin = Origin::recording();
-    let gw = Tollgate::start(&format!(
-        "upstreams:\n  app:\n    servers: [\"{}\"]\n    timeouts: {{ idle: 1s }}\nroutes:\n  - name: all\n    upstream: app\n",
-        origin.addr
-    ));
+    let gw = Tollgate::start(&pool_policy(origin.addr, "timeouts: { idle: 1s }"));
     assert_eq!(gw.get("/").status(), 200);
     let served = Instant::now();
     assert_eq!(origin.open_connections(), 1, "kept for reuse");
@@ -280,10 +274,7 @@ fn an_idle_connection_the_server_ends_is_closed_and_not_reused() {
 #[test]
 fn keepalive_zero_keeps_no_idle_upstream_connection() {
     let origin = Origin::recording();
-    let gw = Tollgate::start(&format!(
-        "upstreams:\n  app:\n    servers: [\"{}\"]\n    keepalive: 0\nroutes:\n  - name: all\n    upstream: app\n",
-        origin.addr
-    ));
+    let gw = Tollgate::start(&pool_policy(origin.addr, "keepalive: 0"));
     for _ in 0..5 {
         assert_eq!(gw.get("/").status(), 200);
     }

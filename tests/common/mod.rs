@@ -129,6 +129,14 @@ pub fn simple_policy(servers: &[String]) -> String {
     )
 }
 
+/// One pool `app` over `server` with one more pool setting, `setting` (e.g.
+/// `keepalive: 0`), and one catch-all route to it.
+pub fn pool_policy(server: impl std::fmt::Display, setting: &str) -> String {
+    format!(
+        "upstreams:\n  app:\n    servers: [\"{server}\"]\n    {setting}\nroutes:\n  - name: all\n    upstream: app\n"
+    )
+}
+
 /// One pool `app` over `server` and one catch-all route `api` to it, then `extra`
 /// (top-level sections such as `rate_limits:` or `tracing:`).
 pub fn api_policy(server: impl std::fmt::Display, extra: &str) -> String {
