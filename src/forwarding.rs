@@ -361,8 +361,11 @@ pub(crate) fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| headers.contains_key(name)),
+            .map(str::trim)
+            // Looked up by `&str` (parsed on the stack) before a `HeaderName` is made: a
+            // custom name allocates, and the usual token, `keep-alive`, names no field.
+            .filter(|token| headers.contains_key(*token))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok()),
     );
     fields
 }

@@ -24,7 +24,7 @@ pub use rfc9111::{
     cacheability, request_bypass, request_wants_revalidation, update_stored, variance,
 };
 pub(crate) use rfc9111::{credentials_allow, error_allows_stale, key, targeted_field};
-pub(crate) use store::{Selector, Store};
+pub(crate) use store::{Fresh, Selector, Store};
 
 use crate::config::{self, ConfigError, RouteCacheConfig};
 use crate::policy::compile::Compile;

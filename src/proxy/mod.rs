@@ -55,6 +55,8 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -62,25 +64,43 @@ pub(crate) struct Proxy {
     pub(crate) gateway: Arc<Gateway>,
 }
 
+/// The gateway writing a whole response itself: a future of over a kilobyte (Pingora's
+/// response writers), boxed where it is made so that the phases that may answer do not
+/// carry it in their own futures — each of those is allocated on every request, and
+/// one over a kilobyte takes the allocator's slow path.
+type Answering<'a> = Pin<Box<dyn Future<Output = Result<bool>> + Send + 'a>>;
+
 impl Proxy {
     /// Answers the request from the gateway itself and stops the pipeline.
-    async fn answer(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
+    fn answer<'a>(
+        &'a self,
+        session: &'a mut Session,
+        ctx: &'a mut RequestCtx,
         problem: Problem,
-    ) -> Result<bool> {
-        if self.gateway.closes_connections() {
-            session.set_keepalive(None);
-        }
-        ctx.answered = Some(problem.code);
-        problem.send(session, |h| ctx.decorate(h)).await?;
-        Ok(true)
+    ) -> Answering<'a> {
+        Box::pin(async move {
+            if self.gateway.closes_connections() {
+                session.set_keepalive(None);
+            }
+            ctx.answered = Some(problem.code);
+            problem.send(session, |h| ctx.decorate(h)).await?;
+            Ok(true)
+        })
     }
 
     /// Answers with the route's fallback instead of the 503 `why` (`x-tollgate-fallback`
     /// names it; the access log's reason too).
-    async fn fallback(
+    fn fallback<'a>(
+        &'a self,
+        session: &'a mut Session,
+        ctx: &'a mut RequestCtx,
+        fallback: &'a Fallback,
+        why: Code,
+    ) -> Answering<'a> {
+        Box::pin(self.write_fallback(session, ctx, fallback, why))
+    }
+
+    async fn write_fallback(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
@@ -112,14 +132,10 @@ impl Proxy {
     /// pipeline: Pingora's cache state machine would decode the stored header on every
     /// hit. Conditional and range requests, revalidation and everything stale or
     /// varying go through Pingora's cache.
-    async fn serve_fresh_hit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    fn fresh_hit(&self, session: &Session, ctx: &mut RequestCtx) -> Option<cache::Fresh> {
         let policy = ctx.policy.clone();
-        let Some(route) = ctx.route.map(|i| &policy.routes[i]) else {
-            return Ok(false);
-        };
-        let Some(cache) = &route.cache else {
-            return Ok(false);
-        };
+        let route = &policy.routes[ctx.route?];
+        let cache = route.cache.as_ref()?;
         let req = session.req_header();
         // Credentials need the stored header's say (`cache_hit_filter`).
         let credentials = !cache.per_user && req.headers.contains_key(http::header::AUTHORIZATION);
@@ -130,26 +146,37 @@ impl Proxy {
             || req.headers.contains_key(http::header::IF_MODIFIED_SINCE)
             || req.headers.contains_key(http::header::RANGE)
         {
-            return Ok(false);
+            return None;
         }
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let user = ctx.client.principal.as_ref().map(|p| &*p.user);
         let key = cache::key(cache, &route.name, req, tls, user);
-        let Some(fresh) = self.gateway.cache.fresh(&key) else {
+        let fresh = self.gateway.cache.fresh(&key);
+        if fresh.is_none() {
             ctx.cache.key = Some(key);
-            return Ok(false);
-        };
-        let head_only = req.method == http::Method::HEAD;
-        let mut header = fresh.header;
-        ctx.cache.outcome = Some(cache::CacheResult::Hit);
-        self.response_filter(session, &mut header, ctx).await?;
-        session
-            .write_response_header(Box::new(header), head_only)
-            .await?;
-        if !head_only {
-            session.write_response_body(Some(fresh.body), true).await?;
         }
-        Ok(true)
+        fresh
+    }
+
+    fn serve_fresh_hit<'a>(
+        &'a self,
+        session: &'a mut Session,
+        ctx: &'a mut RequestCtx,
+        fresh: cache::Fresh,
+    ) -> Answering<'a> {
+        Box::pin(async move {
+            let head_only = session.req_header().method == http::Method::HEAD;
+            let mut header = fresh.header;
+            ctx.cache.outcome = Some(cache::CacheResult::Hit);
+            self.response_filter(session, &mut header, ctx).await?;
+            session
+                .write_response_header(Box::new(header), head_only)
+                .await?;
+            if !head_only {
+                session.write_response_body(Some(fresh.body), true).await?;
+            }
+            Ok(true)
+        })
     }
 }
 
@@ -243,7 +270,10 @@ impl ProxyHttp for Proxy {
         let route = &policy.routes[admission.route.expect("a forwarded request has a route")];
         ctx.attempt.pool = Some(route.target.choose().clone());
         ctx.deadline = route.timeout.map(|t| ctx.started + t);
-        self.serve_fresh_hit(session, ctx).await
+        match self.fresh_hit(session, ctx) {
+            Some(fresh) => self.serve_fresh_hit(session, ctx, fresh).await,
+            None => Ok(false),
+        }
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {

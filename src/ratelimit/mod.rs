@@ -291,9 +291,21 @@ impl RateLimits {
     /// Decides a request against the configured backend. With `consume: false`
     /// nothing is taken (for `/explain`).
     pub(crate) async fn decide(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
-        let Some(shared) = &self.shared else {
-            return self.evaluate(subject, scale, consume);
-        };
+        match &self.shared {
+            None => self.evaluate(subject, scale, consume),
+            // Boxed: a Redis round trip's future is most of a kilobyte, which every
+            // request's admission future (allocated per request) would carry otherwise.
+            Some(shared) => Box::pin(self.decide_shared(shared, subject, scale, consume)).await,
+        }
+    }
+
+    async fn decide_shared(
+        &self,
+        shared: &shared::SharedBuckets,
+        subject: &Subject<'_>,
+        scale: f64,
+        consume: bool,
+    ) -> Outcome {
         let mut applicable = Vec::new();
         let mut checks = Vec::new();
         for (index, rule) in self.rules.iter().enumerate() {
