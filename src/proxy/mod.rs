@@ -65,9 +65,8 @@ pub(crate) struct Proxy {
 }
 
 /// The gateway writing a whole response itself: a future of over a kilobyte (Pingora's
-/// response writers), boxed where it is made so that the phases that may answer do not
-/// carry it in their own futures — each of those is allocated on every request, and
-/// one over a kilobyte takes the allocator's slow path.
+/// response writers), boxed where it is made so that the phases that may answer, whose
+/// futures Pingora allocates on every request, do not carry it inline when they do not.
 type Answering<'a> = Pin<Box<dyn Future<Output = Result<bool>> + Send + 'a>>;
 
 impl Proxy {
