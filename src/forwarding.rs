@@ -63,12 +63,10 @@ pub(crate) fn set_forwarded_headers(
         .then(|| joined(upstream.headers.get_all(&X_FORWARDED_FOR).iter()))
         .flatten();
     match existing_chain {
-        Some(chain) => upstream.insert_header_name(
-            &X_FORWARDED_FOR,
-            "x-forwarded-for",
-            format!("{chain}, {peer_text}"),
-        )?,
-        None => upstream.insert_header_name(&X_FORWARDED_FOR, "x-forwarded-for", peer_text)?,
+        Some(chain) => {
+            upstream.insert_header_alike(&X_FORWARDED_FOR, format!("{chain}, {peer_text}"))?
+        }
+        None => upstream.insert_header_alike(&X_FORWARDED_FOR, peer_text)?,
     }
     // Other spellings of the client address are believed only as far as the
     // X-Forwarded-* fields are: from anyone but a trusted proxy, they go.
@@ -80,7 +78,7 @@ pub(crate) fn set_forwarded_headers(
         }
     }
     if !(peer_trusted && upstream.headers.contains_key(&X_FORWARDED_PROTO)) {
-        upstream.insert_header_name(&X_FORWARDED_PROTO, "x-forwarded-proto", scheme)?;
+        upstream.insert_header_alike(&X_FORWARDED_PROTO, scheme)?;
     }
     if !(peer_trusted && upstream.headers.contains_key(&X_FORWARDED_HOST)) {
         let host = upstream.headers.get(header::HOST).cloned().or_else(|| {
@@ -90,9 +88,7 @@ pub(crate) fn set_forwarded_headers(
                 .and_then(|a| a.as_str().parse().ok())
         });
         match host {
-            Some(host) => {
-                upstream.insert_header_name(&X_FORWARDED_HOST, "x-forwarded-host", host)?
-            }
+            Some(host) => upstream.insert_header_alike(&X_FORWARDED_HOST, host)?,
             None => {
                 upstream.remove_header(&X_FORWARDED_HOST);
             }
@@ -166,7 +162,7 @@ const FRAMING_FIELDS: [&str; 4] = ["content-length", "transfer-encoding", "host"
 pub fn normalise(req: &mut RequestHeader, allow_underscores: bool) -> Result<(), &'static str> {
     if let Some((host, origin_form)) = absolute_target(req) {
         req.set_uri(origin_form);
-        req.insert_header(header::HOST, host)
+        req.insert_header_alike(&header::HOST, host)
             .map_err(|_| "invalid request target authority")?;
     }
     if let Some(reason) = malformed(req) {
@@ -199,7 +195,7 @@ pub fn normalise(req: &mut RequestHeader, allow_underscores: bool) -> Result<(),
             .and_then(|v| v.split(',').next())
             .map(|v| v.trim().to_string())
             .unwrap_or_default();
-        req.insert_header(header::CONTENT_LENGTH, canonical)
+        req.insert_header_alike(&header::CONTENT_LENGTH, canonical)
             .map_err(|_| "invalid Content-Length")?;
     }
     Ok(())

@@ -203,6 +203,78 @@ fn forwarding_headers_request_ids_and_hop_by_hop() {
     assert!(response.headers().get("keep-alive").is_none());
 }
 
+/// The field names of a raw head, each as written.
+fn names(head: &str) -> Vec<&str> {
+    head.split("\r\n")
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[test]
+fn field_names_keep_their_spelling_and_added_ones_follow_the_head() {
+    // The origin answers in the spelling the request asks for.
+    let origin = Origin::start(|request, _| {
+        let fields: &[(&str, &str)] = match request.field("x-answer").as_deref() {
+            Some("title") => &[("Content-Type", "text/plain"), ("X-Served-By", "a")],
+            Some("lower") => &[("content-type", "text/plain"), ("x-served-by", "a")],
+            _ => &[
+                ("Content-Type", "text/plain"),
+                ("ETag", "\"1\""),
+                ("x-served-by", "a"),
+            ],
+        };
+        http_response("200 OK", fields, "ok")
+    });
+    let gw = Tollgate::start(&simple_policy(&[origin.addr.to_string()]));
+    let addr = ([127, 0, 0, 1], gw.port).into();
+    // (request, the spelling of the fields the gateway and Pingora add upstream, and to
+    // the response, by the heads' own spellings)
+    let cases = [
+        (
+            "GET /t HTTP/1.1\r\nHost: a.example\r\nX-Answer: title\r\nX-Custom-Field: 1\r\nConnection: close\r\n\r\n",
+            ["X-Forwarded-For", "X-Request-Id"],
+            ["X-Request-Id", "Date", "Connection"],
+        ),
+        (
+            "GET /l HTTP/1.1\r\nhost: a.example\r\nx-answer: lower\r\nx-custom-field: 1\r\nconnection: close\r\n\r\n",
+            ["x-forwarded-for", "x-request-id"],
+            ["x-request-id", "date", "connection"],
+        ),
+        (
+            "GET /m HTTP/1.1\r\nHost: a.example\r\nx-answer: mixed\r\nX-API-Key: k\r\nConnection: close\r\n\r\n",
+            ["X-Forwarded-For", "X-Request-Id"],
+            ["X-Request-Id", "Date", "Connection"],
+        ),
+    ];
+    for (i, (request, added_upstream, added_downstream)) in cases.into_iter().enumerate() {
+        let answer = raw_request(addr, request.as_bytes());
+        assert_eq!(raw_status(&answer), Some(200), "{answer}");
+        let upstream = &origin.seen()[i].head;
+        let sent = names(request);
+        for name in sent
+            .iter()
+            .filter(|n| !n.eq_ignore_ascii_case("connection"))
+        {
+            assert!(names(upstream).contains(name), "{name} in {upstream}");
+        }
+        for name in added_upstream {
+            assert!(names(upstream).contains(&name), "{name} in {upstream}");
+        }
+        let answered = names(&answer);
+        let origin_names: &[&str] = match i {
+            0 => &["Content-Type", "X-Served-By"],
+            1 => &["content-type", "x-served-by"],
+            _ => &["Content-Type", "ETag", "x-served-by"],
+        };
+        for name in origin_names.iter().chain(&added_downstream) {
+            assert!(answered.contains(name), "{name} in {answer}");
+        }
+    }
+}
+
 #[test]
 fn trusted_proxy_chain_is_extended() {
     let app = upstream("app");

@@ -51,32 +51,16 @@ pub struct Policy {
     pub(crate) config: Config,
 }
 
-/// A header field the gateway writes on every request or response: its name, and the
-/// letter case the policy spells it in, written as it is (Pingora's `insert_header_name`
-/// takes both without parsing or copying the name).
-#[derive(Debug, Clone)]
-pub(crate) struct FieldName {
-    pub(crate) name: HeaderName,
-    pub(crate) case: bytes::Bytes,
-}
-
-impl FieldName {
-    fn parse(text: &str) -> Result<FieldName, http::header::InvalidHeaderName> {
-        Ok(FieldName {
-            name: HeaderName::from_bytes(text.as_bytes())?,
-            case: bytes::Bytes::copy_from_slice(text.as_bytes()),
-        })
-    }
-}
-
 pub(crate) struct ServerSettings {
     pub(crate) listen: Vec<SocketAddr>,
     pub(crate) tls: Option<TlsSettings>,
     pub(crate) threads: usize,
     pub(crate) max_request_body: u64,
     pub(crate) trusted_proxies: Vec<IpNet>,
-    pub(crate) request_id_header: FieldName,
-    pub(crate) response_headers: Vec<(FieldName, HeaderValue)>,
+    /// Fields the gateway adds are spelled like the head's own names (Pingora's
+    /// `insert_header_alike`), so the policy's spelling of these is not kept.
+    pub(crate) request_id_header: HeaderName,
+    pub(crate) response_headers: Vec<(HeaderName, HeaderValue)>,
     pub(crate) shutdown_grace: Duration,
     /// How long a client connection may sit without sending a request.
     pub(crate) idle_timeout: Duration,
@@ -382,7 +366,7 @@ impl Compiler<'_> {
                 ),
             }
         }
-        let request_id_header = match FieldName::parse(&s.request_id_header.value) {
+        let request_id_header = match HeaderName::from_bytes(s.request_id_header.value.as_bytes()) {
             Ok(h) => Some(h),
             Err(_) => {
                 self.cx.error(
@@ -394,7 +378,10 @@ impl Compiler<'_> {
         };
         let mut response_headers = Vec::new();
         for (name, value) in &s.response_headers {
-            match (FieldName::parse(name), HeaderValue::from_str(value)) {
+            match (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
                 (Ok(n), Ok(v)) => response_headers.push((n, v)),
                 _ => self.cx.error(
                     &Location::UNKNOWN,

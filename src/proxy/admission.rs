@@ -103,7 +103,7 @@ pub(crate) async fn admit(
                 let mut problem = Problem::new(Code::Unauthorized, reason);
                 if identity.uses_bearer_tokens() {
                     problem.headers.push((
-                        "www-authenticate",
+                        http::header::WWW_AUTHENTICATE,
                         "Bearer error=\"invalid_token\"".to_string(),
                     ));
                 }

@@ -122,7 +122,9 @@ impl Proxy {
                         ),
                     };
                     let mut problem = Problem::new(Code::BulkheadFull, detail);
-                    problem.headers.push(("retry-after", "1".to_string()));
+                    problem
+                        .headers
+                        .push((http::header::RETRY_AFTER, "1".to_string()));
                     return self.answer(session, ctx, problem).await;
                 }
             }

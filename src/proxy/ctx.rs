@@ -7,6 +7,7 @@ use crate::identity::Principal;
 use crate::policy::{Policy, Route};
 use crate::problem::Code;
 use crate::upstream::{InflightGuard, Pool};
+use http::HeaderName;
 use http::HeaderValue;
 use pingora::cache::CacheKey;
 use pingora::http::ResponseHeader;
@@ -48,7 +49,7 @@ pub(crate) struct Client {
 #[derive(Default)]
 pub(crate) struct Limits {
     /// Rate-limit headers for the response.
-    pub(crate) headers: Vec<(&'static str, String)>,
+    pub(crate) headers: Vec<(HeaderName, String)>,
     /// The rule that denied the request, or the shadow rules that would have.
     pub(crate) limited_by: Option<Arc<str>>,
     pub(crate) shadow_limited: Vec<Arc<str>>,
@@ -144,12 +145,11 @@ impl RequestCtx {
 
     /// Headers on every response: the request id and the policy's security headers.
     pub(crate) fn decorate(&self, header: &mut ResponseHeader) {
-        for (field, value) in &self.policy.server.response_headers {
-            let _ = header.insert_header_name(&field.name, field.case.clone(), value.clone());
+        for (name, value) in &self.policy.server.response_headers {
+            let _ = header.insert_header_alike(name, value.clone());
         }
         if let Some(id) = &self.client.request_id {
-            let field = &self.policy.server.request_id_header;
-            let _ = header.insert_header_name(&field.name, field.case.clone(), id.clone());
+            let _ = header.insert_header_alike(&self.policy.server.request_id_header, id.clone());
         }
         if self.route().is_some_and(|r| r.cache.is_some())
             && !header.headers.contains_key(&cache::X_CACHE)

@@ -210,12 +210,10 @@ impl ProxyHttp for Proxy {
         );
         let req = session.req_header();
 
-        ctx.client.request_id = Some(
-            match req.headers.get(&policy.server.request_id_header.name) {
-                Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
-                _ => forwarding::new_request_id(),
-            },
-        );
+        ctx.client.request_id = Some(match req.headers.get(&policy.server.request_id_header) {
+            Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
+            _ => forwarding::new_request_id(),
+        });
         let sample = policy.tracing.as_ref().map(|t| t.sample);
         ctx.client.trace = Some(crate::trace::TraceContext::of(req, sample));
 
@@ -587,11 +585,10 @@ impl ProxyHttp for Proxy {
         // The idle pool is one for the process, bounded by the sum over pools: a pool
         // that keeps none says so on each request, and the connection ends with it.
         if ctx.attempt.pool.as_ref().is_some_and(|p| p.keepalive == 0) {
-            upstream.insert_header_name(&http::header::CONNECTION, "Connection", "close")?;
+            upstream.insert_header_alike(&http::header::CONNECTION, "close")?;
         }
         if let Some(id) = &ctx.client.request_id {
-            let field = &policy.server.request_id_header;
-            upstream.insert_header_name(&field.name, field.case.clone(), id.clone())?;
+            upstream.insert_header_alike(&policy.server.request_id_header, id.clone())?;
         }
         if let Some(trace) = &ctx.client.trace {
             trace.propagate(upstream)?;
@@ -706,12 +703,12 @@ impl ProxyHttp for Proxy {
             // comparing is far cheaper than Pingora's `insert_header`.
             let said = response.headers.get(&cache::X_CACHE);
             if said.is_none_or(|v| v.as_bytes() != outcome.header().as_bytes()) {
-                response.insert_header_name(&cache::X_CACHE, "x-cache", outcome.header())?;
+                response.insert_header_alike(&cache::X_CACHE, outcome.header())?;
             }
         }
         ctx.decorate(response);
         for (name, value) in &ctx.limits.headers {
-            response.insert_header(*name, value.as_str())?;
+            response.insert_header_alike(name, value.as_str())?;
         }
         Ok(())
     }
@@ -783,7 +780,9 @@ impl ProxyHttp for Proxy {
             ),
         };
         let mut problem = Problem::new(code, detail);
-        problem.headers.push(("connection", "close".to_string()));
+        problem
+            .headers
+            .push((http::header::CONNECTION, "close".to_string()));
         let _ = problem.send(session, |h| ctx.decorate(h)).await;
         FailToProxy {
             error_code: code.status(),

@@ -17,6 +17,7 @@ use crate::config::{HeadersMode, OnRedisError, RuleRate, When};
 use crate::metrics::Metrics;
 use crate::problem::{whole_seconds, Code, Problem};
 use crate::units::Rate;
+use http::HeaderName;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -482,10 +483,16 @@ impl RateLimits {
     }
 }
 
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
 /// The response headers that describe an outcome (SPEC §4, draft-ietf-httpapi-
 /// ratelimit-headers structured fields, or the legacy `X-RateLimit-*` trio). Shadow
 /// rules are left out: they are not enforced, so they are not advertised.
-pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(&'static str, String)> {
+pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(HeaderName, String)> {
     let enforced: Vec<&(usize, Quota, Verdict)> = outcome
         .applied
         .iter()
@@ -510,16 +517,16 @@ pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(&'static s
                 )
             })
             .collect();
-        out.push(("ratelimit-policy", policy.join(", ")));
+        out.push((RATELIMIT_POLICY, policy.join(", ")));
         out.push((
-            "ratelimit",
+            RATELIMIT,
             format!("\"{name}\";r={};t={reset}", verdict.remaining),
         ));
     }
     if matches!(limits.headers, HeadersMode::Legacy | HeadersMode::Both) {
-        out.push(("x-ratelimit-limit", quota.count.to_string()));
-        out.push(("x-ratelimit-remaining", verdict.remaining.to_string()));
-        out.push(("x-ratelimit-reset", reset.to_string()));
+        out.push((X_RATELIMIT_LIMIT, quota.count.to_string()));
+        out.push((X_RATELIMIT_REMAINING, verdict.remaining.to_string()));
+        out.push((X_RATELIMIT_RESET, reset.to_string()));
     }
     out
 }

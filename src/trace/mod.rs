@@ -132,7 +132,7 @@ impl TraceContext {
     /// `tracestate` only with the client's trace.
     pub(crate) fn propagate(&self, upstream: &mut RequestHeader) -> pingora::Result<()> {
         let value = HeaderValue::from_bytes(&self.traceparent).expect("hex digits and dashes");
-        upstream.insert_header_name(&TRACEPARENT, "traceparent", value)?;
+        upstream.insert_header_alike(&TRACEPARENT, value)?;
         if !self.continued {
             upstream.remove_header(&TRACESTATE);
         }

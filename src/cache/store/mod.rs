@@ -138,12 +138,12 @@ impl Entry {
                 if !header.headers.contains_key(http::header::CONTENT_LENGTH) {
                     header.remove_header(&http::header::TRANSFER_ENCODING);
                     header
-                        .insert_header(http::header::CONTENT_LENGTH, self.body.len())
+                        .insert_header_alike(&http::header::CONTENT_LENGTH, self.body.len())
                         .ok()?;
                 }
-                header.insert_header(http::header::AGE, 0).ok()?;
+                header.insert_header_alike(&http::header::AGE, 0).ok()?;
                 header
-                    .insert_header("x-cache", CacheResult::Hit.header())
+                    .insert_header_alike(&crate::cache::X_CACHE, CacheResult::Hit.header())
                     .ok()?;
                 Some(Decoded {
                     header,
@@ -168,7 +168,7 @@ fn with_room(stored: &ResponseHeader) -> Option<ResponseHeader> {
     header.set_version(stored.version);
     header.set_reason_phrase(stored.get_reason_phrase()).ok()?;
     for (name, value) in stored.case_header_iter() {
-        header.append_header(name.clone(), value.clone()).ok()?;
+        header.append_header(name, value.clone()).ok()?;
     }
     Some(header)
 }
@@ -353,7 +353,7 @@ impl Store {
         let mut header = decoded.header.clone();
         let age = now.duration_since(decoded.epoch).unwrap_or_default();
         header
-            .insert_header_name(&http::header::AGE, "Age", age.as_secs())
+            .insert_header_alike(&http::header::AGE, age.as_secs())
             .ok()?;
         Some(Fresh {
             header,

@@ -45,6 +45,9 @@ mod case_header_name;
 use case_header_name::CaseHeaderName;
 pub use case_header_name::IntoCaseHeaderName;
 
+mod name_case;
+use name_case::{Add, NameCase};
+
 pub mod prelude {
     pub use crate::RequestHeader;
     pub use crate::ResponseHeader;
@@ -84,7 +87,7 @@ pub enum HeaderNameVariant<'a> {
 #[derive(Debug)]
 pub struct RequestHeader {
     base: ReqParts,
-    header_name_map: Option<CaseMap>,
+    name_case: NameCase,
     raw_target: RawTarget,
     // whether we send END_STREAM with HEADERS for h2 requests
     send_end_stream: bool,
@@ -152,7 +155,7 @@ impl RequestHeader {
         base.headers.reserve(http_header_map_upper_bound(size_hint));
         RequestHeader {
             base,
-            header_name_map: None,
+            name_case: NameCase::Canonical,
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
         }
@@ -167,9 +170,7 @@ impl RequestHeader {
         size_hint: Option<usize>,
     ) -> Result<Self> {
         let mut req = Self::build_no_case(method, path, size_hint)?;
-        req.header_name_map = Some(CaseMap::with_capacity(http_header_map_upper_bound(
-            size_hint,
-        )));
+        req.name_case = NameCase::kept();
         Ok(req)
     }
 
@@ -204,7 +205,7 @@ impl RequestHeader {
             .try_into()
             .explain_err(InvalidHTTPHeader, |_| "invalid value while append")?;
         append_header_value(
-            self.header_name_map.as_mut(),
+            &mut self.name_case,
             &mut self.base.headers,
             name,
             header_value,
@@ -224,7 +225,7 @@ impl RequestHeader {
             .try_into()
             .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
         insert_header_value(
-            self.header_name_map.as_mut(),
+            &mut self.name_case,
             &mut self.base.headers,
             name,
             header_value,
@@ -248,12 +249,30 @@ impl RequestHeader {
             .try_into()
             .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
         insert_header_name_value(
-            self.header_name_map.as_mut(),
+            &mut self.name_case,
             &mut self.base.headers,
             name,
             case,
             header_value,
-        );
+        )
+    }
+
+    /// Insert a header whose name is already a [HeaderName], spelled on the wire like the
+    /// head's other names: all lowercase when they all are, Title-Case otherwise (and
+    /// Pingora's canonical spelling in a head that keeps no case).
+    ///
+    /// For the fields a proxy adds to every request or response: a head whose names are
+    /// all spelled one way then keeps no record of their spellings.
+    pub fn insert_header_alike(
+        &mut self,
+        name: &HeaderName,
+        value: impl TryInto<HeaderValue>,
+    ) -> Result<()> {
+        let header_value = value
+            .try_into()
+            .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
+        self.name_case.add_alike(name);
+        self.base.headers.insert(name.clone(), header_value);
         Ok(())
     }
 
@@ -262,54 +281,35 @@ impl RequestHeader {
     where
         &'a N: 'a + AsHeaderName,
     {
-        remove_header(self.header_name_map.as_mut(), &mut self.base.headers, name)
+        remove_header(&mut self.name_case, &mut self.base.headers, name)
     }
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
     /// The header case will be preserved.
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
-        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
+        self.name_case.to_h1_wire(&self.base.headers, buf)
     }
 
     /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
     /// Otherwise returns an empty iterator.
     ///
-    /// Headers of the same name are visited in insertion order.
-    pub fn case_header_iter(&self) -> impl Iterator<Item = (&CaseHeaderName, &HeaderValue)> + '_ {
-        case_header_iter(self.header_name_map.as_ref(), &self.base.headers)
+    /// Headers of the same name are visited in insertion order. A name comes out owned:
+    /// a head whose names are all spelled one way keeps no spelling per field.
+    pub fn case_header_iter(&self) -> impl Iterator<Item = (CaseHeaderName, &HeaderValue)> + '_ {
+        self.name_case.iter(&self.base.headers)
     }
 
     /// Returns true if the request has case-sensitive headers.
     pub fn has_case(&self) -> bool {
-        self.header_name_map.is_some()
+        self.name_case.is_kept()
     }
 
     pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
         &self,
-        mut f: F,
+        f: F,
     ) -> Result<()> {
-        let key_map = self.header_name_map.as_ref();
-        let value_map = &self.base.headers;
-
-        if let Some(key_map) = key_map {
-            let iter = key_map.iter().zip(value_map.iter());
-            for ((header, case_header), (header2, val)) in iter {
-                if header != header2 {
-                    // in case the header iteration order changes in future versions of HMap
-                    panic!("header iter mismatch {}, {}", header, header2)
-                }
-                f(HeaderNameVariant::Case(case_header), val)?;
-            }
-        } else {
-            for (header, value) in value_map {
-                let titled_header =
-                    case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
-                f(HeaderNameVariant::Titled(titled_header), value)?;
-            }
-        }
-
-        Ok(())
+        self.name_case.for_each(&self.base.headers, f)
     }
 
     /// Return mutable access to the request extensions.
@@ -432,7 +432,7 @@ impl Clone for RequestHeader {
     fn clone(&self) -> Self {
         Self {
             base: self.as_owned_parts(),
-            header_name_map: self.header_name_map.clone(),
+            name_case: self.name_case.clone(),
             raw_target: self.raw_target.clone(),
             send_end_stream: self.send_end_stream,
         }
@@ -447,7 +447,7 @@ impl From<ReqParts> for RequestHeader {
     fn from(parts: ReqParts) -> RequestHeader {
         Self {
             base: parts,
-            header_name_map: None,
+            name_case: NameCase::Canonical,
             // The Uri is the only target available here, so it is the one that serializes.
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
@@ -477,8 +477,7 @@ impl From<RequestHeader> for ReqParts {
 #[derive(Debug)]
 pub struct ResponseHeader {
     base: RespParts,
-    // an ordered header map to store the original case of each header name
-    header_name_map: Option<CaseMap>,
+    name_case: NameCase,
     // the reason phrase of the response, if unset, a default one will be used
     reason_phrase: Option<String>,
 }
@@ -501,7 +500,7 @@ impl Clone for ResponseHeader {
     fn clone(&self) -> Self {
         Self {
             base: self.as_owned_parts(),
-            header_name_map: self.header_name_map.clone(),
+            name_case: self.name_case.clone(),
             reason_phrase: self.reason_phrase.clone(),
         }
     }
@@ -512,7 +511,7 @@ impl From<RespParts> for ResponseHeader {
     fn from(parts: RespParts) -> ResponseHeader {
         Self {
             base: parts,
-            header_name_map: None,
+            name_case: NameCase::Canonical,
             reason_phrase: None,
         }
     }
@@ -531,11 +530,14 @@ impl From<Box<ResponseHeader>> for Box<RespParts> {
 }
 
 impl ResponseHeader {
+    #[cfg(test)]
+    fn name_case(&self) -> &NameCase {
+        &self.name_case
+    }
+
     fn new(size_hint: Option<usize>) -> Self {
         let mut resp_header = Self::new_no_case(size_hint);
-        resp_header.header_name_map = Some(CaseMap::with_capacity(http_header_map_upper_bound(
-            size_hint,
-        )));
+        resp_header.name_case = NameCase::kept();
         resp_header
     }
 
@@ -544,7 +546,7 @@ impl ResponseHeader {
         base.headers.reserve(http_header_map_upper_bound(size_hint));
         ResponseHeader {
             base,
-            header_name_map: None,
+            name_case: NameCase::Canonical,
             reason_phrase: None,
         }
     }
@@ -584,7 +586,7 @@ impl ResponseHeader {
             .try_into()
             .explain_err(InvalidHTTPHeader, |_| "invalid value while append")?;
         append_header_value(
-            self.header_name_map.as_mut(),
+            &mut self.name_case,
             &mut self.base.headers,
             name,
             header_value,
@@ -604,7 +606,7 @@ impl ResponseHeader {
             .try_into()
             .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
         insert_header_value(
-            self.header_name_map.as_mut(),
+            &mut self.name_case,
             &mut self.base.headers,
             name,
             header_value,
@@ -628,12 +630,30 @@ impl ResponseHeader {
             .try_into()
             .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
         insert_header_name_value(
-            self.header_name_map.as_mut(),
+            &mut self.name_case,
             &mut self.base.headers,
             name,
             case,
             header_value,
-        );
+        )
+    }
+
+    /// Insert a header whose name is already a [HeaderName], spelled on the wire like the
+    /// head's other names: all lowercase when they all are, Title-Case otherwise (and
+    /// Pingora's canonical spelling in a head that keeps no case).
+    ///
+    /// For the fields a proxy adds to every request or response: a head whose names are
+    /// all spelled one way then keeps no record of their spellings.
+    pub fn insert_header_alike(
+        &mut self,
+        name: &HeaderName,
+        value: impl TryInto<HeaderValue>,
+    ) -> Result<()> {
+        let header_value = value
+            .try_into()
+            .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
+        self.name_case.add_alike(name);
+        self.base.headers.insert(name.clone(), header_value);
         Ok(())
     }
 
@@ -642,54 +662,35 @@ impl ResponseHeader {
     where
         &'a N: 'a + AsHeaderName,
     {
-        remove_header(self.header_name_map.as_mut(), &mut self.base.headers, name)
+        remove_header(&mut self.name_case, &mut self.base.headers, name)
     }
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
     /// The header case will be preserved.
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
-        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
+        self.name_case.to_h1_wire(&self.base.headers, buf)
     }
 
     /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
     /// Otherwise returns an empty iterator.
     ///
-    /// Headers of the same name are visited in insertion order.
-    pub fn case_header_iter(&self) -> impl Iterator<Item = (&CaseHeaderName, &HeaderValue)> + '_ {
-        case_header_iter(self.header_name_map.as_ref(), &self.base.headers)
+    /// Headers of the same name are visited in insertion order. A name comes out owned:
+    /// a head whose names are all spelled one way keeps no spelling per field.
+    pub fn case_header_iter(&self) -> impl Iterator<Item = (CaseHeaderName, &HeaderValue)> + '_ {
+        self.name_case.iter(&self.base.headers)
     }
 
     /// Returns true if the response has case-sensitive headers.
     pub fn has_case(&self) -> bool {
-        self.header_name_map.is_some()
+        self.name_case.is_kept()
     }
 
     pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
         &self,
-        mut f: F,
+        f: F,
     ) -> Result<()> {
-        let key_map = self.header_name_map.as_ref();
-        let value_map = &self.base.headers;
-
-        if let Some(key_map) = key_map {
-            let iter = key_map.iter().zip(value_map.iter());
-            for ((header, case_header), (header2, val)) in iter {
-                if header != header2 {
-                    // in case the header iteration order changes in future versions of HMap
-                    panic!("header iter mismatch {}, {}", header, header2)
-                }
-                f(HeaderNameVariant::Case(case_header), val)?;
-            }
-        } else {
-            for (header, value) in value_map {
-                let titled_header =
-                    case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
-                f(HeaderNameVariant::Titled(titled_header), value)?;
-            }
-        }
-
-        Ok(())
+        self.name_case.for_each(&self.base.headers, f)
     }
 
     /// Return mutable access to the response extensions.
@@ -898,28 +899,20 @@ fn http_header_map_upper_bound(size_hint: Option<usize>) -> usize {
 }
 
 #[inline]
-fn append_header_value<T>(
-    name_map: Option<&mut CaseMap>,
-    value_map: &mut HMap<T>,
+fn append_header_value(
+    name_case: &mut NameCase,
+    value_map: &mut HMap,
     name: impl IntoCaseHeaderName,
-    value: T,
+    value: HeaderValue,
 ) -> Result<bool> {
     let case_header_name = name.into_case_header_name();
     let header_name: HeaderName = case_header_name
         .as_slice()
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    // store the original case in the map
-    if let Some(name_map) = name_map {
-        // Use the non-panicking `try_append`: the infallible `append` calls
-        // `.expect("size overflows MAX_SIZE")` internally, which would abort the
-        // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
-        name_map
-            .try_append(header_name.clone(), case_header_name)
-            .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
-    }
-
-    // Non-panicking `try_append` for the same reason as the case map above.
+    name_case.add(value_map, &header_name, || case_header_name, Add::Append)?;
+    // Non-panicking `try_append`: the infallible `append` calls
+    // `.expect("size overflows MAX_SIZE")` internally, which would abort the process.
     value_map.try_append(header_name, value).or_err(
         InvalidHTTPHeader,
         "header value map size overflows MAX_SIZE",
@@ -927,56 +920,57 @@ fn append_header_value<T>(
 }
 
 #[inline]
-fn insert_header_value<T>(
-    name_map: Option<&mut CaseMap>,
-    value_map: &mut HMap<T>,
+fn insert_header_value(
+    name_case: &mut NameCase,
+    value_map: &mut HMap,
     name: impl IntoCaseHeaderName,
-    value: T,
+    value: HeaderValue,
 ) -> Result<()> {
     let case_header_name = name.into_case_header_name();
     let header_name: HeaderName = case_header_name
         .as_slice()
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    if let Some(name_map) = name_map {
-        // store the original case in the map
-        name_map.insert(header_name.clone(), case_header_name);
-    }
+    name_case.add(value_map, &header_name, || case_header_name, Add::Insert)?;
     value_map.insert(header_name, value);
     Ok(())
 }
 
 #[inline]
-fn insert_header_name_value<T>(
-    name_map: Option<&mut CaseMap>,
-    value_map: &mut HMap<T>,
+fn insert_header_name_value(
+    name_case: &mut NameCase,
+    value_map: &mut HMap,
     name: &HeaderName,
     case: impl IntoCaseHeaderName,
-    value: T,
-) {
-    if let Some(name_map) = name_map {
-        let case = case.into_case_header_name();
-        debug_assert!(case.as_slice().eq_ignore_ascii_case(name.as_str().as_bytes()));
-        name_map.insert(name.clone(), case);
-    }
+    value: HeaderValue,
+) -> Result<()> {
+    name_case.add(
+        value_map,
+        name,
+        || {
+            let case = case.into_case_header_name();
+            debug_assert!(case.as_slice().eq_ignore_ascii_case(name.as_str().as_bytes()));
+            case
+        },
+        Add::Insert,
+    )?;
     value_map.insert(name.clone(), value);
+    Ok(())
 }
 
 // the &N here is to avoid clone(). None Copy type like String can impl AsHeaderName
 #[inline]
-fn remove_header<'a, T, N: ?Sized>(
-    name_map: Option<&mut CaseMap>,
-    value_map: &mut HMap<T>,
+fn remove_header<'a, N: ?Sized>(
+    name_case: &mut NameCase,
+    value_map: &mut HMap,
     name: &'a N,
-) -> Option<T>
+) -> Option<HeaderValue>
 where
     &'a N: 'a + AsHeaderName,
 {
     let removed = value_map.remove(name);
     if removed.is_some() {
-        if let Some(name_map) = name_map {
-            name_map.remove(name);
-        }
+        name_case.remove(name);
     }
     removed
 }
@@ -1076,47 +1070,6 @@ fn normalize_field_value(raw: bytes::Bytes) -> bytes::Bytes {
         push_with_replacement(&mut unfolded, line);
     }
     bytes::Bytes::from(unfolded)
-}
-
-#[inline]
-fn header_to_h1_wire(key_map: Option<&CaseMap>, value_map: &HMap, buf: &mut impl BufMut) {
-    const CRLF: &[u8; 2] = b"\r\n";
-    const HEADER_KV_DELIMITER: &[u8; 2] = b": ";
-
-    if let Some(key_map) = key_map {
-        case_header_iter(key_map.into(), value_map).for_each(|(case_header, val)| {
-            buf.put_slice(case_header.as_slice());
-            buf.put_slice(HEADER_KV_DELIMITER);
-            buf.put_slice(val.as_ref());
-            buf.put_slice(CRLF);
-        });
-    } else {
-        for (header, value) in value_map {
-            let titled_header =
-                case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
-            buf.put_slice(titled_header.as_bytes());
-            buf.put_slice(HEADER_KV_DELIMITER);
-            buf.put_slice(value.as_ref());
-            buf.put_slice(CRLF);
-        }
-    }
-}
-
-#[inline]
-fn case_header_iter<'a>(
-    name_map: Option<&'a CaseMap>,
-    value_map: &'a HMap,
-) -> impl Iterator<Item = (&'a CaseHeaderName, &'a HeaderValue)> + 'a {
-    name_map.into_iter().flat_map(|name_map| {
-        name_map
-            .iter()
-            .zip(value_map.iter())
-            .map(|((h1, name), (h2, value))| {
-                // in case the header iteration order changes in future versions of HMap
-                assert_eq!(h1, h2, "header iter mismatch {}, {}", h1, h2);
-                (name, value)
-            })
-    })
 }
 
 #[cfg(test)]

@@ -1040,7 +1040,7 @@ fn cache_hit_header(cache: &HttpCache) -> Box<ResponseHeader> {
     // MUST generate an Age header field
     if !cache.upstream_used() {
         let age = cache.cache_meta().age().as_secs();
-        header.insert_header(http::header::AGE, age).unwrap();
+        header.insert_header_alike(&http::header::AGE, age).unwrap();
     }
     log::debug!("cache header: {header:?} {:?}", cache.phase());
 
@@ -1520,7 +1520,7 @@ pub mod range_filter {
             RangeType::None => {
                 // At this point, the response is _eligible_ to be served in ranges
                 // in the future, so add Accept-Ranges, mirroring nginx behavior
-                resp.insert_header(&ACCEPT_RANGES, "bytes").unwrap();
+                resp.insert_header_alike(&ACCEPT_RANGES, "bytes").unwrap();
             }
             RangeType::Single(r) => {
                 // 206 response

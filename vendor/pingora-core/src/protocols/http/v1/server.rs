@@ -851,10 +851,10 @@ impl HttpSession {
             /* update headers */
             // A response that already carries a Date (an origin's, a stored one) keeps
             // it (RFC 9110 §6.6.1); one without gets ours.
-            // By prebuilt name and case, and a static value: `insert_header` would parse the
-            // name again, spell its case into a new string and copy the value.
+            // By prebuilt name and a static value, spelled like the head's names: a head
+            // whose names are all spelled one way then keeps no record of their spellings.
             if !header.headers.contains_key(header::DATE) {
-                header.insert_header_name(&header::DATE, "Date", date::get_cached_date())?;
+                header.insert_header_alike(&header::DATE, date::get_cached_date())?;
             }
 
             let connection_value = HeaderValue::from_static(if self.will_keepalive() {
@@ -862,7 +862,7 @@ impl HttpSession {
             } else {
                 "close"
             });
-            header.insert_header_name(&header::CONNECTION, "Connection", connection_value)?;
+            header.insert_header_alike(&header::CONNECTION, connection_value)?;
         }
 
         if header.status == 101 {

@@ -1,0 +1,590 @@
+// Copyright 2026 Cloudflare, Inc.
+//
+// Licensed under the Apache License, Version 2.0 (the "License");
+// you may not use this file except in compliance with the License.
+// You may obtain a copy of the License at
+//
+// http://www.apache.org/licenses/LICENSE-2.0
+//
+// Unless required by applicable law or agreed to in writing, software
+// distributed under the License is distributed on an "AS IS" BASIS,
+// WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+// See the License for the specific language governing permissions and
+// limitations under the License.
+
+//! How a head keeps the letter case its field names were spelled in.
+//!
+//! Most heads spell every name one way: all lowercase (HTTP/2 habits, hyper, many
+//! clients) or Title-Case (curl, browsers, nginx and most servers). Such a head needs no
+//! per-field record: the spelling follows from the name. A map of spellings, one per
+//! value, is made only when a name arrives spelled some other way, from the names
+//! already there (their spelling is known) and in the value map's order, which it then
+//! shares as the eager map always did. The bytes written are the same either way.
+
+use crate::case_header_name::{self, CaseHeaderName, IntoCaseHeaderName};
+use crate::{CaseMap, HMap, HeaderNameVariant};
+use bytes::{BufMut, Bytes};
+use http::header::{AsHeaderName, HeaderName, HeaderValue};
+use pingora_error::{ErrorType::*, OrErr, Result};
+
+/// `content-type`: the name as `http` holds it.
+const LOWER: u8 = 1;
+/// `Content-Type`: a capital letter first and after each `-`, the rest lowercase.
+const TITLE: u8 = 2;
+
+#[derive(Debug, Clone)]
+pub(crate) enum NameCase {
+    /// Not kept (a head built without case, or made from `http` parts): names are
+    /// written in Pingora's canonical spelling.
+    Canonical,
+    /// Kept, and every name added so far is spelled by each rule in this set (never
+    /// empty): the spelling is derived when written.
+    Derived(u8),
+    /// Kept, one spelling per value, iterated in step with the value map.
+    Mapped(CaseMap),
+}
+
+/// Whether a value is added beside the name's others or replaces them.
+#[derive(Clone, Copy)]
+pub(crate) enum Add {
+    Append,
+    Insert,
+}
+
+impl NameCase {
+    pub(crate) fn kept() -> Self {
+        NameCase::Derived(LOWER | TITLE)
+    }
+
+    pub(crate) fn is_kept(&self) -> bool {
+        !matches!(self, NameCase::Canonical)
+    }
+
+    /// Records the spelling `case` of a value about to be added to `values` under
+    /// `name`; call it before the value map changes.
+    pub(crate) fn add<T>(
+        &mut self,
+        values: &HMap<T>,
+        name: &HeaderName,
+        case: impl FnOnce() -> CaseHeaderName,
+        how: Add,
+    ) -> Result<()> {
+        let case = match self {
+            NameCase::Canonical => return Ok(()),
+            NameCase::Derived(rules) => {
+                let case = case();
+                let fits = spellings(*rules, case.as_slice());
+                if fits != 0 {
+                    *rules = fits;
+                    return Ok(());
+                }
+                *self = NameCase::Mapped(mapped(*rules, values)?);
+                case
+            }
+            NameCase::Mapped(_) => case(),
+        };
+        let NameCase::Mapped(map) = self else {
+            unreachable!("the spellings are mapped by now")
+        };
+        match how {
+            // The non-panicking `try_append`: `append` aborts the process if the map
+            // ever exceeded `http`'s `MAX_SIZE` (1 << 15).
+            Add::Append => {
+                map.try_append(name.clone(), case)
+                    .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
+            }
+            Add::Insert => {
+                map.insert(name.clone(), case);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a value about to be inserted under `name`, spelled like the names there:
+    /// all lowercase when they all are, Title-Case otherwise.
+    pub(crate) fn add_alike(&mut self, name: &HeaderName) {
+        match self {
+            NameCase::Canonical => {}
+            NameCase::Derived(rules) => *rules = if *rules == LOWER { LOWER } else { TITLE },
+            NameCase::Mapped(map) => {
+                let mut spelled = Vec::with_capacity(name.as_str().len());
+                put_title(name, &mut spelled);
+                map.insert(name.clone(), Bytes::from(spelled).into_case_header_name());
+            }
+        }
+    }
+
+    /// Forgets the spellings of `name`, whose values were just removed.
+    pub(crate) fn remove<'a, N: ?Sized>(&mut self, name: &'a N)
+    where
+        &'a N: 'a + AsHeaderName,
+    {
+        if let NameCase::Mapped(map) = self {
+            map.remove(name);
+        }
+    }
+
+    pub(crate) fn to_h1_wire(&self, values: &HMap, buf: &mut impl BufMut) {
+        const CRLF: &[u8; 2] = b"\r\n";
+        const HEADER_KV_DELIMITER: &[u8; 2] = b": ";
+        let put_value = |buf: &mut _, value: &HeaderValue| {
+            BufMut::put_slice(buf, HEADER_KV_DELIMITER);
+            BufMut::put_slice(buf, value.as_ref());
+            BufMut::put_slice(buf, CRLF);
+        };
+        match self {
+            NameCase::Mapped(map) => {
+                for (name, value) in in_step(map, values) {
+                    buf.put_slice(name.as_slice());
+                    put_value(buf, value);
+                }
+            }
+            NameCase::Derived(rules) => {
+                for (name, value) in values {
+                    put_spelled(*rules, name, buf);
+                    put_value(buf, value);
+                }
+            }
+            NameCase::Canonical => {
+                for (name, value) in values {
+                    buf.put_slice(canonical(name).as_bytes());
+                    put_value(buf, value);
+                }
+            }
+        }
+    }
+
+    /// Each value with the spelling of its name; nothing when case is not kept.
+    pub(crate) fn iter<'a>(
+        &'a self,
+        values: &'a HMap,
+    ) -> impl Iterator<Item = (CaseHeaderName, &'a HeaderValue)> + 'a {
+        let map = match self {
+            NameCase::Mapped(map) => Some(map),
+            _ => None,
+        };
+        let rules = match self {
+            NameCase::Derived(rules) => Some(*rules),
+            _ => None,
+        };
+        let mapped = map
+            .into_iter()
+            .flat_map(move |map| in_step(map, values).map(|(name, value)| (name.clone(), value)));
+        let derived = rules.into_iter().flat_map(move |rules| {
+            values.iter().map(move |(name, value)| {
+                let mut spelled = Vec::with_capacity(name.as_str().len());
+                put_spelled(rules, name, &mut spelled);
+                (Bytes::from(spelled).into_case_header_name(), value)
+            })
+        });
+        mapped.chain(derived)
+    }
+
+    pub(crate) fn for_each<F>(&self, values: &HMap, mut f: F) -> Result<()>
+    where
+        F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>,
+    {
+        match self {
+            NameCase::Mapped(map) => {
+                for (name, value) in in_step(map, values) {
+                    f(HeaderNameVariant::Case(name), value)?;
+                }
+            }
+            NameCase::Derived(rules) => {
+                let mut spelled = Vec::new();
+                for (name, value) in values {
+                    spelled.clear();
+                    put_spelled(*rules, name, &mut spelled);
+                    // Derived from a valid name: ASCII.
+                    let spelled = std::str::from_utf8(&spelled).unwrap_or(name.as_str());
+                    f(HeaderNameVariant::Titled(spelled), value)?;
+                }
+            }
+            NameCase::Canonical => {
+                for (name, value) in values {
+                    f(HeaderNameVariant::Titled(canonical(name)), value)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which of `rules` derive `spelled`, a spelling of a valid name (ASCII, so a sum on a
+/// word below never carries from one byte into the next), from that name.
+fn spellings(rules: u8, spelled: &[u8]) -> u8 {
+    let mut fits = rules;
+    for (word, _, starts) in words(spelled) {
+        if word & HIGH != 0 {
+            return 0;
+        }
+        let upper = bytes_in(word, b'A', b'Z');
+        if upper != 0 {
+            fits &= !LOWER;
+        }
+        if upper != starts & (upper | bytes_in(word, b'a', b'z')) {
+            fits &= !TITLE;
+        }
+        if fits == 0 {
+            break;
+        }
+    }
+    fits
+}
+
+/// The map of spellings of every value in `values`, each spelled by `rules`.
+fn mapped<T>(rules: u8, values: &HMap<T>) -> Result<CaseMap> {
+    let mut map = CaseMap::with_capacity(values.capacity());
+    for (name, _) in values {
+        let mut spelled = Vec::with_capacity(name.as_str().len());
+        put_spelled(rules, name, &mut spelled);
+        map.try_append(name.clone(), Bytes::from(spelled).into_case_header_name())
+            .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
+    }
+    Ok(map)
+}
+
+fn put_spelled(rules: u8, name: &HeaderName, buf: &mut impl BufMut) {
+    if rules & LOWER != 0 {
+        buf.put_slice(name.as_str().as_bytes());
+    } else {
+        put_title(name, buf);
+    }
+}
+
+fn put_title(name: &HeaderName, buf: &mut impl BufMut) {
+    // Spelled on the stack and put in one piece: `put_u8` on a `BytesMut` checks its
+    // room byte by byte.
+    let mut piece = [0u8; 64];
+    let mut len = 0;
+    for (title, n) in title_words(name.as_str().as_bytes()) {
+        if len + 8 > piece.len() {
+            buf.put_slice(&piece[..len]);
+            len = 0;
+        }
+        piece[len..len + 8].copy_from_slice(&title.to_le_bytes());
+        len += n;
+    }
+    buf.put_slice(&piece[..len]);
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// A name (ASCII) eight bytes at a time: each word as in [word], how many of its bytes
+/// are the name's, and the bytes where a word of the name starts (their high bit set:
+/// the first byte, and each after a `-`).
+fn words(name: &[u8]) -> impl Iterator<Item = (u64, usize, u64)> + '_ {
+    let mut starts_next = 0x80;
+    name.chunks(8).map(move |chunk| {
+        let word = word(chunk);
+        let dash = bytes_in(word, b'-', b'-');
+        let starts = (dash << 8) | starts_next;
+        starts_next = dash >> 56;
+        (word, chunk.len(), starts)
+    })
+}
+
+/// The high bit of each byte of `word` (all below 0x80) that is in `low..=high`.
+fn bytes_in(word: u64, low: u8, high: u8) -> u64 {
+    let at_least_low = word + ONES * (0x80 - u64::from(low));
+    let above_high = word + ONES * (0x80 - u64::from(high) - 1);
+    at_least_low & !above_high & HIGH
+}
+
+/// Up to eight bytes as a little-endian word, zeros after them; a few bytes are read as
+/// two overlapping loads rather than copied (a call to `memcpy`) or read one by one.
+fn word(bytes: &[u8]) -> u64 {
+    let n = bytes.len();
+    let load4 = |at: usize| u64::from(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()));
+    let load2 = |at: usize| u64::from(u16::from_le_bytes(bytes[at..at + 2].try_into().unwrap()));
+    match n {
+        8.. => u64::from_le_bytes(bytes[..8].try_into().unwrap()),
+        4.. => load4(0) | (load4(n - 4) << ((n - 4) * 8)),
+        2.. => load2(0) | (load2(n - 2) << ((n - 2) * 8)),
+        1 => u64::from(bytes[0]),
+        0 => 0,
+    }
+}
+
+/// `lower` (a name as `http` holds it: ASCII, no capitals) in Title-Case, eight bytes
+/// at a time as in [words].
+fn title_words(lower: &[u8]) -> impl Iterator<Item = (u64, usize)> + '_ {
+    words(lower).map(|(word, len, starts)| {
+        // 0x80 >> 2 is 0x20, the bit that makes a lowercase letter a capital.
+        (word ^ ((starts & bytes_in(word, b'a', b'z')) >> 2), len)
+    })
+}
+
+fn canonical(name: &HeaderName) -> &str {
+    case_header_name::titled_header_name_str(name).unwrap_or(name.as_str())
+}
+
+fn in_step<'a>(
+    map: &'a CaseMap,
+    values: &'a HMap,
+) -> impl Iterator<Item = (&'a CaseHeaderName, &'a HeaderValue)> + 'a {
+    map.iter()
+        .zip(values.iter())
+        .map(|((h1, name), (h2, value))| {
+            // in case the header iteration order changes in future versions of HMap
+            assert_eq!(h1, h2, "header iter mismatch {}, {}", h1, h2);
+            (name, value)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RequestHeader, ResponseHeader};
+
+    fn wire(resp: &ResponseHeader) -> String {
+        let mut buf = Vec::new();
+        resp.header_to_h1_wire(&mut buf);
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn response(names: &[&'static str]) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for (i, name) in names.iter().enumerate() {
+            resp.append_header(*name, i.to_string()).unwrap();
+        }
+        resp
+    }
+
+    #[test]
+    fn spellings_of_a_name() {
+        let both = LOWER | TITLE;
+        assert_eq!(spellings(both, b"x-forwarded-for"), LOWER);
+        assert_eq!(spellings(both, b"X-Forwarded-For"), TITLE);
+        assert_eq!(spellings(TITLE, b"x-forwarded-for"), 0);
+        assert_eq!(spellings(LOWER, b"X-Forwarded-For"), 0);
+        assert_eq!(spellings(both, b"X-forwarded-for"), 0);
+        assert_eq!(spellings(both, b"x-Forwarded-For"), 0);
+        assert_eq!(spellings(both, b"X-FORWARDED-FOR"), 0);
+        assert_eq!(spellings(both, b"1-2"), both);
+        assert_eq!(spellings(both, b"ETag"), 0);
+        assert_eq!(spellings(both, b"Etag"), TITLE);
+        let long = "x-".repeat(40) + "long";
+        let long = HeaderName::from_bytes(long.as_bytes()).unwrap();
+        let mut spelled = Vec::new();
+        put_title(&long, &mut spelled);
+        assert_eq!(spelled, ("X-".repeat(40) + "Long").as_bytes());
+        assert_eq!(spellings(both, &spelled), TITLE);
+    }
+
+    #[test]
+    fn title_case_by_words_matches_byte_by_byte() {
+        let tokens: Vec<u8> = (0u8..0x80)
+            .filter(|b| HeaderName::from_bytes(&[*b]).is_ok())
+            .collect();
+        let mut seed = 0x2545_F491_4F6C_DD1D_u64;
+        for len in 1..40 {
+            for _ in 0..200 {
+                let raw: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        // Dashes often, so that words start anywhere in a chunk.
+                        if seed.is_multiple_of(4) {
+                            b'-'
+                        } else {
+                            tokens[(seed >> 8) as usize % tokens.len()]
+                        }
+                    })
+                    .collect();
+                let name = HeaderName::from_bytes(&raw).unwrap();
+                let lower = name.as_str().as_bytes();
+                let mut word_start = true;
+                let expected: Vec<u8> = lower
+                    .iter()
+                    .map(|&l| {
+                        let t = if word_start { l.to_ascii_uppercase() } else { l };
+                        word_start = l == b'-';
+                        t
+                    })
+                    .collect();
+                let mut spelled = Vec::new();
+                put_title(&name, &mut spelled);
+                assert_eq!(spelled, expected, "{:?}", name);
+                // A spelling with letters in random case fits a rule exactly when it is
+                // that rule's spelling.
+                let variant: Vec<u8> = lower
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        match seed % 3 {
+                            0 => l.to_ascii_uppercase(),
+                            1 => l,
+                            _ => expected[i],
+                        }
+                    })
+                    .collect();
+                for spelled in [&variant[..], lower, &expected[..]] {
+                    let mut fits = 0;
+                    if spelled == lower {
+                        fits |= LOWER;
+                    }
+                    if spelled == &expected[..] {
+                        fits |= TITLE;
+                    }
+                    assert_eq!(spellings(LOWER | TITLE, spelled), fits, "{:?}", spelled);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn uniform_heads_are_written_as_spelled_without_a_map() {
+        for names in [
+            &["content-type", "x-request-id", "set-cookie", "set-cookie"][..],
+            &["Content-Type", "X-Request-Id", "Set-Cookie", "Set-Cookie"][..],
+            &["1-2", "Server"][..],
+        ] {
+            let resp = response(names);
+            assert!(matches!(resp.name_case(), NameCase::Derived(_)), "{names:?}");
+            let expected: String = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("{n}: {i}\r\n"))
+                .collect();
+            assert_eq!(wire(&resp), expected);
+        }
+    }
+
+    #[test]
+    fn the_first_name_spelled_otherwise_maps_every_spelling() {
+        let mut resp = response(&["Content-Type", "Set-Cookie", "Server"]);
+        resp.append_header("set-cookie", "3").unwrap();
+        resp.append_header("ETag", "4").unwrap();
+        resp.insert_header("x-custom", "5").unwrap();
+        assert!(matches!(resp.name_case(), NameCase::Mapped(_)));
+        assert_eq!(
+            wire(&resp),
+            "Content-Type: 0\r\nSet-Cookie: 1\r\nset-cookie: 3\r\nServer: 2\r\n\
+             ETag: 4\r\nx-custom: 5\r\n"
+        );
+        resp.remove_header("set-cookie");
+        resp.insert_header("Server", "6").unwrap();
+        assert_eq!(
+            wire(&resp),
+            "Content-Type: 0\r\nx-custom: 5\r\nServer: 6\r\nETag: 4\r\n"
+        );
+    }
+
+    #[test]
+    fn a_map_made_after_removals_follows_the_value_maps_order() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for name in ["a-one", "b-two", "c-three", "d-four"] {
+            req.append_header(name, "v").unwrap();
+        }
+        req.remove_header("a-one");
+        req.append_header("B-Two", "w").unwrap();
+        let mut buf = Vec::new();
+        req.header_to_h1_wire(&mut buf);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "d-four: v\r\nb-two: v\r\nB-Two: w\r\nc-three: v\r\n"
+        );
+    }
+
+    #[test]
+    fn spellings_come_out_of_each_view_alike() {
+        for names in [
+            &["content-type", "x-a"][..],
+            &["Content-Type", "X-A"][..],
+            &["Content-Type", "x-a"][..],
+        ] {
+            let resp = response(names);
+            let iterated: Vec<_> = resp
+                .case_header_iter()
+                .map(|(n, _)| String::from_utf8(n.as_slice().to_vec()).unwrap())
+                .collect();
+            let mut mapped = Vec::new();
+            resp.map(|n, _| {
+                mapped.push(match n {
+                    HeaderNameVariant::Case(c) => String::from_utf8(c.as_slice().to_vec()).unwrap(),
+                    HeaderNameVariant::Titled(t) => t.to_string(),
+                });
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(iterated, names);
+            assert_eq!(mapped, names);
+        }
+        let canonical = ResponseHeader::build_no_case(200, None).unwrap();
+        assert_eq!(canonical.case_header_iter().count(), 0);
+    }
+
+    /// Random edits to a head that maps every spelling from the start (what Pingora did
+    /// before) and to one that derives them while it can write the same bytes.
+    #[test]
+    fn derived_spellings_write_what_a_map_from_the_start_writes() {
+        const NAMES: [&str; 12] = [
+            "content-type", "Content-Type", "CONTENT-TYPE", "x-a", "X-A", "x-A", "etag",
+            "ETag", "Etag", "set-cookie", "Set-Cookie", "1-2",
+        ];
+        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..500 {
+            let mut derived = ResponseHeader::build(200, None).unwrap();
+            let mut eager = ResponseHeader::build(200, None).unwrap();
+            eager.name_case = NameCase::Mapped(CaseMap::default());
+            for step in 0..12 {
+                let spelled = NAMES[next(NAMES.len())];
+                let name = HeaderName::from_bytes(spelled.as_bytes()).unwrap();
+                let value = step.to_string();
+                for head in [&mut derived, &mut eager] {
+                    match step % 4 {
+                        0 | 1 => drop(head.append_header(spelled, &value).unwrap()),
+                        2 => head.insert_header_name(&name, spelled, &value).unwrap(),
+                        _ => drop(head.remove_header(&name)),
+                    }
+                }
+                assert_eq!(wire(&derived), wire(&eager));
+            }
+        }
+    }
+
+    #[test]
+    fn a_field_added_alike_is_spelled_like_the_heads_names() {
+        let age = HeaderName::from_static("age");
+        let cases = [
+            (&["content-type"][..], "content-type: 0\r\nage: 1\r\n"),
+            (&["Content-Type"][..], "Content-Type: 0\r\nAge: 1\r\n"),
+            (&[][..], "Age: 1\r\n"),
+            (&["1-2"][..], "1-2: 0\r\nAge: 1\r\n"),
+            (&["ETag"][..], "ETag: 0\r\nAge: 1\r\n"),
+            (&["content-type", "X-A"][..], "content-type: 0\r\nX-A: 1\r\nAge: 1\r\n"),
+        ];
+        for (names, expected) in cases {
+            let mut resp = response(names);
+            resp.insert_header_alike(&age, "1").unwrap();
+            assert_eq!(wire(&resp), expected, "{names:?}");
+            let derived = matches!(resp.name_case(), NameCase::Derived(_));
+            assert_eq!(derived, names.len() < 2 && names != ["ETag"], "{names:?}");
+        }
+        let mut canonical = ResponseHeader::build_no_case(200, None).unwrap();
+        canonical.insert_header_alike(&age, "1").unwrap();
+        assert_eq!(wire(&canonical), "Age: 1\r\n");
+    }
+
+    #[test]
+    fn a_clone_keeps_the_spellings() {
+        let resp = response(&["Content-Type", "X-A"]);
+        let mut clone = resp.clone();
+        assert_eq!(wire(&clone), wire(&resp));
+        clone.append_header("x-b", "2").unwrap();
+        assert_eq!(wire(&clone), "Content-Type: 0\r\nX-A: 1\r\nx-b: 2\r\n");
+        assert_eq!(wire(&resp), "Content-Type: 0\r\nX-A: 1\r\n");
+    }
+}
