@@ -96,7 +96,10 @@ start() {
 ticks() { if [ -n "$target" ]; then awk '{print $14 + $15}' "/proc/$target/stat"; else echo 0; fi; }
 
 load() { # load SECONDS OUT
+  # One runtime thread: oha is pinned to one CPU, and two threads there preempt each
+  # other for milliseconds, which showed as the tail of every target, direct included.
   taskset -c 0 "$OHA" -z "$1s" -q "$RATE" -c "$CONNECTIONS" --latency-correction --no-tui \
+    --worker-threads 1 \
     --output-format json "http://127.0.0.1:$port/json" > "$2"
 }
 
