@@ -154,11 +154,8 @@ impl RequestCtx {
         if self.route().is_some_and(|r| r.cache.is_some())
             && !header.headers.contains_key(&cache::X_CACHE)
         {
-            let _ = header.insert_header_name(
-                &cache::X_CACHE,
-                "x-cache",
-                cache::CacheResult::Bypass.header(),
-            );
+            let _ =
+                header.insert_header_alike(&cache::X_CACHE, cache::CacheResult::Bypass.header());
         }
     }
 }
