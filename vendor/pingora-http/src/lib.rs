@@ -232,31 +232,6 @@ impl RequestHeader {
         )
     }
 
-    /// Insert a header whose name is already a [HeaderName], written on the wire as `case`
-    /// (the same name in any letter case, e.g. `X-Forwarded-For`).
-    ///
-    /// Same as [Self::insert_header()] without its costs: the name is neither parsed again
-    /// nor, for a name `http` does not know, copied into a new allocation, and a `case`
-    /// given as `&'static str` or `Bytes` is kept without a copy. For the fields a proxy
-    /// adds to every request or response.
-    pub fn insert_header_name(
-        &mut self,
-        name: &HeaderName,
-        case: impl IntoCaseHeaderName,
-        value: impl TryInto<HeaderValue>,
-    ) -> Result<()> {
-        let header_value = value
-            .try_into()
-            .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
-        insert_header_name_value(
-            &mut self.name_case,
-            &mut self.base.headers,
-            name,
-            case,
-            header_value,
-        )
-    }
-
     /// Insert a header whose name is already a [HeaderName], spelled on the wire like the
     /// head's other names: all lowercase when they all are, Title-Case otherwise (and
     /// Pingora's canonical spelling in a head that keeps no case).
@@ -613,31 +588,6 @@ impl ResponseHeader {
         )
     }
 
-    /// Insert a header whose name is already a [HeaderName], written on the wire as `case`
-    /// (the same name in any letter case, e.g. `X-Forwarded-For`).
-    ///
-    /// Same as [Self::insert_header()] without its costs: the name is neither parsed again
-    /// nor, for a name `http` does not know, copied into a new allocation, and a `case`
-    /// given as `&'static str` or `Bytes` is kept without a copy. For the fields a proxy
-    /// adds to every request or response.
-    pub fn insert_header_name(
-        &mut self,
-        name: &HeaderName,
-        case: impl IntoCaseHeaderName,
-        value: impl TryInto<HeaderValue>,
-    ) -> Result<()> {
-        let header_value = value
-            .try_into()
-            .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
-        insert_header_name_value(
-            &mut self.name_case,
-            &mut self.base.headers,
-            name,
-            case,
-            header_value,
-        )
-    }
-
     /// Insert a header whose name is already a [HeaderName], spelled on the wire like the
     /// head's other names: all lowercase when they all are, Title-Case otherwise (and
     /// Pingora's canonical spelling in a head that keeps no case).
@@ -933,28 +883,6 @@ fn insert_header_value(
         .or_err(InvalidHTTPHeader, "invalid header name")?;
     name_case.add(value_map, &header_name, || case_header_name, Add::Insert)?;
     value_map.insert(header_name, value);
-    Ok(())
-}
-
-#[inline]
-fn insert_header_name_value(
-    name_case: &mut NameCase,
-    value_map: &mut HMap,
-    name: &HeaderName,
-    case: impl IntoCaseHeaderName,
-    value: HeaderValue,
-) -> Result<()> {
-    name_case.add(
-        value_map,
-        name,
-        || {
-            let case = case.into_case_header_name();
-            debug_assert!(case.as_slice().eq_ignore_ascii_case(name.as_str().as_bytes()));
-            case
-        },
-        Add::Insert,
-    )?;
-    value_map.insert(name.clone(), value);
     Ok(())
 }
 

@@ -107,9 +107,7 @@ impl NameCase {
             NameCase::Canonical => {}
             NameCase::Derived(rules) => *rules = if *rules == LOWER { LOWER } else { TITLE },
             NameCase::Mapped(map) => {
-                let mut spelled = Vec::with_capacity(name.as_str().len());
-                put_title(name, &mut spelled);
-                map.insert(name.clone(), Bytes::from(spelled).into_case_header_name());
+                map.insert(name.clone(), spelled_name(TITLE, name));
             }
         }
     }
@@ -171,11 +169,9 @@ impl NameCase {
             .into_iter()
             .flat_map(move |map| in_step(map, values).map(|(name, value)| (name.clone(), value)));
         let derived = rules.into_iter().flat_map(move |rules| {
-            values.iter().map(move |(name, value)| {
-                let mut spelled = Vec::with_capacity(name.as_str().len());
-                put_spelled(rules, name, &mut spelled);
-                (Bytes::from(spelled).into_case_header_name(), value)
-            })
+            values
+                .iter()
+                .map(move |(name, value)| (spelled_name(rules, name), value))
         });
         mapped.chain(derived)
     }
@@ -236,12 +232,17 @@ fn spellings(rules: u8, spelled: &[u8]) -> u8 {
 fn mapped<T>(rules: u8, values: &HMap<T>) -> Result<CaseMap> {
     let mut map = CaseMap::with_capacity(values.capacity());
     for (name, _) in values {
-        let mut spelled = Vec::with_capacity(name.as_str().len());
-        put_spelled(rules, name, &mut spelled);
-        map.try_append(name.clone(), Bytes::from(spelled).into_case_header_name())
+        map.try_append(name.clone(), spelled_name(rules, name))
             .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
     }
     Ok(map)
+}
+
+/// `name` spelled by `rules`, as a spelling a map of spellings holds.
+fn spelled_name(rules: u8, name: &HeaderName) -> CaseHeaderName {
+    let mut spelled = Vec::with_capacity(name.as_str().len());
+    put_spelled(rules, name, &mut spelled);
+    Bytes::from(spelled).into_case_header_name()
 }
 
 fn put_spelled(rules: u8, name: &HeaderName, buf: &mut impl BufMut) {
@@ -546,7 +547,7 @@ mod tests {
                 for head in [&mut derived, &mut eager] {
                     match step % 4 {
                         0 | 1 => drop(head.append_header(spelled, &value).unwrap()),
-                        2 => head.insert_header_name(&name, spelled, &value).unwrap(),
+                        2 => head.insert_header(spelled, &value).unwrap(),
                         _ => drop(head.remove_header(&name)),
                     }
                 }
