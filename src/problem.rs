@@ -1,7 +1,7 @@
 //! Responses the gateway writes itself: RFC 9457 problem details (SPEC §4).
 
 use bytes::Bytes;
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use serde_json::{Map, Value};
@@ -105,7 +105,7 @@ pub(crate) struct Problem {
     pub(crate) detail: String,
     pub(crate) extra: Map<String, Value>,
     /// Response headers the answer needs besides the standard ones.
-    pub(crate) headers: Vec<(HeaderName, String)>,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Problem {
@@ -123,7 +123,8 @@ impl Problem {
     pub(crate) fn retry_after(mut self, wait: Duration) -> Self {
         let secs = retry_after_secs(wait);
         self.extra.insert("retry_after".into(), secs.into());
-        self.headers.push((header::RETRY_AFTER, secs.to_string()));
+        self.headers
+            .push((header::RETRY_AFTER, HeaderValue::from(secs)));
         self
     }
 
@@ -154,7 +155,7 @@ impl Problem {
         header.insert_header("content-length", body.len())?;
         header.insert_header("cache-control", "no-store")?;
         for (name, value) in &self.headers {
-            header.insert_header_alike(name, value.as_str())?;
+            header.insert_header_alike(name, value.clone())?;
         }
         decorate(&mut header);
         if !self.code.keeps_connection() {

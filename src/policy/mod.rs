@@ -643,6 +643,21 @@ routes:
     }
 
     #[test]
+    fn a_rule_name_the_ratelimit_headers_cannot_carry_is_refused() {
+        let text =
+            format!("{BASE}rate_limits:\n  - {{ name: \"caf\u{e9}\", key: ip, rate: 5/s }}\n");
+        let errors = compile(&text).err().expect("the policy is invalid");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            (errors[0].line, errors[0].column),
+            (10, 13),
+            "{}",
+            errors[0]
+        );
+        assert!(errors[0].message.contains("only printable ASCII"));
+    }
+
+    #[test]
     fn generation_and_state_carry_over() {
         let metrics = Metrics::new();
         let events = Arc::new(EventLog::default());

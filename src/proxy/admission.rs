@@ -104,7 +104,7 @@ pub(crate) async fn admit(
                 if identity.uses_bearer_tokens() {
                     problem.headers.push((
                         http::header::WWW_AUTHENTICATE,
-                        "Bearer error=\"invalid_token\"".to_string(),
+                        http::HeaderValue::from_static("Bearer error=\"invalid_token\""),
                     ));
                 }
                 return admission.refuse(problem);

@@ -122,9 +122,10 @@ impl Proxy {
                         ),
                     };
                     let mut problem = Problem::new(Code::BulkheadFull, detail);
-                    problem
-                        .headers
-                        .push((http::header::RETRY_AFTER, "1".to_string()));
+                    problem.headers.push((
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from_static("1"),
+                    ));
                     return self.answer(session, ctx, problem).await;
                 }
             }

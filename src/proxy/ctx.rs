@@ -49,7 +49,7 @@ pub(crate) struct Client {
 #[derive(Default)]
 pub(crate) struct Limits {
     /// Rate-limit headers for the response.
-    pub(crate) headers: Vec<(HeaderName, String)>,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// The rule that denied the request, or the shadow rules that would have.
     pub(crate) limited_by: Option<Arc<str>>,
     pub(crate) shadow_limited: Vec<Arc<str>>,

@@ -707,8 +707,8 @@ impl ProxyHttp for Proxy {
             }
         }
         ctx.decorate(response);
-        for (name, value) in &ctx.limits.headers {
-            response.insert_header_alike(name, value.as_str())?;
+        for (name, value) in std::mem::take(&mut ctx.limits.headers) {
+            response.insert_header_alike(&name, value)?;
         }
         Ok(())
     }
@@ -780,9 +780,10 @@ impl ProxyHttp for Proxy {
             ),
         };
         let mut problem = Problem::new(code, detail);
-        problem
-            .headers
-            .push((http::header::CONNECTION, "close".to_string()));
+        problem.headers.push((
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        ));
         let _ = problem.send(session, |h| ctx.decorate(h)).await;
         FailToProxy {
             error_code: code.status(),

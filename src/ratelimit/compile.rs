@@ -2,7 +2,10 @@
 //! each keeping its buckets across a reload while its `BucketKey` holds, and the Redis
 //! backend reusing its connection while its address holds.
 
-use super::{shared, BucketKey, Buckets, KeyPart, RateLimits, Rule, RuleMetrics, RuleRates};
+use super::{
+    sf_string, shared, BucketKey, Buckets, KeyPart, RateAndBurst, RateLimits, Rule, RuleMetrics,
+    RuleRates,
+};
 use crate::config::Backend;
 use crate::policy::compile::Compile;
 
@@ -77,7 +80,8 @@ pub(crate) fn compile(
             ));
             continue;
         }
-        let with_burst = |rate: crate::units::Rate| (rate, r.burst.unwrap_or(rate.count));
+        let with_burst =
+            |rate: crate::units::Rate| RateAndBurst::new(rate, r.burst.unwrap_or(rate.count));
         if r.burst == Some(0) {
             errors.push(ConfigError::at(
                 path,
@@ -86,7 +90,7 @@ pub(crate) fn compile(
             ));
         }
         let rates = match &r.rate.value {
-            RuleRate::One(rate) => RuleRates::One(*rate, with_burst(*rate).1),
+            RuleRate::One(rate) => RuleRates::One(with_burst(*rate)),
             RuleRate::PerTier(tiers) => RuleRates::PerTier(
                 tiers
                     .iter()
@@ -94,6 +98,16 @@ pub(crate) fn compile(
                     .collect(),
             ),
         };
+        let sf_name = sf_string(name).unwrap_or_else(|| {
+            errors.push(ConfigError::at(
+                path,
+                &r.name.referenced,
+                format!(
+                    "rule name `{name}`: only printable ASCII (the RateLimit headers carry it)"
+                ),
+            ));
+            name.into()
+        });
         let routes = r.routes.as_ref().map(|list| {
             list.iter()
                 .filter_map(
@@ -124,6 +138,7 @@ pub(crate) fn compile(
             name: name.into(),
             key,
             rates,
+            sf_name,
             when: r.when,
             routes,
             shadow: r.shadow,

@@ -17,7 +17,7 @@ use crate::config::{HeadersMode, OnRedisError, RuleRate, When};
 use crate::metrics::Metrics;
 use crate::problem::{whole_seconds, Code, Problem};
 use crate::units::Rate;
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +37,33 @@ pub struct Quota {
     pub window: Duration,
     /// Requests per window after scaling, for `q`.
     pub count: u32,
+}
+
+/// A rule's rate and burst as written, with the quota they make unscaled: the usual
+/// case (`limit_scale` 1) costs no arithmetic per request.
+#[derive(Debug, Clone, Copy)]
+struct RateAndBurst {
+    rate: Rate,
+    burst: u32,
+    unscaled: Quota,
+}
+
+impl RateAndBurst {
+    fn new(rate: Rate, burst: u32) -> RateAndBurst {
+        RateAndBurst {
+            rate,
+            burst,
+            unscaled: Quota::new(rate, burst, 1.0),
+        }
+    }
+
+    fn quota(&self, scale: f64) -> Quota {
+        if scale == 1.0 {
+            self.unscaled
+        } else {
+            Quota::new(self.rate, self.burst, scale)
+        }
+    }
 }
 
 impl Quota {
@@ -75,9 +102,13 @@ pub struct Verdict {
     pub retry_after: Duration,
 }
 
+/// Keys are `key_hash` outputs, already hashed with a per-process random seed: hashing
+/// them again would only cost time.
+type Shard = HashMap<u64, u64, nohash_hasher::BuildNoHashHasher<u64>>;
+
 /// One rule's buckets: key hash -> theoretical arrival time (GCRA), sharded, capped.
 pub struct Buckets {
-    shards: Box<[Mutex<HashMap<u64, u64>>]>,
+    shards: Box<[Mutex<Shard>]>,
     keys: AtomicUsize,
     max_keys: usize,
 }
@@ -85,7 +116,7 @@ pub struct Buckets {
 impl Buckets {
     pub fn new(max_keys: usize) -> Buckets {
         Buckets {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             keys: AtomicUsize::new(0),
             max_keys: max_keys.max(1),
         }
@@ -99,19 +130,17 @@ impl Buckets {
         self.len() == 0
     }
 
-    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
-        self.shards[(key as usize) % SHARDS]
+    /// The shard comes from bits the map inside does not use: its buckets from the
+    /// lowest, its tags from the top seven.
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[(key >> 32) as usize % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes one request from `key`'s bucket (or, with `consume: false`, only says
-    /// whether it would be admitted).
-    pub fn check(&self, key: u64, quota: &Quota, consume: bool) -> Verdict {
-        self.check_at(key, quota, consume, crate::clock::nanos())
-    }
-
-    fn check_at(&self, key: u64, quota: &Quota, consume: bool, now: u64) -> Verdict {
+    /// Takes one request from `key`'s bucket at `now` (`clock::nanos`), or, with
+    /// `consume: false`, only says whether it would be admitted.
+    pub fn check(&self, key: u64, quota: &Quota, consume: bool, now: u64) -> Verdict {
         let tolerance = quota.tolerance();
         let mut shard = self.shard(key);
         let stored = shard.get(&key).copied();
@@ -145,7 +174,7 @@ impl Buckets {
     /// Keeps the store under `max_keys` before a new key goes in: first drop the
     /// shard's refilled buckets (they hold no state), and only if none is refilled the
     /// one closest to refilled.
-    fn make_room(&self, shard: &mut HashMap<u64, u64>, now: u64) {
+    fn make_room(&self, shard: &mut Shard, now: u64) {
         if self.keys.load(Ordering::Relaxed) < self.max_keys {
             return;
         }
@@ -221,6 +250,8 @@ pub(crate) struct Rule {
     /// The rate for every request, or per tier (a tier not listed uses the default
     /// tier's rate; with neither, the rule does not apply).
     rates: RuleRates,
+    /// The name as a structured-field string (`"per-user"`), as the headers carry it.
+    sf_name: Box<str>,
     when: When,
     /// Route indices the rule covers; `None` is every route.
     routes: Option<Vec<usize>>,
@@ -256,8 +287,8 @@ impl BucketKey {
 }
 
 enum RuleRates {
-    One(Rate, u32),
-    PerTier(HashMap<String, (Rate, u32)>),
+    One(RateAndBurst),
+    PerTier(HashMap<String, RateAndBurst>),
 }
 
 pub(crate) struct RateLimits {
@@ -310,7 +341,7 @@ impl RateLimits {
         let mut applicable = Vec::new();
         let mut checks = Vec::new();
         for (index, rule) in self.rules.iter().enumerate() {
-            let Some((rate, burst)) = rule.rate_for(subject) else {
+            let Some(quota) = rule.quota_for(subject, scale) else {
                 continue;
             };
             let Some(key) = rule.with_key(subject, |parts| {
@@ -318,7 +349,6 @@ impl RateLimits {
             }) else {
                 continue;
             };
-            let quota = Quota::new(rate, burst, scale);
             applicable.push((index, quota));
             checks.push(shared::SharedCheck {
                 key,
@@ -363,12 +393,12 @@ impl RateLimits {
     /// denial stops, so a client over its own limit does not also drain the shared
     /// budgets behind it.
     pub(crate) fn evaluate(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
+        let now = crate::clock::nanos();
         // Lazy: a bucket is only touched if no earlier rule denied.
         let verdicts = self.rules.iter().enumerate().filter_map(|(index, rule)| {
-            let (rate, burst) = rule.rate_for(subject)?;
+            let quota = rule.quota_for(subject, scale)?;
             let key = rule.with_key(subject, key_hash)?;
-            let quota = Quota::new(rate, burst, scale);
-            Some((index, quota, rule.store.check(key, &quota, consume)))
+            Some((index, quota, rule.store.check(key, &quota, consume, now)))
         });
         self.judge(verdicts, consume)
     }
@@ -379,7 +409,10 @@ impl RateLimits {
         verdicts: impl Iterator<Item = (usize, Quota, Verdict)>,
         consume: bool,
     ) -> Outcome {
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome {
+            applied: Vec::with_capacity(self.rules.len()),
+            ..Outcome::default()
+        };
         for (index, quota, verdict) in verdicts {
             let rule = &self.rules[index];
             outcome.applied.push((index, quota, verdict));
@@ -411,7 +444,7 @@ impl RateLimits {
 }
 
 impl Rule {
-    fn rate_for(&self, subject: &Subject<'_>) -> Option<(Rate, u32)> {
+    fn quota_for(&self, subject: &Subject<'_>, scale: f64) -> Option<Quota> {
         let applies = match self.when {
             When::Always => true,
             When::Anonymous => subject.user.is_none(),
@@ -425,10 +458,11 @@ impl Rule {
         {
             return None;
         }
-        match &self.rates {
-            RuleRates::One(rate, burst) => Some((*rate, *burst)),
-            RuleRates::PerTier(tiers) => tiers.get(subject.tier).copied(),
-        }
+        let rates = match &self.rates {
+            RuleRates::One(rates) => rates,
+            RuleRates::PerTier(tiers) => tiers.get(subject.tier)?,
+        };
+        Some(rates.quota(scale))
     }
 
     /// Hands the parts of this request's bucket key to `make`, or returns `None` when a
@@ -492,43 +526,69 @@ const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset
 /// The response headers that describe an outcome (SPEC §4, draft-ietf-httpapi-
 /// ratelimit-headers structured fields, or the legacy `X-RateLimit-*` trio). Shadow
 /// rules are left out: they are not enforced, so they are not advertised.
-pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(HeaderName, String)> {
-    let enforced: Vec<&(usize, Quota, Verdict)> = outcome
-        .applied
-        .iter()
-        .filter(|(i, _, _)| !limits.rules[*i].shadow)
-        .collect();
-    let Some(tightest) = enforced.iter().min_by_key(|(_, _, v)| v.remaining) else {
+pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(HeaderName, HeaderValue)> {
+    let enforced = || {
+        outcome
+            .applied
+            .iter()
+            .filter(|(i, _, _)| !limits.rules[*i].shadow)
+    };
+    let Some((rule, quota, verdict)) = enforced().min_by_key(|(_, _, v)| v.remaining) else {
         return Vec::new();
     };
-    let (rule, quota, verdict) = tightest;
-    let name = &limits.rules[*rule].name;
     let reset = whole_seconds(verdict.reset);
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(3);
     if matches!(limits.headers, HeadersMode::Draft | HeadersMode::Both) {
-        let policy: Vec<String> = enforced
-            .iter()
-            .map(|(i, q, _)| {
-                format!(
-                    "\"{}\";q={};w={}",
-                    limits.rules[*i].name,
-                    q.count,
-                    q.window.as_secs()
-                )
-            })
-            .collect();
-        out.push((RATELIMIT_POLICY, policy.join(", ")));
-        out.push((
-            RATELIMIT,
-            format!("\"{name}\";r={};t={reset}", verdict.remaining),
-        ));
+        let mut number = itoa::Buffer::new();
+        let mut policy = String::with_capacity(64);
+        for (i, q, _) in enforced() {
+            if !policy.is_empty() {
+                policy.push_str(", ");
+            }
+            policy.push_str(&limits.rules[*i].sf_name);
+            policy.push_str(";q=");
+            policy.push_str(number.format(q.count));
+            policy.push_str(";w=");
+            policy.push_str(number.format(q.window.as_secs()));
+        }
+        out.push((RATELIMIT_POLICY, sf_value(policy)));
+        let mut limit = String::with_capacity(48);
+        limit.push_str(&limits.rules[*rule].sf_name);
+        limit.push_str(";r=");
+        limit.push_str(number.format(verdict.remaining));
+        limit.push_str(";t=");
+        limit.push_str(number.format(reset));
+        out.push((RATELIMIT, sf_value(limit)));
     }
     if matches!(limits.headers, HeadersMode::Legacy | HeadersMode::Both) {
-        out.push((X_RATELIMIT_LIMIT, quota.count.to_string()));
-        out.push((X_RATELIMIT_REMAINING, verdict.remaining.to_string()));
-        out.push((X_RATELIMIT_RESET, reset.to_string()));
+        out.push((X_RATELIMIT_LIMIT, HeaderValue::from(quota.count)));
+        out.push((X_RATELIMIT_REMAINING, HeaderValue::from(verdict.remaining)));
+        out.push((X_RATELIMIT_RESET, HeaderValue::from(reset)));
     }
     out
+}
+
+/// A structured field made of rule names (`sf_string`: printable ASCII) and numbers.
+fn sf_value(text: String) -> HeaderValue {
+    HeaderValue::try_from(text).expect("rule names are printable ASCII (checked when compiled)")
+}
+
+/// `name` as a structured-field string (RFC 8941 §3.3.3), or `None` when it has a
+/// character one cannot carry (only printable ASCII can).
+pub(crate) fn sf_string(name: &str) -> Option<Box<str>> {
+    if !name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return None;
+    }
+    let mut quoted = String::with_capacity(name.len() + 2);
+    quoted.push('"');
+    for c in name.chars() {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    Some(quoted.into())
 }
 
 #[cfg(test)]
@@ -550,18 +610,18 @@ mod tests {
         let quota = Quota::new(per_minute(20), 20, 1.0);
         let t0 = 1_000 * SEC;
         for n in 0..20 {
-            let v = store.check_at(7, &quota, true, t0);
+            let v = store.check(7, &quota, true, t0);
             assert!(v.allowed, "request {n}");
             assert_eq!(v.remaining, 19 - n);
         }
-        let denied = store.check_at(7, &quota, true, t0);
+        let denied = store.check(7, &quota, true, t0);
         assert!(!denied.allowed);
         assert_eq!(denied.retry_after, Duration::from_secs(3));
-        assert!(!store.check_at(7, &quota, true, t0 + 2 * SEC).allowed);
-        assert!(store.check_at(7, &quota, true, t0 + 3 * SEC).allowed);
-        assert!(!store.check_at(7, &quota, true, t0 + 3 * SEC).allowed);
+        assert!(!store.check(7, &quota, true, t0 + 2 * SEC).allowed);
+        assert!(store.check(7, &quota, true, t0 + 3 * SEC).allowed);
+        assert!(!store.check(7, &quota, true, t0 + 3 * SEC).allowed);
         // Another key has its own bucket.
-        assert!(store.check_at(8, &quota, true, t0).allowed);
+        assert!(store.check(8, &quota, true, t0).allowed);
         assert_eq!(store.len(), 2);
     }
 
@@ -570,7 +630,7 @@ mod tests {
         let store = Buckets::new(100);
         let quota = Quota::new(per_minute(2), 2, 1.0);
         for _ in 0..5 {
-            let v = store.check_at(1, &quota, false, SEC);
+            let v = store.check(1, &quota, false, SEC);
             assert!(v.allowed);
             assert_eq!(v.remaining, 2);
         }
@@ -584,22 +644,30 @@ mod tests {
         assert_eq!(quota.emission, 6 * SEC);
         let store = Buckets::new(100);
         let admitted = (0..20)
-            .filter(|_| store.check_at(1, &quota, true, SEC).allowed)
+            .filter(|_| store.check(1, &quota, true, SEC).allowed)
             .count();
         assert_eq!(admitted, 10);
         // Scaling back up applies to the same bucket state: 10 more fit in the burst.
         let full = Quota::new(per_minute(20), 20, 1.0);
         let admitted = (0..20)
-            .filter(|_| store.check_at(1, &full, true, SEC).allowed)
+            .filter(|_| store.check(1, &full, true, SEC).allowed)
             .count();
         assert_eq!(
             admitted, 0,
             "the scaled-down bucket's debt carries over, no free burst"
         );
         let later = (0..20)
-            .filter(|_| store.check_at(1, &full, true, 61 * SEC).allowed)
+            .filter(|_| store.check(1, &full, true, 61 * SEC).allowed)
             .count();
         assert_eq!(later, 20);
+    }
+
+    #[test]
+    fn rule_names_go_out_as_structured_field_strings() {
+        assert_eq!(sf_string("per-user").as_deref(), Some("\"per-user\""));
+        assert_eq!(sf_string(r#"a"b\c"#).as_deref(), Some(r#""a\"b\\c""#));
+        assert_eq!(sf_string("caf\u{e9}"), None);
+        assert_eq!(sf_string("tab\there"), None);
     }
 
     #[test]
@@ -609,12 +677,13 @@ mod tests {
         let t0 = 1_000 * SEC;
         // The abuser (shard 0) spends its whole burst: limited for a minute.
         for _ in 0..10 {
-            assert!(store.check_at(0, &quota, true, t0).allowed);
+            assert!(store.check(0, &quota, true, t0).allowed);
         }
-        assert!(!store.check_at(0, &quota, true, t0).allowed);
+        assert!(!store.check(0, &quota, true, t0).allowed);
+        let in_shard_0 = |i: u64| (i << 32 << SHARDS.trailing_zeros()) | i;
         // A flood of new clients in the same shard, each one request (6 s of debt).
         for i in 1..5_000u64 {
-            store.check_at(i * SHARDS as u64, &quota, true, t0 + i);
+            store.check(in_shard_0(i), &quota, true, t0 + i);
             assert!(store.len() <= SHARDS, "{} keys", store.len());
         }
         let abuser_tat = t0 + 60 * SEC;
@@ -625,7 +694,7 @@ mod tests {
         );
         // Later the flood's buckets have refilled and go first.
         for i in 5_000..10_000u64 {
-            store.check_at(i * SHARDS as u64, &quota, true, t0 + 7 * SEC);
+            store.check(in_shard_0(i), &quota, true, t0 + 7 * SEC);
         }
         assert_eq!(store.shard(0).get(&0), Some(&abuser_tat));
         assert!(store.len() <= SHARDS);
