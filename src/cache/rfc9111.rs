@@ -144,7 +144,15 @@ pub(crate) fn key(
             req.headers.get_all(name),
         )));
     }
-    CacheKey::new(primary, "")
+    // Pingora would hash the key with BLAKE2b (a 128-byte block, twelve rounds) where
+    // anything needs it: the entry's slot, the cache lock. One BLAKE3 block (64 bytes,
+    // seven rounds) is as collision-resistant at 128 bits and a third of the work; every
+    // user of the key reads the override. Replicas sharing entries through Redis must
+    // run the same digest (a release that changes it starts the shared tier cold).
+    let digest = blake3::hash(primary.as_bytes());
+    let mut key = CacheKey::new(primary, "");
+    key.set_primary_bin_override(digest.as_bytes()[..16].try_into().expect("16 of 32 bytes"));
+    key
 }
 
 /// The path and query a key was made for (see [`key`]), for purges.
@@ -774,5 +782,9 @@ mod tests {
         assert_ne!(listed, base);
         let primary = key(&rc, "r", &req("a.example", "en"), false, None);
         assert_eq!(key_path(primary.primary_key_str().unwrap()), "/a?b=1");
+        // The slot every replica files the entry under: BLAKE3 of the key, whatever
+        // Pingora's own default digest.
+        let text = primary.primary_key_str().unwrap().as_bytes();
+        assert_eq!(primary.primary_bin(), blake3::hash(text).as_bytes()[..16]);
     }
 }
