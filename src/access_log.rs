@@ -8,7 +8,9 @@
 //! `access_log.flush` old, to stdout or `access_log.path` (reopened on `SIGUSR1`, for
 //! logrotate); within one tick, lines of different threads may be out of order. When a
 //! shard is full a line is dropped and counted (`tollgate_access_log_dropped_total`,
-//! `/status`). A clean stop flushes what is queued ([`Sink::flush`]). `TOLLGATE_LOG`
+//! `/status`). A clean stop flushes what is queued ([`Sink::flush`]). With nothing to
+//! write (an idle sidecar, the log off) the writer sleeps [`IDLE`] at a time instead of a
+//! tick, and the first line queued after that wakes it. `TOLLGATE_LOG`
 //! still governs the lines through the `access` target (`TOLLGATE_LOG=info,access=off`).
 //!
 //! This module is the queue and the writer; a line is rendered by the proxy
@@ -20,7 +22,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Bytes one shard holds between two drains of the writer (every [`TICK`]): room for
@@ -28,8 +30,11 @@ use std::time::{Duration, Instant};
 const SHARD_BYTES: usize = 1 << 20;
 /// Shards of the queue; worker threads beyond this many share them.
 const SHARDS: usize = 8;
-/// How often the writer drains the queue; a request never wakes it.
+/// How often the writer drains the queue while there are lines; a request never wakes it.
 const TICK: Duration = Duration::from_millis(20);
+/// How long the writer sleeps with nothing queued or buffered: 50 wake-ups a second
+/// are a cost of their own in a pod that is idle, or whose log is off.
+const IDLE: Duration = Duration::from_secs(1);
 
 /// Where and how the writer writes; read from the policy in force at every tick.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +59,17 @@ struct Queue {
     reopen: AtomicBool,
     /// Flush requests: each is answered once everything queued before it is written.
     flushes: Mutex<Vec<mpsc::Sender<()>>>,
+    /// Set while the writer sleeps for lack of lines: the next line wakes it.
+    idle: AtomicBool,
+    writer: OnceLock<std::thread::Thread>,
+}
+
+impl Queue {
+    fn wake_writer(&self) {
+        if let Some(writer) = self.writer.get() {
+            writer.unpark();
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -66,6 +82,14 @@ impl Sink {
         dropped: IntCounter,
         output: impl Fn() -> Output + Send + 'static,
     ) -> std::io::Result<Sink> {
+        Sink::start_idling(dropped, output, IDLE)
+    }
+
+    fn start_idling(
+        dropped: IntCounter,
+        output: impl Fn() -> Output + Send + 'static,
+        idle: Duration,
+    ) -> std::io::Result<Sink> {
         let queue = Arc::new(Queue::default());
         let writer = Writer {
             queue: queue.clone(),
@@ -74,6 +98,7 @@ impl Sink {
             target: Target::Stdout,
             pending: Vec::new(),
             oldest: None,
+            idle,
         };
         std::thread::Builder::new()
             .name("access log".into())
@@ -92,6 +117,11 @@ impl Sink {
             return;
         }
         render(&mut lines);
+        drop(lines);
+        // A load per line; the swap and the wake only for the first line after a sleep.
+        if self.queue.idle.load(Ordering::SeqCst) && self.queue.idle.swap(false, Ordering::SeqCst) {
+            self.queue.wake_writer();
+        }
     }
 
     pub(crate) fn dropped(&self) -> u64 {
@@ -101,12 +131,14 @@ impl Sink {
     /// Reopens `access_log.path` at the next tick (logrotate's `postrotate`).
     pub(crate) fn reopen(&self) {
         self.queue.reopen.store(true, Ordering::Relaxed);
+        self.queue.wake_writer();
     }
 
     /// Writes everything queued so far; waits at most `timeout`. For a clean stop.
     pub(crate) fn flush(&self, timeout: Duration) -> bool {
         let (done, wait) = mpsc::channel();
         lock(&self.queue.flushes).push(done);
+        self.queue.wake_writer();
         wait.recv_timeout(timeout).is_ok()
     }
 }
@@ -124,10 +156,14 @@ struct Writer<F> {
     pending: Vec<u8>,
     /// When the oldest line in `pending` was taken from the queue.
     oldest: Option<Instant>,
+    /// How long to sleep with nothing to write ([`IDLE`]).
+    idle: Duration,
 }
 
 impl<F: Fn() -> Output> Writer<F> {
     fn run(mut self) {
+        // Before any sleep, so that whoever wakes it finds it.
+        let _ = self.queue.writer.set(std::thread::current());
         loop {
             let output = (self.output)();
             let reopen = self.queue.reopen.swap(false, Ordering::Relaxed);
@@ -138,7 +174,7 @@ impl<F: Fn() -> Output> Writer<F> {
             let flushes = std::mem::take(&mut *lock(&self.queue.flushes));
             // Every sink gone: what is queued now is the last of it.
             let open = Arc::strong_count(&self.queue) > 1;
-            self.drain(&output);
+            let drained = self.drain(&output);
             let due = self.oldest.is_some_and(|t| t.elapsed() >= output.flush);
             if due || !flushes.is_empty() || !open {
                 self.write_pending();
@@ -150,18 +186,46 @@ impl<F: Fn() -> Output> Writer<F> {
             if !open {
                 return;
             }
-            std::thread::sleep(TICK);
+            if drained || !self.pending.is_empty() {
+                std::thread::sleep(TICK);
+            } else {
+                self.sleep_idle();
+            }
         }
     }
 
-    /// Moves what the shards hold into the buffer, writing whenever it is full.
-    fn drain(&mut self, output: &Output) {
+    /// Sleeps up to `idle`, woken by the next line, a flush or a reopen.
+    fn sleep_idle(&self) {
+        self.queue.idle.store(true, Ordering::SeqCst);
+        // A line queued before `idle` was set saw it unset and woke no one: look again.
+        // (One queued after sees it set; an unpark before the park makes it return.)
+        // Flushes and reopens wake the writer whatever `idle` says.
+        let waiting = self
+            .queue
+            .shards
+            .iter()
+            .any(|shard| !lock(shard).is_empty())
+            || !lock(&self.queue.flushes).is_empty()
+            || self.queue.reopen.load(Ordering::Relaxed);
+        if waiting {
+            self.queue.idle.store(false, Ordering::SeqCst);
+            return;
+        }
+        std::thread::park_timeout(self.idle);
+        self.queue.idle.store(false, Ordering::SeqCst);
+    }
+
+    /// Moves what the shards hold into the buffer, writing whenever it is full; says
+    /// whether there was anything.
+    fn drain(&mut self, output: &Output) -> bool {
+        let mut drained = false;
         let queue = self.queue.clone();
         for shard in &queue.shards {
             let mut lines = lock(shard);
             if lines.is_empty() {
                 continue;
             }
+            drained = true;
             self.oldest.get_or_insert_with(Instant::now);
             if self.pending.is_empty() {
                 // The shard keeps the buffer's allocation for its next lines.
@@ -175,6 +239,7 @@ impl<F: Fn() -> Output> Writer<F> {
                 self.write_pending();
             }
         }
+        drained
     }
 
     fn open(&mut self, output: &Output) {
@@ -243,6 +308,34 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::fs::read_to_string(dir.path().join("due.log")).unwrap_or_default() != "x\n" {
             assert!(Instant::now() < deadline, "never written");
+            std::thread::sleep(TICK);
+        }
+    }
+
+    #[test]
+    fn an_idle_writer_sleeps_until_the_next_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idle.log");
+        let out = path.clone();
+        let dropped = IntCounter::new("dropped", "dropped").unwrap();
+        // Once idle it would sleep an hour: only the line can wake it in time.
+        let output = move || Output {
+            buffer: 1 << 20,
+            flush: Duration::ZERO,
+            path: Some(out.clone()),
+        };
+        let sink = Sink::start_idling(dropped, output, Duration::from_secs(3600)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sink.queue.idle.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the writer never went idle");
+            std::thread::sleep(TICK);
+        }
+        sink.append(|buf| buf.extend_from_slice(b"woken\n"));
+        while std::fs::read_to_string(&path).unwrap_or_default() != "woken\n" {
+            assert!(
+                Instant::now() < deadline,
+                "the line waited for the idle sleep"
+            );
             std::thread::sleep(TICK);
         }
     }
