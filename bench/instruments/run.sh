@@ -9,7 +9,8 @@
 #
 # TARGETS (default "tollgate floor probe nginx"), REQUESTS (callgrind, 2000), DURATION
 # (wrk seconds, 5), BIN (where the binaries are, default target/release: another build
-# to compare with), GATEWAY_CONF (tollgate's policy template, default bench/gateway.yaml),
+# to compare with), GATEWAY_CONF (tollgate's policy template, default bench/gateway.yaml;
+# bench/gateway-cache.yaml for 1 KiB hits, bench/gateway-ratelimit.yaml for the rules),
 # CALLGRIND_OUT (a directory to keep the callgrind profiles in, for callgrind_annotate).
 # Needs perf, valgrind, wrk, python3; nginx for the origin and the
 # nginx row (without nginx, tollgate-upstream is the origin and the nginx row is skipped).
@@ -40,7 +41,9 @@ wait_port $ORIGIN_PORT "$ORIGIN_PATH"
 command_of() {
   case $1 in
     tollgate)
+      # Rate-limit placeholders as the peer harness fills them: evaluated, never denying.
       sed -e "s/{{LISTEN}}/127.0.0.1:$PROXY_PORT/; s/{{AUX_PORT}}/$AUX_PORT/; s/{{ORIGIN}}/127.0.0.1:$ORIGIN_PORT/" \
+        -e "s/{{RL_RATE}}/1000000000/g; s/{{RL_BURST}}/1000000000/g" \
         "${GATEWAY_CONF:-bench/gateway.yaml}" > "$RUN/gateway.yaml"
       echo "$BIN/tollgate run -c $RUN/gateway.yaml" ;;
     floor) echo "$BIN/examples/pingora_floor 127.0.0.1:$PROXY_PORT proxy 127.0.0.1:$ORIGIN_PORT" ;;
