@@ -2,7 +2,7 @@
 //! next probe is due, and records the verdict in the server's shared state, metric and
 //! events.
 
-use super::{Gateway, Ticks};
+use super::{pause, Gateway};
 use crate::health::HealthCheck;
 use crate::upstream::{Pool, ServerState};
 use pingora::connectors::http::Connector;
@@ -12,8 +12,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often the service looks for probes that are due.
-const TICK: Duration = Duration::from_millis(100);
+/// The longest the service sleeps between two looks for due probes: how soon checks a
+/// reload adds start. Otherwise it sleeps until the next probe is due, so an idle pod
+/// without checks is not woken ten times a second.
+const LONGEST_SLEEP: Duration = Duration::from_secs(1);
+/// How soon it looks again at a server whose previous probe is still running.
+const RETRY: Duration = Duration::from_millis(100);
 
 pub(crate) struct HealthChecker {
     pub(crate) gateway: Arc<Gateway>,
@@ -21,26 +25,30 @@ pub(crate) struct HealthChecker {
 
 #[async_trait::async_trait]
 impl BackgroundService for HealthChecker {
-    async fn start(&self, shutdown: ShutdownWatch) {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
         let connector = Arc::new(Connector::new(None));
-        let mut ticks = Ticks::every(TICK, shutdown);
-        while ticks.next().await {
+        loop {
             let policy = self.gateway.policy.load_full();
             let now = crate::clock::millis();
+            let mut wake = now + LONGEST_SLEEP.as_millis() as u64;
             for pool in policy.upstreams.values() {
                 let Some(check) = &pool.health_check else {
                     continue;
                 };
                 for (index, server) in pool.servers.iter().enumerate() {
                     let state = &server.state;
-                    if state.next_probe_at.load(Ordering::Relaxed) > now
-                        || state.probing.swap(true, Ordering::Relaxed)
-                    {
+                    let due = state.next_probe_at.load(Ordering::Relaxed);
+                    if due > now {
+                        wake = wake.min(due);
                         continue;
                     }
-                    state
-                        .next_probe_at
-                        .store(now + check.interval.as_millis() as u64, Ordering::Relaxed);
+                    if state.probing.swap(true, Ordering::Relaxed) {
+                        wake = wake.min(now + RETRY.as_millis() as u64);
+                        continue;
+                    }
+                    let next = now + check.interval.as_millis() as u64;
+                    state.next_probe_at.store(next, Ordering::Relaxed);
+                    wake = wake.min(next);
                     let (gateway, pool, connector) =
                         (self.gateway.clone(), pool.clone(), connector.clone());
                     let check = check.clone();
@@ -51,6 +59,10 @@ impl BackgroundService for HealthChecker {
                         state.probing.store(false, Ordering::Relaxed);
                     });
                 }
+            }
+            let wait = Duration::from_millis(wake.saturating_sub(crate::clock::millis()));
+            if !pause(&mut shutdown, wait).await {
+                return;
             }
         }
     }

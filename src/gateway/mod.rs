@@ -162,6 +162,14 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Waits `wait`; `false` once the server is shutting down.
+pub(crate) async fn pause(shutdown: &mut ShutdownWatch, wait: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.changed() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
 /// The beat of a background service: `while ticks.next().await { … }` runs its body
 /// every `period`, the first time at once, until the server shuts down.
 pub(crate) struct Ticks {
