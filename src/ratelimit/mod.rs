@@ -576,18 +576,10 @@ fn sf_value(text: String) -> HeaderValue {
 /// `name` as a structured-field string (RFC 8941 §3.3.3), or `None` when it has a
 /// character one cannot carry (only printable ASCII can).
 pub(crate) fn sf_string(name: &str) -> Option<Box<str>> {
-    if !name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return None;
-    }
     let mut quoted = String::with_capacity(name.len() + 2);
-    quoted.push('"');
-    for c in name.chars() {
-        if matches!(c, '"' | '\\') {
-            quoted.push('\\');
-        }
-        quoted.push(c);
-    }
-    quoted.push('"');
+    sfv::RefItemSerializer::new(&mut quoted)
+        .bare_item(&sfv::RefBareItem::String(name))
+        .ok()?;
     Some(quoted.into())
 }
 
