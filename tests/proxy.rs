@@ -455,6 +455,38 @@ fn idle_and_trickling_clients_are_disconnected() {
     assert_eq!(gw.get("/health").status(), 200);
 }
 
+#[test]
+fn a_client_that_goes_away_ends_its_request_upstream() {
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gw = Tollgate::start(&pool_policy(
+        origin.local_addr().unwrap(),
+        "timeouts: { connect: 1s, read: 60s }",
+    ));
+    let mut client = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (mut upstream, _) = origin.accept().unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(read_head(&mut upstream).starts_with("get /slow "));
+
+    // The origin never answers; the client stops waiting.
+    drop(client);
+    let started = std::time::Instant::now();
+    let mut rest = [0u8; 64];
+    let n = upstream
+        .read(&mut rest)
+        .expect("the upstream connection was left open");
+    assert_eq!(n, 0, "more than the request reached the upstream");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the gateway kept waiting for a client that left: {:?}",
+        started.elapsed()
+    );
+}
+
 /// Reads an HTTP head (up to the blank line) byte by byte, so nothing after it is taken.
 fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();

@@ -117,7 +117,8 @@ where
             return (false, true, Some(e));
         }
 
-        session.set_upstream_h1_upgrade_request_status(is_h1_upgrade_req(&req));
+        let upstream_upgrade = is_h1_upgrade_req(&req);
+        session.set_upstream_h1_upgrade_request_status(upstream_upgrade);
 
         session.upstream_compression.request_filter(&req);
 
@@ -142,6 +143,20 @@ where
             Ok(reader) => reader,
             Err(e) => return (false, false, Some(e)),
         };
+
+        if downstream_custom_message_writer.is_none()
+            && downstream_custom_message_reader.is_none()
+            && !upstream_upgrade
+            && !session.is_upgrade_req()
+            && !session.cache.enabled()
+            && !session.cache.bypassing()
+            && session.as_mut().is_body_empty()
+            && session.as_mut().is_body_done()
+        {
+            return self
+                .proxy_bodiless_request(session, client_session, ctx)
+                .await;
+        }
 
         let (tx_upstream, rx_upstream) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
         let (tx_downstream, rx_downstream) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
@@ -193,6 +208,112 @@ where
             }
             Err(e) => (false, false, Some(e)),
         }
+    }
+
+    /// `proxy_1to1` for a request with no body, no upgrade, no cache and no custom messages
+    /// (most requests a reverse proxy sees): once its head and the end of its (empty) body
+    /// are sent, nothing more flows to the upstream, so the response is read and forwarded
+    /// here in turn, as the duplex loop would, without the pair of task pipes between its
+    /// two halves. The client is watched while the response is awaited, as the duplex loop
+    /// does: a client that goes away ends the request.
+    async fn proxy_bodiless_request(
+        &self,
+        session: &mut Session,
+        client_session: &mut HttpSessionV1,
+        ctx: &mut SV::CTX,
+    ) -> (bool, bool, Option<Box<Error>>)
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        session.as_mut().enable_retry_buffering();
+        let buffer = session.as_ref().get_retry_buffer();
+        let mut body_task = None;
+        if let Err(e) = self
+            .send_body_to_pipe(session, buffer, true, |task| body_task = Some(task), ctx)
+            .await
+        {
+            return (false, false, Some(e));
+        }
+        let mut upstream_can_reuse = true;
+        let mut send_error = None;
+        if let Err(e) = send_body_to1(client_session, body_task).await {
+            warn!("send error, draining read buf: {e}");
+            // A complete response can still be forwarded, but the partially written
+            // HTTP/1 request makes this connection unsafe to reuse.
+            upstream_can_reuse = false;
+            send_error = Some(e);
+        }
+
+        let mut serve_from_cache = ServeFromCache::new();
+        let mut range_body_filter = RangeBodyFilter::new();
+        let mut response_state = ResponseStateMachine::new();
+        loop {
+            let first = tokio::select! {
+                res = client_session.read_response_task() => res,
+                idle = session.downstream_session.read_body_or_idle(true) => {
+                    match idle {
+                        Err(e) => return (false, false, Some(e.into_down())),
+                        // No body is expected: the client only ends or errs from here on.
+                        Ok(_) => continue,
+                    }
+                }
+            };
+            // Forward what the upstream has already sent in one write, as the duplex loop
+            // batches what its pipe holds.
+            let mut tasks = Vec::with_capacity(TASK_BUFFER_SIZE);
+            let mut next = Some(first);
+            let mut upstream_done = false;
+            while let Some(read) = next.take() {
+                match read {
+                    Ok(task) => {
+                        upstream_done = task.is_end();
+                        tasks.push(task);
+                    }
+                    Err(e) => {
+                        // The message boundary was not established: not reusable.
+                        upstream_can_reuse = false;
+                        upstream_done = true;
+                        tasks.push(HttpTask::Failed(send_error.take().unwrap_or(e).into_up()));
+                    }
+                }
+                if !upstream_done && tasks.len() < TASK_BUFFER_SIZE {
+                    // tokio::task::unconstrained because now_or_never may yield None when the
+                    // future is ready
+                    next = tokio::task::unconstrained(client_session.read_response_task())
+                        .now_or_never();
+                }
+            }
+            let written = self
+                .filter_and_write_upstream_tasks(
+                    session,
+                    ctx,
+                    tasks,
+                    &mut serve_from_cache,
+                    &mut range_body_filter,
+                    &mut response_state,
+                )
+                .await;
+            match written {
+                // The response ends where the downstream write or the upstream says it does.
+                Ok(Some(response_done)) if response_done || upstream_done => break,
+                Ok(None) if upstream_done => break,
+                Ok(_) => {}
+                Err(e) => return (false, false, Some(e)),
+            }
+        }
+
+        let reuse_downstream = match session.as_mut().finish_body().await {
+            Ok(_) => {
+                debug!("finished sending body to downstream");
+                true
+            }
+            Err(e) => {
+                error!("Error finish sending body to downstream: {}", e);
+                false
+            }
+        };
+        (reuse_downstream, upstream_can_reuse, None)
     }
 
     pub(crate) async fn proxy_to_h1_upstream(
@@ -398,6 +519,33 @@ where
             }
         }
 
+        self.filter_and_write_upstream_tasks(
+            session,
+            ctx,
+            tasks,
+            serve_from_cache,
+            range_body_filter,
+            response_state,
+        )
+        .await
+    }
+
+    /// Runs the response filters on a batch of upstream tasks and writes what they let
+    /// through downstream: `Ok(Some(response_done))`, or `Ok(None)` when nothing is to be
+    /// sent downstream (the response is served from cache instead).
+    async fn filter_and_write_upstream_tasks(
+        &self,
+        session: &mut Session,
+        ctx: &mut SV::CTX,
+        tasks: Vec<HttpTask>,
+        serve_from_cache: &mut ServeFromCache,
+        range_body_filter: &mut proxy_cache::range_filter::RangeBodyFilter,
+        response_state: &mut ResponseStateMachine,
+    ) -> Result<Option<bool>>
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
         /* run filters before sending to downstream */
         let mut filtered_tasks = Vec::with_capacity(TASK_BUFFER_SIZE);
         for mut t in tasks {
@@ -496,7 +644,7 @@ where
                 session,
                 buffer,
                 downstream_state.is_done(),
-                send_permit,
+                |task| send_permit.send(task),
                 ctx,
             )
             .await?;
@@ -602,7 +750,7 @@ where
                         session,
                         body,
                         is_body_done,
-                        send_permit.unwrap(), // safe because we checked is_ok()
+                        |task| send_permit.unwrap().send(task), // safe because we checked is_ok()
                         ctx,
                     )
                     .await?;
@@ -1026,7 +1174,7 @@ where
         session: &mut Session,
         mut data: Option<Bytes>,
         end_of_body: bool,
-        tx: mpsc::Permit<'_, HttpTask>,
+        send: impl FnOnce(HttpTask) + Send,
         ctx: &mut SV::CTX,
     ) -> Result<bool>
     where
@@ -1067,9 +1215,9 @@ where
 
         // upgraded body needs to be marked
         if session.was_upgraded() {
-            tx.send(HttpTask::UpgradedBody(data, upstream_end_of_body));
+            send(HttpTask::UpgradedBody(data, upstream_end_of_body));
         } else {
-            tx.send(HttpTask::Body(data, upstream_end_of_body));
+            send(HttpTask::Body(data, upstream_end_of_body));
         }
 
         Ok(end_of_body)
