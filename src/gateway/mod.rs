@@ -47,6 +47,8 @@ pub(crate) struct Gateway {
     /// Serializes reloads and remembers the last file content seen, good or bad, so
     /// the watcher does not re-report an invalid file that has not changed.
     pub(crate) reload_state: Mutex<Option<String>>,
+    /// The generation of the policy in force, for services that wait for a reload.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Gateway {
@@ -55,6 +57,7 @@ impl Gateway {
         metrics.config_last_success.set(unix_now() as i64);
         metrics.set_slo_objectives(policy.slo_objectives());
         let seen = Some(policy.sha256.clone());
+        let generation = policy.generation;
         let first_output = policy.access_log.output.clone();
         Arc::new_cyclic(|gateway: &std::sync::Weak<Gateway>| {
             let weak = gateway.clone();
@@ -95,8 +98,21 @@ impl Gateway {
                 draining: AtomicBool::new(false),
                 handing_over: AtomicBool::new(false),
                 reload_state: Mutex::new(seen),
+                generation: tokio::sync::watch::channel(generation).0,
             }
         })
+    }
+
+    /// Puts `policy` in force and wakes the services waiting for a reload.
+    pub(crate) fn install(&self, policy: Policy) {
+        let generation = policy.generation;
+        self.policy.store(Arc::new(policy));
+        self.generation.send_replace(generation);
+    }
+
+    /// Sees each policy put in force from now on.
+    pub(crate) fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     pub(crate) fn inflight(&self) -> usize {

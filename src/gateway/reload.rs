@@ -112,7 +112,7 @@ pub(crate) fn reload(
             metrics.config_generation.set(generation as i64);
             metrics.set_slo_objectives(new.slo_objectives());
             gateway.cache.configure(&new.cache);
-            gateway.policy.store(Arc::new(new));
+            gateway.install(new);
             metrics.forget(
                 &diff.routes.removed,
                 &diff.upstreams.removed,

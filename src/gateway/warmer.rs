@@ -2,10 +2,11 @@
 //! warm paths are requested through the gateway's own listener, so they take the whole
 //! pipeline (rate limits, breaker, metrics, access log) and fill the cache like any
 //! client's miss. Keys hold the Host: a warm path is fetched with the listener address
-//! as Host, a warm URL with its own. A path whose upstream is down is tried again on the next ticks, then
-//! given up on with a warning until the next reload.
+//! as Host, a warm URL with its own. A path whose upstream is down is tried again every half second, then
+//! given up on with a warning until the next reload; with nothing left to warm, the
+//! warmer sleeps until a reload.
 
-use super::{Gateway, Ticks};
+use super::{pause, Gateway};
 use crate::cache::WarmTarget;
 use pingora::connectors::http::Connector;
 use pingora::server::ShutdownWatch;
@@ -26,13 +27,13 @@ pub(crate) struct Warmer {
 
 #[async_trait::async_trait]
 impl BackgroundService for Warmer {
-    async fn start(&self, shutdown: ShutdownWatch) {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
         let connector = Connector::new(None);
+        let mut reloads = self.gateway.reloads();
         let mut warmed_generation = 0;
         let mut pending: Vec<WarmTarget> = Vec::new();
         let mut rounds = 0;
-        let mut ticks = Ticks::every(TICK, shutdown);
-        while ticks.next().await {
+        loop {
             let policy = self.gateway.policy.load_full();
             if policy.generation != warmed_generation {
                 warmed_generation = policy.generation;
@@ -44,30 +45,51 @@ impl BackgroundService for Warmer {
                     .collect();
                 rounds = 0;
             }
-            let Some(listen) = policy.server.listen.first().map(|a| reachable(*a)) else {
-                pending.clear();
-                continue;
-            };
-            if pending.is_empty() {
-                continue;
-            }
-            let mut failed = Vec::new();
-            for target in pending.drain(..) {
-                match fetch(&connector, listen, &target).await {
-                    Some(status) if status < 500 => {
-                        tracing::info!(path = target.path, host = ?target.host, status, "cache warmed");
+            match policy.server.listen.first() {
+                None => pending.clear(),
+                Some(listen) if !pending.is_empty() => {
+                    let targets = std::mem::take(&mut pending);
+                    pending = warm(&connector, reachable(*listen), targets).await;
+                    rounds += 1;
+                    if rounds >= ROUNDS && !pending.is_empty() {
+                        tracing::warn!(paths = ?pending, "cache warming gave up until the next reload");
+                        pending.clear();
                     }
-                    _ => failed.push(target),
                 }
+                Some(_) => {}
             }
-            rounds += 1;
-            if rounds >= ROUNDS && !failed.is_empty() {
-                tracing::warn!(paths = ?failed, "cache warming gave up until the next reload");
-                failed.clear();
+            let go_on = if pending.is_empty() {
+                // Nothing to warm until a reload brings a new policy: no tick to wake for.
+                tokio::select! {
+                    _ = shutdown.changed() => false,
+                    reloaded = reloads.changed() => reloaded.is_ok(),
+                }
+            } else {
+                pause(&mut shutdown, TICK).await
+            };
+            if !go_on {
+                break;
             }
-            pending = failed;
         }
     }
+}
+
+/// One round over `targets`: those that could not be warmed, to try again.
+async fn warm(
+    connector: &Connector,
+    listen: SocketAddr,
+    targets: Vec<WarmTarget>,
+) -> Vec<WarmTarget> {
+    let mut failed = Vec::new();
+    for target in targets {
+        match fetch(connector, listen, &target).await {
+            Some(status) if status < 500 => {
+                tracing::info!(path = target.path, host = ?target.host, status, "cache warmed");
+            }
+            _ => failed.push(target),
+        }
+    }
+    failed
 }
 
 /// The listener as a client reaches it: a wildcard address is reached on loopback.
