@@ -358,8 +358,13 @@ pub(crate) fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            // Looked up by `&str` (parsed on the stack) before a `HeaderName` is made: a
-            // custom name allocates, and the usual token, `keep-alive`, names no field.
+            // The usual tokens need no lookup: `keep-alive` names a standard field, in
+            // `fields` already when present, and `close` none.
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            // Others are looked up by `&str` (parsed on the stack) before a `HeaderName`
+            // is made: a custom name allocates.
             .filter(|token| headers.contains_key(*token))
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok()),
     );
@@ -628,5 +633,12 @@ mod tests {
             hop_by_hop_fields(&h).is_empty(),
             "x-secret is not named any more"
         );
+
+        // The usual answer: each field once, in whatever case the token is written.
+        h.insert("connection", "Keep-Alive".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        let mut fields = hop_by_hop_fields(&h);
+        fields.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(fields, ["connection", "keep-alive"]);
     }
 }
