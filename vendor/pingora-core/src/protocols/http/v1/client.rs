@@ -203,33 +203,38 @@ impl HttpSession {
     }
 
     // Validate the response header read. This function must be called after the response header
-    // read.
-    fn validate_response(&self) -> Result<()> {
+    // read. Returns the Content-Length that frames the body, if any, so that the body reader
+    // does not look it up and parse it again.
+    fn validate_response(&self, has_transfer_encoding: bool) -> Result<Option<usize>> {
         let resp_header = self
             .response_header
             .as_ref()
             .expect("response header must be read");
 
+        // HTTP/1: Transfer-Encoding takes precedence over Content-Length, which is
+        // already removed when Transfer-Encoding is present.
+        if has_transfer_encoding {
+            return Ok(None);
+        }
         // Validate/reconcile Content-Length per RFC 9110 section 8.6 (hyper
         // parity): identical duplicates and comma-combined identical values are
         // accepted and collapsed. Conflicting or duplicate values are always an
         // unrecoverable framing error. A peer may opt to tolerate a single,
         // otherwise-invalid value and treat the response as close-delimited.
-        // Note: Content-Length is already removed if Transfer-Encoding is present.
-        if let Err(e) = super::common::validate_content_length(&resp_header.headers) {
-            if self.allow_h1_response_invalid_content_length
-                && super::common::content_length_is_single_token(&resp_header.headers)
+        match content_length_for_framing(&resp_header.headers) {
+            Ok(length) => Ok(length),
+            Err(e)
+                if self.allow_h1_response_invalid_content_length
+                    && super::common::content_length_is_single_token(&resp_header.headers) =>
             {
                 debug!(
                     "tolerating invalid Content-Length ({e}); \
                      treating response as close-delimited"
                 );
-            } else {
-                return Err(e);
+                Ok(None)
             }
+            Err(e) => Err(e),
         }
-
-        Ok(())
     }
 
     fn clear_response_header_read_state(&mut self) {
@@ -340,10 +345,15 @@ impl HttpSession {
                         self.raw_header = Some(BufRef(0, s));
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
+                        // The framing this head gives its body, decided once, here.
+                        let chunked = contains_transfer_encoding
+                            && is_chunked_encoding_from_headers(&response_header.headers);
                         self.response_header = Some(response_header);
-                        if let Err(e) = self.validate_response() {
-                            return self.fail_response_header_read(e);
-                        }
+                        let content_length =
+                            match self.validate_response(contains_transfer_encoding) {
+                                Ok(length) => length,
+                                Err(e) => return self.fail_response_header_read(e),
+                            };
                         // convert to upgrade body type
                         // https://datatracker.ietf.org/doc/html/rfc9110#status.101
                         // as an "informational" header, this cannot have a body
@@ -353,7 +363,7 @@ impl HttpSession {
                         // init body reader if upgrade status has changed body mode
                         // (read_response_task will immediately try to init body afterwards anyways)
                         // informational headers will automatically avoid initializing body reader
-                        self.init_body_reader();
+                        self.init_body_reader_framed(Some((chunked, content_length)));
                         // note that the (request) body writer is converted to close delimit
                         // when the upgraded body tasks are received
                         return Ok(s);
@@ -684,6 +694,12 @@ impl HttpSession {
     }
 
     fn init_body_reader(&mut self) {
+        self.init_body_reader_framed(None)
+    }
+
+    /// `framing`: whether the response is chunked and its Content-Length, when the caller
+    /// has them from the head just read (otherwise they are looked up when needed).
+    fn init_body_reader_framed(&mut self, framing: Option<(bool, Option<usize>)>) {
         if self.body_reader.need_init() {
             // follow https://datatracker.ietf.org/doc/html/rfc9112#section-6.3
             let preread_body = self.preread_body.as_ref().unwrap().get(&self.buf[..]);
@@ -716,10 +732,13 @@ impl HttpSession {
             if upgraded {
                 self.body_reader.init_close_delimited(preread_body);
                 self.close_delimited_resp = true;
-            } else if self.is_chunked_encoding() {
+            } else if framing.map_or_else(|| self.is_chunked_encoding(), |(chunked, _)| chunked) {
                 // if chunked encoding, content-length should be ignored
                 self.body_reader.init_chunked(preread_body);
-            } else if let Some(cl) = self.get_content_length().unwrap_or(None) {
+            } else if let Some(cl) = framing.map_or_else(
+                || self.get_content_length().unwrap_or(None),
+                |(_, length)| length,
+            ) {
                 self.body_reader.init_content_length(cl, preread_body);
             } else {
                 self.body_reader.init_close_delimited(preread_body);
