@@ -144,7 +144,8 @@ where
             Err(e) => return (false, false, Some(e)),
         };
 
-        if downstream_custom_message_writer.is_none()
+        if !session.downstream_session.is_custom()
+            && downstream_custom_message_writer.is_none()
             && downstream_custom_message_reader.is_none()
             && !upstream_upgrade
             && !session.is_upgrade_req()
@@ -210,8 +211,8 @@ where
         }
     }
 
-    /// `proxy_1to1` for a request with no body, no upgrade, no cache and no custom messages
-    /// (most requests a reverse proxy sees): once its head and the end of its (empty) body
+    /// `proxy_1to1` for a request with no body, no upgrade, no cache and a built-in downstream
+    /// session (most requests a reverse proxy sees): once its head and the end of its (empty) body
     /// are sent, nothing more flows to the upstream, so the response is read and forwarded
     /// here in turn, as the duplex loop would, without the pair of task pipes between its
     /// two halves. The client is watched while the response is awaited, as the duplex loop
@@ -248,14 +249,19 @@ where
         let mut serve_from_cache = ServeFromCache::new();
         let mut range_body_filter = RangeBodyFilter::new();
         let mut response_state = ResponseStateMachine::new();
+        let mut watch_client = true;
         loop {
             let first = tokio::select! {
                 res = client_session.read_response_task() => res,
-                idle = session.downstream_session.read_body_or_idle(true) => {
+                idle = session.downstream_session.read_body_or_idle(true), if watch_client => {
                     match idle {
                         Err(e) => return (false, false, Some(e.into_down())),
-                        // No body is expected: the client only ends or errs from here on.
-                        Ok(_) => continue,
+                        // No body is expected, so a session only ends or errs from here on;
+                        // one that answers otherwise is not watched again (nor spun on).
+                        Ok(_) => {
+                            watch_client = false;
+                            continue;
+                        }
                     }
                 }
             };
