@@ -143,7 +143,9 @@ impl Buckets {
     pub fn check(&self, key: u64, quota: &Quota, consume: bool, now: u64) -> Verdict {
         let tolerance = quota.tolerance();
         let mut shard = self.shard(key);
-        let stored = shard.get(&key).copied();
+        // One probe for a known key: the slot found is the one written.
+        let slot = shard.get_mut(&key);
+        let stored = slot.as_deref().copied();
         let tat = stored.unwrap_or(now).max(now);
         let new_tat = tat + quota.emission;
         if new_tat - now > tolerance {
@@ -156,11 +158,14 @@ impl Buckets {
             };
         }
         if consume {
-            if stored.is_none() {
-                self.make_room(&mut shard, now);
-                self.keys.fetch_add(1, Ordering::Relaxed);
+            match slot {
+                Some(tat) => *tat = new_tat,
+                None => {
+                    self.make_room(&mut shard, now);
+                    self.keys.fetch_add(1, Ordering::Relaxed);
+                    shard.insert(key, new_tat);
+                }
             }
-            shard.insert(key, new_tat);
         }
         let used = if consume { new_tat - now } else { tat - now };
         Verdict {
