@@ -35,7 +35,7 @@ if command -v nginx >/dev/null; then
   pids+=($!)
   path=/json
 else
-  cargo build --release --locked -p tollgate-upstream
+  cargo build --release --locked -p tollgate-upstreams --bin tollgate-upstream
   target/release/tollgate-upstream --listen "127.0.0.1:$ORIGIN_PORT" >/dev/null 2>&1 &
   pids+=($!)
   path=/health
