@@ -3,7 +3,8 @@
 # with policy/gateway.yaml listening on 0.0.0.0:8080 (admin on 127.0.0.1:9901, or
 # 0.0.0.0:9901 with a token where probes and Prometheus must reach it).
 
-# Build stage: the same `cargo build --release --locked` that .ci/run runs natively.
+# Build stage: the profile-guided release build (pgo/release.sh, README "Profile-guided
+# build") that .ci/run runs natively.
 FROM rust:1.95-bookworm AS build
 # Pingora builds zlib-ng with cmake.
 RUN apt-get update \
@@ -15,20 +16,22 @@ COPY Cargo.toml Cargo.lock ./
 COPY upstreams/Cargo.toml upstreams/
 # The patched Pingora crate (Cargo.toml's [patch.crates-io], vendor/README.md).
 COPY vendor vendor
+# The build script and the profile the dependencies are optimised with too.
+COPY pgo pgo
 RUN mkdir -p src upstreams/src \
  && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
  && echo 'fn main() {}' > upstreams/src/main.rs && touch upstreams/src/lib.rs \
- && cargo build --release --locked --bin tollgate \
+ && bash pgo/release.sh \
  && rm -rf src upstreams/src
 COPY src src
 COPY upstreams/src upstreams/src
 RUN touch src/main.rs src/lib.rs upstreams/src/lib.rs \
- && cargo build --release --locked --bin tollgate \
- && mkdir /out \
- && objcopy --only-keep-debug target/release/tollgate /out/tollgate.debug \
- && objcopy --strip-debug --add-gnu-debuglink=/out/tollgate.debug target/release/tollgate /out/tollgate
+ && bash pgo/release.sh /out/full \
+ && objcopy --only-keep-debug /out/full/tollgate /out/tollgate.debug \
+ && objcopy --strip-debug --add-gnu-debuglink=/out/tollgate.debug /out/full/tollgate /out/tollgate \
+ && rm -r /out/full
 
-# The debug info every node need not pull (about 90 MB), for profilers and debuggers:
+# The debug info every node need not pull (about 105 MB), for profilers and debuggers:
 #   docker build --target symbols --output type=local,dest=symbols .
 # The stripped binary keeps its symbol table, so backtraces and `perf` still name functions.
 FROM scratch AS symbols
