@@ -192,6 +192,25 @@ fn sigterm_on_an_idle_gateway_exits_at_once() {
     );
 }
 
+/// `THP_enabled` of the process in `/proc/<pid>/status`: 0 once `PR_SET_THP_DISABLE` is set.
+fn transparent_huge_pages_enabled(gw: &Tollgate) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.child.id())).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn transparent_huge_pages_are_off_unless_the_operator_allows_them() {
+    let app = upstream("app");
+    let policy = simple_policy(&[app.addr.to_string()]);
+    let gw = Tollgate::start(&policy);
+    assert_eq!(transparent_huge_pages_enabled(&gw), Some(0));
+    let allowed = Tollgate::start_with(&policy, "", &[("MIMALLOC_ALLOW_THP", "1")]);
+    assert_eq!(transparent_huge_pages_enabled(&allowed), Some(1));
+}
+
 #[test]
 fn admin_endpoints_report_state() {
     let app = upstream("app");
