@@ -1,5 +1,6 @@
 # Sourced by the bench scripts: a scratch directory, the processes a script starts
-# (all stopped when it exits, by PID), and waiting for the gateway's admin API.
+# (all stopped when it exits, by PID), waiting for a port or the gateway's admin API,
+# and the policies and nginx configurations they run.
 
 RUN=$(mktemp -d)
 pids=()
@@ -32,6 +33,18 @@ wait_port() {
   done
   echo "nothing answers on port $1" >&2
   return 1
+}
+
+# gateway_policy TEMPLATE [SED_ARGS...]: tollgate's peer-harness template (bench/gateway*.yaml)
+# filled for this script's ports, the rate-limit rules at the harness's never-denying rate
+# (evaluated on every request, never denying), SED_ARGS applied too; prints its path.
+gateway_policy() {
+  local template=$1 out
+  shift
+  out=$(mktemp "$RUN/gateway-XXXX.yaml")
+  sed -e "s/{{LISTEN}}/127.0.0.1:$PROXY_PORT/; s/{{AUX_PORT}}/$AUX_PORT/; s/{{ORIGIN}}/127.0.0.1:$ORIGIN_PORT/" \
+    -e "s/{{RL_RATE}}/1000000000/g; s/{{RL_BURST}}/1000000000/g" "$@" "$template" > "$out"
+  echo "$out"
 }
 
 # nginx_conf ROLE: an nginx configuration (one worker, access log off, keep-alive without

@@ -48,10 +48,7 @@ wait_port $ORIGIN_PORT $path
 
 export TOLLGATE_RUN_DIR=$RUN
 for policy in bench/gateway.yaml bench/gateway-ratelimit.yaml bench/gateway-cache.yaml; do
-  # Rate-limit placeholders as the peer harness fills them: evaluated, never denying.
-  sed -e "s/{{LISTEN}}/127.0.0.1:$PROXY_PORT/; s/{{AUX_PORT}}/$AUX_PORT/; s/{{ORIGIN}}/127.0.0.1:$ORIGIN_PORT/" \
-    -e "s/{{RL_RATE}}/1000000000/g; s/{{RL_BURST}}/1000000000/g" "$policy" > "$RUN/gateway.yaml"
-  "$OUT/instrumented/$host/release/tollgate" run -c "$RUN/gateway.yaml" > "$RUN/tollgate.log" 2>&1 &
+  "$OUT/instrumented/$host/release/tollgate" run -c "$(gateway_policy "$policy")" > "$RUN/tollgate.log" 2>&1 &
   target=$!
   pids+=($target)
   wait_port $PROXY_PORT $path

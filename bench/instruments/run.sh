@@ -41,11 +41,7 @@ wait_port $ORIGIN_PORT "$ORIGIN_PATH"
 command_of() {
   case $1 in
     tollgate)
-      # Rate-limit placeholders as the peer harness fills them: evaluated, never denying.
-      sed -e "s/{{LISTEN}}/127.0.0.1:$PROXY_PORT/; s/{{AUX_PORT}}/$AUX_PORT/; s/{{ORIGIN}}/127.0.0.1:$ORIGIN_PORT/" \
-        -e "s/{{RL_RATE}}/1000000000/g; s/{{RL_BURST}}/1000000000/g" \
-        "${GATEWAY_CONF:-bench/gateway.yaml}" > "$RUN/gateway.yaml"
-      echo "$BIN/tollgate run -c $RUN/gateway.yaml" ;;
+      echo "$BIN/tollgate run -c $(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}")" ;;
     floor) echo "$BIN/examples/pingora_floor 127.0.0.1:$PROXY_PORT proxy 127.0.0.1:$ORIGIN_PORT" ;;
     probe) echo "$BIN/examples/tokio_probe 127.0.0.1:$PROXY_PORT 127.0.0.1:$ORIGIN_PORT" ;;
     nginx) echo "nginx -c $(nginx_conf proxy)" ;;

@@ -43,9 +43,7 @@ pids+=($!)
 wait_port $ORIGIN_PORT /json
 
 tollgate_policy() { # tollgate_policy THREADS
-  sed -e "s/{{LISTEN}}/127.0.0.1:$PROXY_PORT/; s/{{AUX_PORT}}/$AUX_PORT/; s/{{ORIGIN}}/127.0.0.1:$ORIGIN_PORT/" \
-    -e "s/threads: 1/threads: $1/" bench/gateway.yaml > "$RUN/gateway-$1.yaml"
-  echo "$RUN/gateway-$1.yaml"
+  gateway_policy bench/gateway.yaml -e "s/threads: 1/threads: $1/"
 }
 
 envoy_conf() {
