@@ -10,9 +10,9 @@
 #   bash pgo/profile.sh
 #
 # OUT (default target/pgo) holds the instrumented build and the raw profiles;
-# SECONDS_PER_WORKLOAD (default 5) is each workload's wrk run. Needs llvm-profdata from rustc's own LLVM
-# (`rustup component add llvm-tools`), wrk, curl, and nginx for the origin (without it,
-# tollgate-upstream is built and serves).
+# SECONDS_PER_WORKLOAD (default 5) is each workload's wrk run. Needs llvm-profdata from
+# rustc's own LLVM (`rustup component add llvm-tools`), wrk, curl, and nginx for the
+# origin (without it, tollgate-upstream is built and serves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -22,7 +22,7 @@ ORIGIN_PORT=29280 PROXY_PORT=29281 AUX_PORT=29282
 source bench/lib.sh
 source pgo/stamp.sh
 
-host=$(rustc -vV | awk '/^host:/ {print $2}')
+host=$(pgo_host)
 profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
 [ -x "$profdata" ] || { echo "no $profdata: rustup component add llvm-tools" >&2; exit 1; }
 rm -rf "$OUT/profraw"

@@ -14,10 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source pgo/stamp.sh
-host=$(rustc -vV | awk '/^host:/ {print $2}')
+host=$(pgo_host)
+recorded_on=$(awk '/^host / {print $2}' pgo/tollgate.stamp)
 flags=${RUSTFLAGS:-}
-if [ "$(grep '^host ' pgo/tollgate.stamp)" != "host $host" ]; then
-  echo "pgo: the profile was recorded on $(grep '^host ' pgo/tollgate.stamp | cut -d' ' -f2); building for $host without it" >&2
+if [ "$recorded_on" != "$host" ]; then
+  echo "pgo: the profile was recorded on $recorded_on; building for $host without it" >&2
 elif ! diff <(pgo_stamp) pgo/tollgate.stamp >&2; then
   echo "pgo: pgo/tollgate.profdata was recorded with another toolchain or Cargo.lock (above: < this build, > the profile's);" \
     "refresh it with 'bash pgo/profile.sh' and commit both files" >&2
