@@ -47,10 +47,14 @@ gateway_policy() {
   echo "$out"
 }
 
-# nginx_conf ROLE: an nginx configuration (one worker, access log off, keep-alive without
-# end) for the origin on $ORIGIN_PORT (100-byte JSON) or a proxy to it on $PROXY_PORT.
+# nginx_conf ROLE [WORKERS]: an nginx configuration (one worker unless WORKERS, access log
+# off, keep-alive without end) for the origin on $ORIGIN_PORT (100-byte JSON) or a proxy to
+# it on $PROXY_PORT. More than one worker takes a master process, which stays in the
+# foreground.
 nginx_conf() {
-  local role=$1 dir=$RUN/nginx-$1
+  local role=$1 workers=${2:-1} dir=$RUN/nginx-$1-${2:-1}
+  local master=off
+  [ "$workers" -gt 1 ] && master=on
   mkdir -p "$dir/logs"
   local server
   if [ "$role" = origin ]; then
@@ -63,7 +67,7 @@ nginx_conf() {
         proxy_set_header Connection \"\"; }"
   fi
   cat > "$dir/nginx.conf" <<EOF
-daemon off; master_process off; worker_processes 1; error_log $dir/logs/error.log; pid $dir/nginx.pid;
+daemon off; master_process $master; worker_processes $workers; error_log $dir/logs/error.log; pid $dir/nginx.pid;
 events { worker_connections 1024; }
 http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
   uwsgi_temp_path $dir; scgi_temp_path $dir;

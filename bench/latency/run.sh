@@ -8,9 +8,10 @@
 #
 #   cargo build --release && bash bench/latency/run.sh
 #
-# TARGETS (default "direct tollgate tollgate-2t nginx envoy"; tollgate-2t is the same
-# policy with server.threads: 2, on the CPUs in CPUS_2T, default 1: the same core, so that
-# its CPU per request compares with one thread's), RATE (5000), CONNECTIONS (64), DURATION
+# TARGETS (default "direct tollgate tollgate-2t nginx nginx-2w envoy"; tollgate-2t is the
+# same policy with server.threads: 2, and nginx-2w nginx with two workers, both on the CPUs
+# in CPUS_2T, default 1: the same core, so that their CPU per request compares with one
+# thread's or worker's), RATE (5000), CONNECTIONS (64), DURATION
 # (seconds measured, 15), WARMUP (seconds, 3), ROUNDS (3), BIN (default target/release),
 # ENVOY (the envoy binary; default `envoy` on PATH or $PEERS_VENV/bin/envoy, the shared
 # peer harness's environment). Needs nginx (origin and the nginx row), oha
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 BIN=${BIN:-$ROOT/target/release}
-TARGETS=${TARGETS:-"direct tollgate tollgate-2t nginx envoy"}
+TARGETS=${TARGETS:-"direct tollgate tollgate-2t nginx nginx-2w envoy"}
 RATE=${RATE:-5000}
 CONNECTIONS=${CONNECTIONS:-64}
 DURATION=${DURATION:-15}
@@ -84,6 +85,7 @@ start() {
     tollgate) taskset -c 1 "$BIN/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
     tollgate-2t) taskset -c "$CPUS_2T" "$BIN/tollgate" run -c "$(tollgate_policy 2)" > "$RUN/$1.log" 2>&1 & ;;
     nginx) taskset -c 1 nginx -c "$(nginx_conf proxy)" > "$RUN/$1.log" 2>&1 & ;;
+    nginx-2w) taskset -c "$CPUS_2T" nginx -c "$(nginx_conf proxy 2)" > "$RUN/$1.log" 2>&1 & ;;
     envoy) taskset -c 1 "$ENVOY" -c "$(envoy_conf)" --concurrency 1 --log-level error > "$RUN/$1.log" 2>&1 & ;;
   esac
   target=$!
@@ -91,7 +93,15 @@ start() {
   wait_port $PROXY_PORT /json
 }
 
-ticks() { if [ -n "$target" ]; then awk '{print $14 + $15}' "/proc/$target/stat"; else echo 0; fi; }
+# CPU ticks (user + system) of the target and its children (nginx's workers), so far.
+ticks() {
+  [ -n "$target" ] || { echo 0; return; }
+  local pid sum=0
+  for pid in $target $(pgrep -P "$target"); do
+    sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo $sum
+}
 
 load() { # load SECONDS OUT
   # One runtime thread: oha is pinned to one CPU, and two threads there preempt each
@@ -151,4 +161,11 @@ for name, by_round in runs.items():
     extra = ("—", "—") if name == "direct" else (f"{added('p50'):.3f}", f"{added('p99'):.3f}")
     print(f"| {name} | {col('rps'):,.0f} | {failed} | {col('p50'):.3f} | {col('p99'):.3f} | "
           f"{col('p99.9'):.3f} | {extra[0]} | {extra[1]} | {cpu} |")
+pairs = [(one, two) for one, two in (("tollgate", "tollgate-2t"), ("nginx", "nginx-2w"))
+         if one in runs and two in runs]
+if pairs:
+    ratio = lambda one, two: med([runs[two][n]["cpu"] / r["cpu"]
+                                  for n, r in runs[one].items() if n in runs[two]])
+    print("\nCPU per request, two threads or workers ÷ one, paired by round: "
+          + "; ".join(f"{one} {ratio(one, two):.2f}×" for one, two in pairs) + ".")
 EOF
