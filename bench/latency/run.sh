@@ -4,7 +4,8 @@
 # (each request timed from when it was due, not from when it was sent), to the origin
 # directly and through each proxy. Reported per target, medians over ROUNDS interleaved
 # rounds: p50/p99/p99.9, the latency added over direct (paired within a round), and the
-# proxy's CPU per request at that rate (utime + stime of the whole process).
+# proxy's CPU per request at that rate (utime + stime of the whole process), and the CPU
+# time the hypervisor took from the machine during the run (steal, max over rounds).
 #
 #   cargo build --release && bash bench/latency/run.sh
 #
@@ -103,6 +104,10 @@ ticks() {
   echo $sum
 }
 
+# Ticks the hypervisor took from this machine's CPUs so far (the steal column of
+# /proc/stat): a run that had much was run on a busy host.
+steal() { awk '/^cpu / {print $9}' /proc/stat; }
+
 load() { # load SECONDS OUT
   # One runtime thread: oha is pinned to one CPU, and two threads there preempt each
   # other for milliseconds, which showed as the tail of every target, direct included.
@@ -120,11 +125,12 @@ for round in $(seq "$ROUNDS"); do
   for name in "${order[@]}"; do
     start "$name"
     load "$WARMUP" "$RUN/warmup.json"
-    before=$(ticks)
+    before=$(ticks) steal_before=$(steal)
     load "$DURATION" "$RUN/$name-$round.json"
-    after=$(ticks)
+    after=$(ticks) steal_after=$(steal)
     stop
-    echo "$round $name $((after - before)) $RUN/$name-$round.json" >> "$RUN/rows"
+    echo "$round $name $((after - before)) $((steal_after - steal_before)) $RUN/$name-$round.json" \
+      >> "$RUN/rows"
     echo "round $round: $name done" >&2
   done
 done
@@ -134,7 +140,7 @@ import json, statistics, sys
 rows, hz, rate, conns, duration, rounds = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
 runs = {}
 for line in open(rows):
-    rnd, name, ticks, path = line.split()
+    rnd, name, ticks, steal, path = line.split()
     report = json.load(open(path))
     codes = report.get("statusCodeDistribution", {})
     ok = sum(n for code, n in codes.items() if code.startswith("2"))
@@ -146,12 +152,13 @@ for line in open(rows):
         "p50": p["p50"] * 1e3, "p99": p["p99"] * 1e3, "p99.9": p["p99.9"] * 1e3,
         "rps": report["summary"]["requestsPerSec"], "ok": ok, "total": total,
         "cpu": int(ticks) * 1e6 / hz / max(ok, 1),
+        "steal": int(steal) / hz / float(duration),
     }
 med = lambda xs: statistics.median(xs) if xs else float("nan")
 print(f"Fixed rate {rate} req/s, {conns} connections, {duration} s per run, {rounds} rounds; "
       "latency corrected for coordinated omission (oha --latency-correction); medians over rounds.\n")
-print("| target | req/s | non-2xx or errors (all rounds) | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | CPU µs/req |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| target | req/s | non-2xx or errors (all rounds) | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | CPU µs/req | steal (cores, max) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 direct = runs.get("direct", {})
 for name, by_round in runs.items():
     col = lambda k: med([r[k] for r in by_round.values()])
@@ -160,7 +167,8 @@ for name, by_round in runs.items():
     cpu = "—" if name == "direct" else f"{col('cpu'):.1f}"
     extra = ("—", "—") if name == "direct" else (f"{added('p50'):.3f}", f"{added('p99'):.3f}")
     print(f"| {name} | {col('rps'):,.0f} | {failed} | {col('p50'):.3f} | {col('p99'):.3f} | "
-          f"{col('p99.9'):.3f} | {extra[0]} | {extra[1]} | {cpu} |")
+          f"{col('p99.9'):.3f} | {extra[0]} | {extra[1]} | {cpu} | "
+          f"{max(r['steal'] for r in by_round.values()):.2f} |")
 pairs = [(one, two) for one, two in (("tollgate", "tollgate-2t"), ("nginx", "nginx-2w"))
          if one in runs and two in runs]
 if pairs:
