@@ -54,7 +54,7 @@ gateway_policy() {
 nginx_conf() {
   local role=$1 workers=${2:-1} dir=$RUN/nginx-$1-${2:-1}
   local master=off
-  [ "$workers" -gt 1 ] && master=on
+  if [ "$workers" -gt 1 ]; then master=on; fi
   mkdir -p "$dir/logs"
   local server
   if [ "$role" = origin ]; then
