@@ -52,7 +52,8 @@ gateway_policy() {
 # it on $PROXY_PORT. More than one worker takes a master process, which stays in the
 # foreground.
 nginx_conf() {
-  local role=$1 workers=${2:-1} dir=$RUN/nginx-$1-${2:-1}
+  local role=$1 workers=${2:-1}
+  local dir=$RUN/nginx-$role-$workers
   local master=off
   if [ "$workers" -gt 1 ]; then master=on; fi
   mkdir -p "$dir/logs"
