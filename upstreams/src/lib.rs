@@ -54,6 +54,9 @@ pub struct Handle {
     pub knobs: Arc<Knobs>,
     requests: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
+    /// Disconnects once the accept loop and every connection task have ended: each
+    /// holds one of its senders and none sends.
+    ended: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
 }
 
 impl Handle {
@@ -62,9 +65,13 @@ impl Handle {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Stops accepting and closes open connections, like a server going away.
+    /// Stops accepting and closes open connections, like a server going away, and
+    /// returns once they are closed: a client that connected before cannot be answered
+    /// after. Blocks the calling thread, so it is called from outside the runtime.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = ended.recv_timeout(Duration::from_secs(10));
     }
 }
 
@@ -72,12 +79,14 @@ impl Handle {
 pub async fn serve(addr: SocketAddr, name: &str, knobs: Knobs) -> std::io::Result<Handle> {
     let listener = TcpListener::bind(addr).await?;
     let (stop, mut stopped) = watch::channel(false);
+    let (running, ended) = std::sync::mpsc::channel();
     let handle = Handle {
         addr: listener.local_addr()?,
         name: name.to_string(),
         knobs: Arc::new(knobs),
         requests: Arc::new(AtomicU64::new(0)),
         stop,
+        ended: Arc::new(Mutex::new(ended)),
     };
     let server = handle.clone();
     tokio::spawn(async move {
@@ -100,7 +109,9 @@ pub async fn serve(addr: SocketAddr, name: &str, knobs: Knobs) -> std::io::Resul
             let _ = stream.set_nodelay(true);
             let server = server.clone();
             let mut stopped = stopped.clone();
+            let running = running.clone();
             tokio::spawn(async move {
+                let _running = running;
                 let service = service_fn(move |req| {
                     let server = server.clone();
                     async move { Ok::<_, std::convert::Infallible>(server.answer(req).await) }
