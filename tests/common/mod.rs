@@ -179,27 +179,42 @@ impl Tollgate {
     }
 
     /// Starts the gateway with the whole policy `text(port, admin_port)` makes.
+    /// Another test process (nextest runs each test in its own) may take a port
+    /// between `free_port` and the gateway's bind: then it starts again on new ports.
     pub fn start_from(text: impl Fn(u16, u16) -> String, env: &[(&str, &str)]) -> Tollgate {
-        let (port, admin_port) = (free_port(), free_port());
-        let dir = tempfile::tempdir().unwrap();
-        let policy = dir.path().join("gateway.yaml");
-        std::fs::write(&policy, text(port, admin_port)).unwrap();
-        let mut gateway = Self::spawn(dir, policy, port, admin_port, env);
-        let ready = wait_for(Duration::from_secs(20), || {
-            gateway
-                .admin_get("/healthz")
-                .is_ok_and(|r| r.status() == 200)
-                && TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        if !ready {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (port, admin_port) = (free_port(), free_port());
+            let dir = tempfile::tempdir().unwrap();
+            let policy = dir.path().join("gateway.yaml");
+            std::fs::write(&policy, text(port, admin_port)).unwrap();
+            let mut gateway = Self::spawn(dir, policy, port, admin_port, env);
+            let ready = wait_for(Duration::from_secs(20), || {
+                let serving = gateway
+                    .admin_get("/healthz")
+                    .is_ok_and(|r| r.status() == 200)
+                    && TcpStream::connect(("127.0.0.1", port)).is_ok();
+                serving || gateway.child.try_wait().is_ok_and(|s| s.is_some())
+            }) && gateway.child.try_wait().is_ok_and(|s| s.is_none());
+            if ready {
+                return gateway;
+            }
             let status = gateway.child.try_wait();
-            panic!(
-                "tollgate did not start ({status:?}); stderr:\n{}\nstdout:\n{}",
-                gateway.stderr().join("\n"),
-                gateway.stdout().join("\n")
-            );
+            // Its last words arrive through a pipe a thread reads.
+            wait_for(Duration::from_secs(2), || !gateway.stderr().is_empty());
+            let port_taken = gateway
+                .stderr()
+                .iter()
+                .any(|l| l.contains("cannot listen on") && l.contains("in use"));
+            if !(port_taken && attempts < 3) {
+                panic!(
+                    "tollgate did not start ({status:?}); stderr:\n{}\nstdout:\n{}",
+                    gateway.stderr().join("\n"),
+                    gateway.stdout().join("\n")
+                );
+            }
         }
-        gateway
     }
 
     /// Spawns the binary without waiting for it.
@@ -281,7 +296,17 @@ impl Tollgate {
         self.client
             .get(self.url(path))
             .send()
-            .expect("gateway answers")
+            .unwrap_or_else(|e| panic!("gateway answers: {e:?}\n{}", self.output_tail()))
+    }
+
+    /// The gateway's last lines of output, for a failure message.
+    pub fn output_tail(&self) -> String {
+        let tail = |lines: Vec<String>| lines[lines.len().saturating_sub(20)..].join("\n");
+        format!(
+            "gateway stderr:\n{}\ngateway stdout:\n{}",
+            tail(self.stderr()),
+            tail(self.stdout())
+        )
     }
 
     pub fn admin_get(&self, path: &str) -> reqwest::Result<reqwest::blocking::Response> {
