@@ -377,4 +377,82 @@ mod tests {
             Verdict::Forward
         ));
     }
+
+    /// Two users' keys and the identity stage that knows them: alice `gold`, bob
+    /// `free` (the default tier).
+    fn with_two_users(rules: &str) -> String {
+        let hash = |key: &str| crate::digest::sha256_hex(key);
+        format!(
+            "{BASE}identity:\n  api_keys:\n    keys:\n      - {{ sha256: \"{}\", user: alice, tier: gold }}\n      - {{ sha256: \"{}\", user: bob }}\n  default_tier: free\nrate_limits:\n{rules}",
+            hash("alice-key"),
+            hash("bob-key")
+        )
+    }
+
+    #[tokio::test]
+    async fn a_client_key_shared_by_two_rules_is_the_same_bucket_key_only_when_it_is() {
+        // `user_or_ip` and `ip` name the same key for an anonymous client and different
+        // ones for a user: the per-IP rule must still count alice and bob together.
+        let gw = gateway(&with_two_users(
+            "  - { name: per-client, key: user_or_ip, rate: 10/min }\n  - { name: per-ip, key: ip, rate: 2/min }\n",
+        ));
+        let from = |key: &'static str| request("GET", "/api/x", &[("x-api-key", key)]);
+        assert!(matches!(
+            decide(&gw, &from("alice-key"), true).await.verdict,
+            Verdict::Forward
+        ));
+        assert!(matches!(
+            decide(&gw, &from("bob-key"), true).await.verdict,
+            Verdict::Forward
+        ));
+        let third = decide(&gw, &from("bob-key"), true).await;
+        let Verdict::Refuse(problem) = &third.verdict else {
+            panic!("a third request from one address within the minute was admitted");
+        };
+        assert_eq!(problem.extra["rule"], "per-ip");
+
+        let anonymous = gateway(&with_two_users(
+            "  - { name: per-client, key: user_or_ip, rate: 2/min }\n  - { name: per-ip, key: ip, rate: 10/min }\n",
+        ));
+        let nobody = request("GET", "/api/x", &[]);
+        for _ in 0..2 {
+            assert!(matches!(
+                decide(&anonymous, &nobody, true).await.verdict,
+                Verdict::Forward
+            ));
+        }
+        let third = decide(&anonymous, &nobody, true).await;
+        let Verdict::Refuse(problem) = &third.verdict else {
+            panic!("an anonymous client over its own limit was admitted");
+        };
+        assert_eq!(problem.extra["rule"], "per-client");
+    }
+
+    #[tokio::test]
+    async fn the_policy_header_follows_each_requests_tier_and_rules() {
+        let gw = gateway(&with_two_users(
+            "  - { name: global, key: global, rate: 1000/min }\n  - { name: per-user, key: user_or_ip, rate: { free: 10/min, gold: 50/min } }\n  - { name: anonymous, key: ip, when: anonymous, rate: 5/s }\n",
+        ));
+        let policy_header = |admission: Admission| {
+            let policy = gw.policy.load_full();
+            let outcome = admission.limits.expect("rate limits applied");
+            let headers = crate::ratelimit::headers(&policy.rate_limits, &outcome);
+            let (_, value) = headers
+                .into_iter()
+                .find(|(name, _)| name == "ratelimit-policy")
+                .expect("a RateLimit-Policy field");
+            value.to_str().unwrap().to_string()
+        };
+        let anonymous = "\"per-user\";q=10;w=60, \"anonymous\";q=5;w=1, \"global\";q=1000;w=60";
+        let gold = "\"per-user\";q=50;w=60, \"global\";q=1000;w=60";
+        let free = "\"per-user\";q=10;w=60, \"global\";q=1000;w=60";
+        for _ in 0..2 {
+            let nobody = decide(&gw, &request("GET", "/api/x", &[]), true).await;
+            assert_eq!(policy_header(nobody), anonymous);
+            let alice = request("GET", "/api/x", &[("x-api-key", "alice-key")]);
+            assert_eq!(policy_header(decide(&gw, &alice, true).await), gold);
+            let bob = request("GET", "/api/x", &[("x-api-key", "bob-key")]);
+            assert_eq!(policy_header(decide(&gw, &bob, true).await), free);
+        }
+    }
 }

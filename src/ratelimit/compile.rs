@@ -3,8 +3,8 @@
 //! backend reusing its connection while its address holds.
 
 use super::{
-    sf_string, shared, BucketKey, Buckets, KeyPart, RateAndBurst, RateLimits, Rule, RuleMetrics,
-    RuleRates,
+    key_hash, policy_value_cache, sf_string, shared, BucketKey, Buckets, KeyPart, RateAndBurst,
+    RateLimits, Rule, RuleMetrics, RuleRates,
 };
 use crate::config::Backend;
 use crate::policy::compile::Compile;
@@ -134,9 +134,14 @@ pub(crate) fn compile(
             })
             .map(|old| old.store.clone())
             .unwrap_or_else(|| std::sync::Arc::new(Buckets::new(settings.max_keys)));
+        let fixed_hash = key
+            .iter()
+            .all(|part| *part == KeyPart::Global)
+            .then(|| key_hash(&[b"*".as_slice(); 6][..key.len()]));
         compiled.push(Rule {
             name: name.into(),
             key,
+            fixed_hash,
             rates,
             sf_name,
             when: r.when,
@@ -150,6 +155,7 @@ pub(crate) fn compile(
     compiled.sort_by_key(|rule| narrowness(&rule.key));
     let shared = shared_backend(path, settings, previous, errors);
     RateLimits {
+        policy_values: policy_value_cache(compiled.len()),
         rules: compiled,
         headers: settings.headers,
         shared,

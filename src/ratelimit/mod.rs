@@ -252,6 +252,8 @@ pub(crate) enum KeyPart {
 pub(crate) struct Rule {
     pub(crate) name: std::sync::Arc<str>,
     key: Vec<KeyPart>,
+    /// The bucket of a key made only of `global`: the same for every request.
+    fixed_hash: Option<u64>,
     /// The rate for every request, or per tier (a tier not listed uses the default
     /// tier's rate; with neither, the rule does not apply).
     rates: RuleRates,
@@ -300,6 +302,10 @@ pub(crate) struct RateLimits {
     /// Narrowest key first (per client, then per route, then global).
     pub(crate) rules: Vec<Rule>,
     pub(crate) headers: HeadersMode,
+    /// The `RateLimit-Policy` value of each set of applied rules (bit `i`: rule `i`)
+    /// at their one unscaled rate, made on first use: it only changes with the policy.
+    /// Empty (nothing kept) with more than `CACHED_POLICY_RULES` rules.
+    policy_values: Box<[OnceLock<HeaderValue>]>,
     /// Set when the buckets live in Redis; the local stores then serve only
     /// `on_error: local`.
     shared: Option<shared::SharedBuckets>,
@@ -399,12 +405,17 @@ impl RateLimits {
     /// budgets behind it.
     pub(crate) fn evaluate(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
         let now = crate::clock::nanos();
+        let mut last_key = None;
         // Lazy: a bucket is only touched if no earlier rule denied.
-        let verdicts = self.rules.iter().enumerate().filter_map(|(index, rule)| {
-            let quota = rule.quota_for(subject, scale)?;
-            let key = rule.with_key(subject, key_hash)?;
-            Some((index, quota, rule.store.check(key, &quota, consume, now)))
-        });
+        let verdicts = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(move |(index, rule)| {
+                let quota = rule.quota_for(subject, scale)?;
+                let key = rule.bucket(subject, &mut last_key)?;
+                Some((index, quota, rule.store.check(key, &quota, consume, now)))
+            });
         self.judge(verdicts, consume)
     }
 
@@ -470,6 +481,25 @@ impl Rule {
         Some(rates.quota(scale))
     }
 
+    /// This request's bucket in the rule's local store: its key's hash, or `None` when
+    /// a part is missing. `last` is the key the previous rule of this request hashed,
+    /// by where its parts came from: a rule whose parts come from the same places has
+    /// the same key (`ip`, and `user_or_ip` for an anonymous client), hashed once.
+    fn bucket(&self, subject: &Subject<'_>, last: &mut Option<KeySources>) -> Option<u64> {
+        if let Some(hash) = self.fixed_hash {
+            return Some(hash);
+        }
+        let Some(sources) = KeySources::of(&self.key, subject)? else {
+            return self.with_key(subject, key_hash);
+        };
+        if let Some(previous) = last.filter(|l| l.parts == sources.parts) {
+            return Some(previous.hash);
+        }
+        let hash = self.with_key(subject, key_hash)?;
+        *last = Some(KeySources { hash, ..sources });
+        Some(hash)
+    }
+
     /// Hands the parts of this request's bucket key to `make`, or returns `None` when a
     /// part is missing (a `user` rule skips anonymous requests; a `header:` rule skips
     /// requests without the header: they are never pooled into one empty-key bucket).
@@ -501,6 +531,53 @@ impl Rule {
         }
         Some(make(&parts[..self.key.len()]))
     }
+}
+
+/// Where one request's key parts come from, for rules without `header:` parts.
+#[derive(Clone, Copy)]
+struct KeySources {
+    parts: [Option<Source>; 6],
+    hash: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Global,
+    Route,
+    User,
+    Ip,
+}
+
+impl KeySources {
+    /// `None` when a part is missing (the rule does not apply), `Some(None)` when a
+    /// part is a header (not shared between rules).
+    fn of(key: &[KeyPart], subject: &Subject<'_>) -> Option<Option<KeySources>> {
+        let mut parts = [None; 6];
+        for (slot, part) in parts.iter_mut().zip(key) {
+            *slot = Some(match part {
+                KeyPart::Global => Source::Global,
+                KeyPart::Route => Source::Route,
+                KeyPart::User | KeyPart::UserOrIp if subject.user.is_some() => Source::User,
+                KeyPart::User => return None,
+                KeyPart::Ip | KeyPart::UserOrIp => {
+                    subject.client_ip?;
+                    Source::Ip
+                }
+                KeyPart::Header(_) => return Some(None),
+            });
+        }
+        Some(Some(KeySources { parts, hash: 0 }))
+    }
+}
+
+/// The most rules whose `RateLimit-Policy` values are kept (one per subset: 256).
+const CACHED_POLICY_RULES: usize = 8;
+
+fn policy_value_cache(rules: usize) -> Box<[OnceLock<HeaderValue>]> {
+    if rules > CACHED_POLICY_RULES {
+        return Box::new([]);
+    }
+    (0..1usize << rules).map(|_| OnceLock::new()).collect()
 }
 
 impl RateLimits {
@@ -545,18 +622,31 @@ pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(HeaderName
     let mut out = Vec::with_capacity(3);
     if matches!(limits.headers, HeadersMode::Draft | HeadersMode::Both) {
         let mut number = itoa::Buffer::new();
-        let mut policy = String::with_capacity(64);
-        for (i, q, _) in enforced() {
-            if !policy.is_empty() {
-                policy.push_str(", ");
+        let policy = || {
+            let mut policy = String::with_capacity(64);
+            for (i, q, _) in enforced() {
+                if !policy.is_empty() {
+                    policy.push_str(", ");
+                }
+                policy.push_str(&limits.rules[*i].sf_name);
+                policy.push_str(";q=");
+                policy.push_str(itoa::Buffer::new().format(q.count));
+                policy.push_str(";w=");
+                policy.push_str(itoa::Buffer::new().format(q.window.as_secs()));
             }
-            policy.push_str(&limits.rules[*i].sf_name);
-            policy.push_str(";q=");
-            policy.push_str(number.format(q.count));
-            policy.push_str(";w=");
-            policy.push_str(number.format(q.window.as_secs()));
-        }
-        out.push((RATELIMIT_POLICY, sf_value(policy)));
+            sf_value(policy)
+        };
+        // Kept when each applied rule has its one rate, unscaled: then the set of
+        // rules decides the value (a per-tier rate or a `limit_scale` changes it).
+        let fixed_rates = enforced().try_fold(0usize, |set, (i, q, _)| {
+            let one_rate = matches!(&limits.rules[*i].rates, RuleRates::One(r) if r.unscaled == *q);
+            Some(set | 1usize.checked_shl(*i as u32).filter(|_| one_rate)?)
+        });
+        let value = match fixed_rates.and_then(|set| limits.policy_values.get(set)) {
+            Some(kept) => kept.get_or_init(policy).clone(),
+            None => policy(),
+        };
+        out.push((RATELIMIT_POLICY, value));
         let mut limit = String::with_capacity(48);
         limit.push_str(&limits.rules[*rule].sf_name);
         limit.push_str(";r=");
