@@ -8,8 +8,11 @@
 //! that never came, and its per-read timeout lets a head trickle in forever one byte at
 //! a time. Here the protocol is decided as soon as the bytes read cannot be the preface,
 //! and each HTTP/1 connection is wrapped in a [`ClientStream`] that times the head of
-//! every request from its first byte; the proxy marks when a head is complete
-//! ([`head_complete`]) and when a request is done ([`request_done`]).
+//! every request from its first byte, and the wait for the next request
+//! (`server.idle_timeout`) from the first read that finds nothing, both on one timer the
+//! connection keeps: Pingora's keep-alive wait would make, box, register and cancel a
+//! timer per request. The proxy marks when a head is complete ([`head_complete`]) and
+//! when a request is done ([`request_done`]).
 
 use crate::gateway::Gateway;
 use crate::problem::{Code, Problem};
@@ -25,7 +28,7 @@ use pingora::server::ShutdownWatch;
 use prometheus::IntCounter;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -95,10 +98,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Connections<A> {
     }
 }
 
-/// Where a connection is in its current request, as far as the head deadline goes.
+/// Where a connection is in its current request, as far as its deadlines go.
+/// Answered; the wait for the next request has not started.
 const IDLE: u8 = 0;
 const HEAD: u8 = 1;
 const PAST_HEAD: u8 = 2;
+/// Answered, and a read found nothing: the idle deadline runs.
+const WAITING: u8 = 3;
 
 /// A client connection: the bytes protocol detection read ahead, served first, then the
 /// socket; on HTTP/1, the head deadline.
@@ -114,6 +120,9 @@ pub(crate) struct ClientStream {
 struct HeadClock {
     limit: Duration,
     phase: AtomicU8,
+    /// `server.idle_timeout` in nanoseconds as of the last request, or 0 when the wait
+    /// between requests is not timed here (Pingora's own keep-alive wait applies).
+    idle: AtomicU64,
     deadline: Instant,
     timer: Option<Pin<Box<Sleep>>>,
     timed_out: IntCounter,
@@ -125,13 +134,16 @@ impl HeadClock {
         HeadClock {
             limit,
             phase: AtomicU8::new(HEAD),
+            idle: AtomicU64::new(0),
             deadline: Instant::now() + limit,
             timer: None,
             timed_out: timed_out.clone(),
         }
     }
 
-    /// Whether the head deadline passed, registering the wake-up when not.
+    /// Whether the current deadline passed, registering the wake-up when not. A later
+    /// deadline than the timer's (each idle wait's) moves the registered timer with
+    /// one compare-and-swap.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let deadline = self.deadline;
         let timer = self
@@ -190,11 +202,18 @@ fn client_stream(session: &pingora::proxy::Session) -> Option<&ClientStream> {
         .downcast_ref::<ClientStream>()
 }
 
-/// The request head has been read: the head deadline stops.
-pub(crate) fn head_complete(session: &pingora::proxy::Session) {
-    if let Some(stream) = client_stream(session) {
-        stream.set_phase(PAST_HEAD);
-    }
+/// The request head has been read: the head deadline stops. Returns whether this
+/// connection will time the wait for its next request, `idle` at most, itself (an
+/// HTTP/1 connection does; Pingora's keep-alive wait is then told to wait without end).
+pub(crate) fn head_complete(session: &pingora::proxy::Session, idle: Duration) -> bool {
+    let Some(head) = client_stream(session).and_then(|s| s.head.as_ref()) else {
+        return false;
+    };
+    head.phase.store(PAST_HEAD, Ordering::Relaxed);
+    // Nanoseconds fit in 64 bits for 584 years; a zero would mean "not timed here".
+    let nanos = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX).max(1);
+    head.idle.store(nanos, Ordering::Relaxed);
+    true
 }
 
 /// The request is answered: the next bytes start the next head.
@@ -228,9 +247,24 @@ impl AsyncRead for ClientStream {
         let filled = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         match head.phase.load(Ordering::Relaxed) {
-            IDLE if buf.filled().len() > filled => {
+            IDLE | WAITING if buf.filled().len() > filled => {
                 head.phase.store(HEAD, Ordering::Relaxed);
                 head.deadline = Instant::now() + head.limit;
+            }
+            phase @ (IDLE | WAITING) if result.is_pending() => {
+                let idle = head.idle.load(Ordering::Relaxed);
+                if idle == 0 {
+                    return result;
+                }
+                if phase == IDLE {
+                    head.phase.store(WAITING, Ordering::Relaxed);
+                    head.deadline = Instant::now() + Duration::from_nanos(idle);
+                }
+                if head.expired(cx) {
+                    // Nothing read: the end of the stream, which closes the kept-alive
+                    // connection quietly, as Pingora's own keep-alive timeout does.
+                    return Poll::Ready(Ok(()));
+                }
             }
             HEAD if result.is_pending() && head.expired(cx) => {
                 head.phase.store(PAST_HEAD, Ordering::Relaxed);

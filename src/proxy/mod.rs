@@ -193,17 +193,24 @@ impl ProxyHttp for Proxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let policy = ctx.policy.clone();
-        // Between kept-alive requests Pingora waits this long (whole seconds) for the
-        // next; a connection the client asked to close stays closing.
+        // The head is in: its deadline stops, and a body may pause this long per read.
+        let idle = policy.server.idle_timeout;
+        let connection_times_idle = connection::head_complete(session, idle);
+        session.set_read_timeout(Some(policy.server.body_timeout));
+        // Between kept-alive requests the connection waits `idle_timeout` for the next,
+        // timed by the connection itself where it can (0: Pingora waits without end),
+        // else by Pingora (whole seconds); one the client asked to close stays closing.
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(policy.server.idle_timeout.as_secs().max(1)));
+            let pingora_wait = if connection_times_idle {
+                0
+            } else {
+                idle.as_secs().max(1)
+            };
+            session.set_keepalive(Some(pingora_wait));
         }
         // Requests a client sent ahead on this connection are served after this one,
         // in order (RFC 9112 §9.3.2); Pingora would otherwise close and drop them.
         session.set_pipelining_enabled(true);
-        // The head is in: its deadline stops, and a body may pause this long per read.
-        connection::head_complete(session);
-        session.set_read_timeout(Some(policy.server.body_timeout));
         let framing = forwarding::normalise(
             session.req_header_mut(),
             policy.server.allow_underscores_in_headers,
