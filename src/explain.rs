@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Instant;
 
 /// The described request. `client_ip` is the TCP peer: when it is a trusted proxy, the
 /// client address comes from `X-Forwarded-For` in `headers`, as for a real request.
@@ -68,6 +69,7 @@ pub(crate) async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, Str
         framing,
         client_ip,
         peer_trusted,
+        arrived: Instant::now(),
     };
     let admission = admission::admit(&policy, gateway, &view, false).await;
 
@@ -132,7 +134,13 @@ pub(crate) async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, Str
         None => {
             &limits
                 .decide(
-                    &policy.subject(route_index, client_ip, principal, &req.headers),
+                    &policy.subject(
+                        route_index,
+                        client_ip,
+                        principal,
+                        &req.headers,
+                        view.arrived,
+                    ),
                     scale,
                     false,
                 )

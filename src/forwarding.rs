@@ -147,7 +147,10 @@ pub(crate) fn new_request_id() -> http::HeaderValue {
         *byte = HEX[(bits & 0xf) as usize];
         bits >>= 4;
     }
-    http::HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
+    // Owned where it is made: the upstream request and the response each take a clone,
+    // which for bytes copied from a slice would first move them to a second allocation.
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .expect("hex digits are a valid header value")
 }
 
 /// Field names that decide where a message ends, or where it goes: spelled with `_`

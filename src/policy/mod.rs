@@ -168,6 +168,7 @@ impl Policy {
         client_ip: Option<IpAddr>,
         principal: Option<&'a crate::identity::Principal>,
         headers: &'a http::HeaderMap,
+        arrived: std::time::Instant,
     ) -> crate::ratelimit::Subject<'a> {
         let default_tier = self.identity.as_ref().map_or("free", |i| &*i.default_tier);
         crate::ratelimit::Subject {
@@ -177,6 +178,7 @@ impl Policy {
             user: principal.map(|p| &*p.user),
             tier: principal.map_or(default_tier, |p| &*p.tier),
             headers,
+            arrived,
         }
     }
 

@@ -24,6 +24,8 @@ pub(crate) struct RequestView<'a> {
     pub(crate) client_ip: Option<IpAddr>,
     /// The TCP peer is a trusted proxy (its identity headers count).
     pub(crate) peer_trusted: bool,
+    /// When the request arrived (its rate-limit buckets are spent as of then).
+    pub(crate) arrived: std::time::Instant,
 }
 
 pub(crate) enum Verdict {
@@ -136,6 +138,7 @@ pub(crate) async fn admit(
             view.client_ip,
             admission.principal.as_deref(),
             &req.headers,
+            view.arrived,
         );
         let outcome = limits
             .decide(&subject, gateway.limit_scale(), consume)
@@ -219,6 +222,7 @@ mod tests {
             framing: Ok(()),
             client_ip: Some("192.0.2.7".parse().unwrap()),
             peer_trusted: false,
+            arrived: std::time::Instant::now(),
         };
         admit(&policy, gateway, &view, consume).await
     }
@@ -242,6 +246,7 @@ mod tests {
             framing: Err("two Content-Length values differ"),
             client_ip: None,
             peer_trusted: false,
+            arrived: std::time::Instant::now(),
         };
         let admission = admit(&policy, &gw, &view, true).await;
         assert_eq!(refused_with(&admission), Some(Code::BadRequest));

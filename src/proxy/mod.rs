@@ -240,6 +240,7 @@ impl ProxyHttp for Proxy {
             framing,
             client_ip: ctx.client.ip,
             peer_trusted: ctx.client.peer_trusted,
+            arrived: ctx.started,
         };
         let admission = admission::admit(&policy, &self.gateway, &view, true).await;
         ctx.route = admission.route;

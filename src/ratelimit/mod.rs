@@ -319,6 +319,8 @@ pub(crate) struct Subject<'a> {
     pub(crate) user: Option<&'a str>,
     pub(crate) tier: &'a str,
     pub(crate) headers: &'a http::HeaderMap,
+    /// When the request arrived: the buckets' time for it (`crate::clock`).
+    pub(crate) arrived: std::time::Instant,
 }
 
 /// The outcome for one request: every rule that applied, and the denial if any.
@@ -404,7 +406,7 @@ impl RateLimits {
     /// denial stops, so a client over its own limit does not also drain the shared
     /// budgets behind it.
     pub(crate) fn evaluate(&self, subject: &Subject<'_>, scale: f64, consume: bool) -> Outcome {
-        let now = crate::clock::nanos();
+        let now = crate::clock::nanos_at(subject.arrived);
         let mut last_key = None;
         // Lazy: a bucket is only touched if no earlier rule denied.
         let verdicts = self
@@ -647,12 +649,18 @@ pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(HeaderName
             None => policy(),
         };
         out.push((RATELIMIT_POLICY, value));
-        let mut limit = String::with_capacity(48);
-        limit.push_str(&limits.rules[*rule].sf_name);
+        let name = &limits.rules[*rule].sf_name;
+        let remaining = number.format(verdict.remaining);
+        let mut seconds = itoa::Buffer::new();
+        let seconds = seconds.format(reset);
+        // Exactly as long as the value: a `String` with room to spare would become a
+        // header value through a second allocation.
+        let mut limit = String::with_capacity(name.len() + remaining.len() + seconds.len() + 6);
+        limit.push_str(name);
         limit.push_str(";r=");
-        limit.push_str(number.format(verdict.remaining));
+        limit.push_str(remaining);
         limit.push_str(";t=");
-        limit.push_str(number.format(reset));
+        limit.push_str(seconds);
         out.push((RATELIMIT, sf_value(limit)));
     }
     if matches!(limits.headers, HeadersMode::Legacy | HeadersMode::Both) {
