@@ -540,9 +540,25 @@ pub struct Stream {
     write_pending_time: AccumulatedDuration,
     /// Last rx timestamp associated with the last recvmsg call.
     pub rx_ts: Option<SystemTime>,
+    /// The timer of this connection's timed reads, kept from one read (and one reuse of
+    /// the connection) to the next: see [`Stream::take_read_timer`].
+    read_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Stream {
+    /// The timer this connection keeps for its timed reads, taken out for one read (and
+    /// given back with [`Stream::keep_read_timer`]): a registered tokio timer moved to
+    /// each read's later deadline costs one compare-and-swap, where a timer made per
+    /// read is allocated, registered in the wheel and cancelled.
+    pub fn take_read_timer(&mut self) -> Option<Pin<Box<tokio::time::Sleep>>> {
+        self.read_timer.take()
+    }
+
+    /// Gives the read timer back for the next read (see [`Stream::take_read_timer`]).
+    pub fn keep_read_timer(&mut self, timer: Option<Pin<Box<tokio::time::Sleep>>>) {
+        self.read_timer = timer;
+    }
+
     fn stream(&self) -> &BufferedStream {
         self.stream.as_ref().expect("stream should always be set")
     }
@@ -680,6 +696,7 @@ impl From<TcpStream> for Stream {
             read_pending_time: AccumulatedDuration::new(),
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
+            read_timer: None,
         }
     }
 }
@@ -703,6 +720,7 @@ impl From<virt::VirtualSocketStream> for Stream {
             read_pending_time: AccumulatedDuration::new(),
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
+            read_timer: None,
         }
     }
 }
@@ -727,6 +745,7 @@ impl From<UnixStream> for Stream {
             read_pending_time: AccumulatedDuration::new(),
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
+            read_timer: None,
         }
     }
 }

@@ -361,6 +361,16 @@ impl BodyReader {
         matches!(self.body_state, PS::Complete(_) | PS::Done(_))
     }
 
+    /// Whether the next `read_body` may wait on the stream: not once the body is done, nor
+    /// while bytes read with the head are still to be handed out of a length-delimited body.
+    pub fn may_wait_on_stream(&self) -> bool {
+        match self.body_state {
+            PS::Complete(_) | PS::Done(_) => false,
+            PS::Partial(..) => self.rewind_buf_len == 0,
+            _ => true,
+        }
+    }
+
     /// Whether the message body reached its framing-defined end without an error.
     pub fn body_complete(&self) -> bool {
         matches!(self.body_state, PS::Complete(_))

@@ -19,17 +19,22 @@ use http::{header, header::AsHeaderName, HeaderValue, StatusCode, Version};
 use log::{debug, trace};
 use pingora_error::{Error, ErrorType::*, OrErr, Result, RetryType};
 use pingora_http::{HMap, IntoCaseHeaderName, RequestHeader, ResponseHeader};
-use pingora_timeout::timeout;
+use pingora_timeout::fast_timeout::fast_timeout_to_tokio_threshold;
+use pingora_timeout::{timeout, Elapsed};
+use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
 use std::str;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{sleep_until, Sleep};
 
 use super::body::{BodyReader, BodyWriter};
 use super::common::*;
 use crate::protocols::http::HttpTask;
-use crate::protocols::{Digest, SocketAddr, Stream, UniqueID, UniqueIDType};
+use crate::protocols::{l4, Digest, SocketAddr, Stream, UniqueID, UniqueIDType};
 use crate::utils::{BufRef, KVRef};
 
 /// The HTTP 1.x client session
@@ -71,6 +76,66 @@ pub struct HttpSession {
 }
 
 /// HTTP 1.x client session
+/// The timer of one timed read: the connection's own when its stream keeps one (a
+/// [`l4::stream::Stream`]) and the timeout is long enough for a tokio timer
+/// (`pingora_timeout`'s fast-timeout threshold), moved to this read's deadline; otherwise
+/// one made for this read, as `pingora_timeout::timeout` does.
+enum ReadTimer {
+    Kept(Option<Pin<Box<Sleep>>>),
+    PerRead,
+}
+
+impl ReadTimer {
+    fn take(stream: &mut Stream, limit: Duration) -> Self {
+        let tokio_timer = fast_timeout_to_tokio_threshold()
+            .is_some_and(|threshold| limit.as_secs() > threshold.as_secs());
+        match stream.as_any_mut().downcast_mut::<l4::stream::Stream>() {
+            Some(l4) if tokio_timer => ReadTimer::Kept(l4.take_read_timer()),
+            _ => ReadTimer::PerRead,
+        }
+    }
+
+    /// Gives a kept timer back to the stream it came from.
+    fn keep(self, stream: &mut Stream) {
+        if let (ReadTimer::Kept(timer), Some(l4)) = (
+            self,
+            stream.as_any_mut().downcast_mut::<l4::stream::Stream>(),
+        ) {
+            l4.keep_read_timer(timer);
+        }
+    }
+
+    /// `read`, or `Elapsed` if it is still pending `limit` after its first poll that
+    /// found nothing. A kept timer is armed only then: a read that finds its bytes at
+    /// once touches no timer, as with `pingora_timeout::timeout`.
+    async fn within<F: Future>(&mut self, limit: Duration, read: F) -> Result<F::Output, Elapsed> {
+        let timer = match self {
+            ReadTimer::Kept(timer) => timer,
+            ReadTimer::PerRead => return timeout(limit, read).await,
+        };
+        let mut read = pin!(read);
+        let mut armed = false;
+        poll_fn(|cx| {
+            if let Poll::Ready(output) = read.as_mut().poll(cx) {
+                return Poll::Ready(Ok(output));
+            }
+            if !armed {
+                armed = true;
+                let deadline = tokio::time::Instant::now() + limit;
+                match timer {
+                    Some(timer) => timer.as_mut().reset(deadline),
+                    None => *timer = Some(Box::pin(sleep_until(deadline))),
+                }
+            }
+            match timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(Elapsed)),
+                _ => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
 impl HttpSession {
     /// Create a new http client session from an established (TCP or TLS) [`Stream`].
     pub fn new(stream: Stream) -> Self {
@@ -399,20 +464,29 @@ impl HttpSession {
                 self.response_header_read_buf.reserve(INIT_HEADER_BUF_SIZE);
             }
 
-            let read_fut = self
-                .underlying_stream
-                .read_buf(&mut self.response_header_read_buf);
             let read_result = match self.read_timeout {
-                Some(t) => match timeout(t, read_fut).await {
-                    Ok(res) => res,
-                    Err(_) => {
-                        return self.fail_response_header_read(Error::explain(
-                            ReadTimedout,
-                            "while reading response headers",
-                        ));
+                Some(t) => {
+                    let mut timer = ReadTimer::take(&mut self.underlying_stream, t);
+                    let read_fut = self
+                        .underlying_stream
+                        .read_buf(&mut self.response_header_read_buf);
+                    let read_result = timer.within(t, read_fut).await;
+                    timer.keep(&mut self.underlying_stream);
+                    match read_result {
+                        Ok(res) => res,
+                        Err(_) => {
+                            return self.fail_response_header_read(Error::explain(
+                                ReadTimedout,
+                                "while reading response headers",
+                            ));
+                        }
                     }
-                },
-                None => read_fut.await,
+                }
+                None => {
+                    self.underlying_stream
+                        .read_buf(&mut self.response_header_read_buf)
+                        .await
+                }
             };
 
             match read_result {
@@ -496,12 +570,21 @@ impl HttpSession {
     /// Return `Ok(Some(ref)) after a successful read.
     /// Return `Ok(None)` if there is no more body to read.
     pub async fn read_body_ref(&mut self) -> Result<Option<&[u8]>> {
+        self.init_body_reader();
         let result = match self.read_timeout {
-            Some(t) => match timeout(t, self.do_read_body()).await {
-                Ok(res) => res,
-                Err(_) => Error::e_explain(ReadTimedout, format!("reading body, timeout: {t:?}")),
-            },
-            None => self.do_read_body().await,
+            // A read that cannot wait needs no timer.
+            Some(t) if self.body_reader.may_wait_on_stream() => {
+                let mut timer = ReadTimer::take(&mut self.underlying_stream, t);
+                let read_result = timer.within(t, self.do_read_body()).await;
+                timer.keep(&mut self.underlying_stream);
+                match read_result {
+                    Ok(res) => res,
+                    Err(_) => {
+                        Error::e_explain(ReadTimedout, format!("reading body, timeout: {t:?}"))
+                    }
+                }
+            }
+            _ => self.do_read_body().await,
         };
 
         result.map(|maybe_body| {
@@ -2853,6 +2936,97 @@ hello";
         }
 
         assert_eq!(http_stream.body_reader.body_state, ParseState::Complete(0));
+    }
+}
+
+#[cfg(test)]
+mod tests_read_timer {
+    use super::*;
+    use pingora_timeout::fast_timeout::set_fast_timeout_to_tokio_threshold;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn kept_timer(stream: &mut Stream) -> Option<*const Sleep> {
+        let l4 = stream
+            .as_any_mut()
+            .downcast_mut::<l4::stream::Stream>()
+            .expect("a TCP stream");
+        let timer = l4.take_read_timer();
+        let at = timer.as_ref().map(|t| &**t as *const Sleep);
+        l4.keep_read_timer(timer);
+        at
+    }
+
+    async fn request(http: &mut HttpSession) {
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        http.write_request_header(Box::new(req)).await.unwrap();
+        http.finish_body().await.unwrap();
+    }
+
+    // Every timed read of a connection, over its reuses, is timed by one timer.
+    #[tokio::test]
+    async fn a_connection_keeps_one_read_timer_across_reads_and_reuses() {
+        set_fast_timeout_to_tokio_threshold(Some(Duration::ZERO));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            for _ in 0..2 {
+                let _ = socket.read(&mut buf).await.unwrap();
+                // Late enough that the client's read finds nothing at first.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut http = HttpSession::new(Box::new(l4::stream::Stream::from(tcp)));
+        http.read_timeout = Some(Duration::from_secs(5));
+        request(&mut http).await;
+        http.read_response().await.unwrap();
+        assert_eq!(http.read_body_ref().await.unwrap(), Some(&b"ok"[..]));
+        let first = kept_timer(&mut http.underlying_stream);
+        assert!(first.is_some(), "the read that waited kept its timer");
+
+        http.respect_keepalive();
+        let mut stream = http.reuse().await.expect("reusable");
+        assert_eq!(kept_timer(&mut stream), first, "the timer goes with the stream");
+        let mut http = HttpSession::new(stream);
+        http.read_timeout = Some(Duration::from_secs(5));
+        request(&mut http).await;
+        http.read_response().await.unwrap();
+        assert_eq!(http.read_body_ref().await.unwrap(), Some(&b"ok"[..]));
+        assert_eq!(kept_timer(&mut http.underlying_stream), first);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_kept_read_timer_times_a_silent_upstream_out() {
+        set_fast_timeout_to_tokio_threshold(Some(Duration::ZERO));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(socket);
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut http = HttpSession::new(Box::new(l4::stream::Stream::from(tcp)));
+        http.read_timeout = Some(Duration::from_secs(1));
+        request(&mut http).await;
+        let started = std::time::Instant::now();
+        let e = http.read_response().await.unwrap_err();
+        assert_eq!(*e.etype(), ReadTimedout);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+        assert!(kept_timer(&mut http.underlying_stream).is_some());
+        server.abort();
     }
 }
 
