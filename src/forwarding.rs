@@ -78,7 +78,8 @@ pub(crate) fn set_forwarded_headers(
         }
     }
     if !(peer_trusted && upstream.headers.contains_key(&X_FORWARDED_PROTO)) {
-        upstream.insert_header_alike(&X_FORWARDED_PROTO, scheme)?;
+        // Static: a `&str` would be copied into a new allocation on every request.
+        upstream.insert_header_alike(&X_FORWARDED_PROTO, http::HeaderValue::from_static(scheme))?;
     }
     if !(peer_trusted && upstream.headers.contains_key(&X_FORWARDED_HOST)) {
         let host = upstream.headers.get(header::HOST).cloned().or_else(|| {
