@@ -8,7 +8,6 @@
 //! Both run as tollgate does: one thread, no work stealing, mimalloc, no downstream
 //! modules.
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -22,7 +21,6 @@ enum Floor {
     Proxy(String),
 }
 
-#[async_trait]
 impl ProxyHttp for Floor {
     type CTX = ();
 

@@ -43,7 +43,6 @@ use crate::ratelimit;
 use crate::trace::export::AttemptSpan;
 use crate::upstream::{HashOn, InflightGuard, SelectionKey};
 use admission::Verdict;
-use async_trait::async_trait;
 use attempt::attempt_failure;
 use bytes::Bytes;
 pub(crate) use ctx::RequestCtx;
@@ -179,7 +178,6 @@ impl Proxy {
     }
 }
 
-#[async_trait]
 impl ProxyHttp for Proxy {
     type CTX = RequestCtx;
 
