@@ -3,7 +3,7 @@
 //! framing, and keeping hop-by-hop fields on their own hop.
 
 use http::header::{self, HeaderMap, HeaderName};
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use std::net::IpAddr;
 
 // Prebuilt names: looked up without a parse, inserted without a copy.
@@ -342,11 +342,43 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// The hop-by-hop fields present in an upstream response, to be removed before it goes
-/// to the client: the standard ones and any the upstream's `Connection` names. (A
-/// switching-protocols answer keeps them: the upgrade needs `Connection`/`Upgrade`.)
-/// One pass over the names, no allocation, when there are none (the usual case).
-pub(crate) fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
+/// Removes an upstream response's hop-by-hop fields before it goes to the client (or the
+/// cache): the standard ones and any its `Connection` names. (A switching-protocols answer
+/// keeps them: the upgrade needs `Connection`/`Upgrade`.) One pass over the names when there
+/// are none; the usual one, a lone `Connection: keep-alive` (or `close`), goes without
+/// collecting the names first.
+pub(crate) fn strip_hop_by_hop(response: &mut ResponseHeader) {
+    let mut found = response.headers.keys().filter(|n| is_hop_by_hop(n));
+    let Some(first) = found.next() else {
+        return;
+    };
+    let lone_connection = first == header::CONNECTION
+        && found.next().is_none()
+        && response
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .all(|v| v.to_str().is_ok_and(|v| v.split(',').all(names_no_field)));
+    if lone_connection {
+        response.remove_header(&header::CONNECTION);
+        return;
+    }
+    for name in hop_by_hop_fields(&response.headers) {
+        response.remove_header(&name);
+    }
+}
+
+/// A `Connection` token that names no field to remove: `close`, or `keep-alive`, which
+/// names a standard hop-by-hop field (removed as such when present).
+fn names_no_field(token: &str) -> bool {
+    let token = token.trim();
+    token.is_empty()
+        || token.eq_ignore_ascii_case("keep-alive")
+        || token.eq_ignore_ascii_case("close")
+}
+
+/// The hop-by-hop fields present in an upstream response (see [`strip_hop_by_hop`]).
+fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
     if !headers.keys().any(is_hop_by_hop) {
         return Vec::new();
     }
@@ -361,12 +393,8 @@ pub(crate) fn hop_by_hop_fields(headers: &HeaderMap) -> Vec<HeaderName> {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
+            .filter(|token| !names_no_field(token))
             .map(str::trim)
-            // The usual tokens need no lookup: `keep-alive` names a standard field, in
-            // `fields` already when present, and `close` none.
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
-            })
             // Others are looked up by `&str` (parsed on the stack) before a `HeaderName`
             // is made: a custom name allocates.
             .filter(|token| headers.contains_key(*token))
@@ -644,5 +672,49 @@ mod tests {
         let mut fields = hop_by_hop_fields(&h);
         fields.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         assert_eq!(fields, ["connection", "keep-alive"]);
+    }
+
+    #[test]
+    fn stripping_a_response_leaves_only_its_end_to_end_fields() {
+        let strip = |fields: &[(&str, &str)]| {
+            let mut response = ResponseHeader::build(200, None).unwrap();
+            for (name, value) in fields {
+                response.append_header(name.to_string(), *value).unwrap();
+            }
+            strip_hop_by_hop(&mut response);
+            let mut left: Vec<String> = response
+                .headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect();
+            left.sort();
+            left
+        };
+        let end_to_end = ["content-type: text/plain", "x-secret: 1"];
+        let with = |fields: &[(&'static str, &'static str)]| {
+            let mut all = vec![("content-type", "text/plain"), ("x-secret", "1")];
+            all.extend_from_slice(fields);
+            strip(&all)
+        };
+        assert_eq!(with(&[]), end_to_end);
+        assert_eq!(with(&[("connection", "keep-alive")]), end_to_end);
+        assert_eq!(with(&[("Connection", " Close ")]), end_to_end);
+        assert_eq!(
+            with(&[("connection", "keep-alive"), ("keep-alive", "timeout=5")]),
+            end_to_end
+        );
+        assert_eq!(
+            with(&[("connection", "keep-alive, x-secret")]),
+            ["content-type: text/plain"],
+            "a field the Connection names goes too"
+        );
+        assert_eq!(
+            with(&[("connection", "keep-alive"), ("connection", "x-secret")]),
+            ["content-type: text/plain"]
+        );
+        assert_eq!(
+            with(&[("upgrade", "websocket"), ("te", "trailers")]),
+            end_to_end
+        );
     }
 }

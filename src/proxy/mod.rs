@@ -655,9 +655,7 @@ impl ProxyHttp for Proxy {
         // needs stripping again. A switching-protocols answer keeps them: the upgrade
         // needs `Connection`/`Upgrade`.
         if upstream_response.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            for name in forwarding::hop_by_hop_fields(&upstream_response.headers) {
-                upstream_response.remove_header(&name);
-            }
+            forwarding::strip_hop_by_hop(upstream_response);
         }
         if status == 304 && session.cache.enabled() {
             ctx.cache.not_modified = Some(Box::new(upstream_response.clone()));
