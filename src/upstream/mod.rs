@@ -416,11 +416,14 @@ fn make_peer(
     timeouts: &Timeouts,
 ) -> HttpPeer {
     // SNI defaults to the host the policy names (a DNS name, or the address itself).
+    // Plain HTTP has none: the peer is cloned per request, and an empty name allocates
+    // nothing.
     let host = label.rsplit_once(':').map_or(label, |(host, _)| host);
-    let sni = tls
-        .sni
-        .clone()
-        .unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+    let sni = match (&tls.sni, tls.enabled) {
+        (Some(sni), _) => sni.clone(),
+        (None, true) => host.trim_matches(['[', ']']).to_string(),
+        (None, false) => String::new(),
+    };
     let mut peer = HttpPeer::new(addr, tls.enabled, sni);
     let o = &mut peer.options;
     let secs = |d: Duration| Some(d.0);
