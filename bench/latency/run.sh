@@ -176,4 +176,9 @@ if pairs:
                                   for n, r in runs[one].items() if n in runs[two]])
     print("\nCPU per request, two threads or workers ÷ one, paired by round: "
           + "; ".join(f"{one} {ratio(one, two):.2f}×" for one, two in pairs) + ".")
+# Each round's CPU per request, so that a paired ratio and the ratio of medians can be
+# told apart.
+print("\nCPU µs per request by round: " + "; ".join(
+    f"{name} " + ", ".join(f"{r['cpu']:.1f}" for _, r in sorted(by_round.items()))
+    for name, by_round in runs.items() if name != "direct") + ".")
 EOF
