@@ -141,13 +141,8 @@ pub(crate) fn acceptable_request_id(value: &http::HeaderValue) -> bool {
 
 /// 32 lowercase hex digits of randomness (a UUID's worth), without allocating.
 pub(crate) fn new_request_id() -> http::HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    let mut bits = fastrand::u128(..);
-    for byte in out.iter_mut() {
-        *byte = HEX[(bits & 0xf) as usize];
-        bits >>= 4;
-    }
+    crate::digest::write_hex(&mut out, &fastrand::u128(..).to_ne_bytes());
     // Owned where it is made: the upstream request and the response each take a clone,
     // which for bytes copied from a slice would first move them to a second allocation.
     http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))

@@ -9,6 +9,7 @@
 pub(crate) mod export;
 
 use crate::config::TracingConfig;
+use crate::digest::write_hex;
 use crate::policy::compile::Compile;
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
@@ -94,7 +95,7 @@ impl TraceContext {
                 flags & 0x03
             }
             None => {
-                hex(&mut traceparent[3..35], nonzero(fastrand::u128(..)), 32);
+                write_hex(&mut traceparent[3..35], &nonzero(fastrand::u128(..)).to_be_bytes());
                 if sample.is_some_and(|share| fastrand::f64() < share) {
                     SAMPLED
                 } else {
@@ -102,7 +103,7 @@ impl TraceContext {
                 }
             }
         };
-        hex(&mut traceparent[53..], u128::from(flags), 2);
+        write_hex(&mut traceparent[53..], &[flags]);
         let mut context = TraceContext {
             traceparent,
             parent: parent.map(|p| p.span),
@@ -124,7 +125,7 @@ impl TraceContext {
     /// A new span id, written as the parent the upstream will see.
     pub(crate) fn next_span(&mut self) -> u64 {
         let span = nonzero(fastrand::u64(..));
-        hex(&mut self.traceparent[36..52], u128::from(span), 16);
+        write_hex(&mut self.traceparent[36..52], &span.to_be_bytes());
         span
     }
 
@@ -182,14 +183,6 @@ fn digit(b: u8) -> u8 {
         b - b'0'
     } else {
         b - b'a' + 10
-    }
-}
-
-/// Writes the low `digits` hex digits of `value` into `out`.
-fn hex(out: &mut [u8], value: u128, digits: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in out[..digits].iter_mut().enumerate() {
-        *byte = HEX[((value >> (4 * (digits - 1 - i))) & 0xf) as usize];
     }
 }
 
