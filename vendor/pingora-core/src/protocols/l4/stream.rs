@@ -26,6 +26,7 @@ use std::os::unix::io::AsRawFd;
 #[cfg(windows)]
 use std::os::windows::io::AsRawSocket;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -955,10 +956,23 @@ impl AsyncWrite for Stream {
     }
 }
 
+static PENDING_TIME_ACCOUNTING: AtomicBool = AtomicBool::new(true);
+
+/// Whether the streams made from now on time how long their reads and writes wait
+/// (on by default). The time is kept for [`GetTimingDigest::get_read_pending_time`] and
+/// [`GetTimingDigest::get_write_pending_time`], and costs two clock reads each time a
+/// read or write has to wait: for a proxy, about four a request (the client's next
+/// request and the upstream's response each wait once). An application that never
+/// asks for these times can turn the timing off at startup; they then read zero.
+pub fn set_pending_time_accounting(enabled: bool) {
+    PENDING_TIME_ACCOUNTING.store(enabled, Ordering::Relaxed);
+}
+
 #[derive(Debug)]
 struct AccumulatedDuration {
     total: Duration,
     last_start: Option<Instant>,
+    enabled: bool,
 }
 
 impl AccumulatedDuration {
@@ -966,11 +980,12 @@ impl AccumulatedDuration {
         AccumulatedDuration {
             total: Duration::ZERO,
             last_start: None,
+            enabled: PENDING_TIME_ACCOUNTING.load(Ordering::Relaxed),
         }
     }
 
     fn start(&mut self) {
-        if self.last_start.is_none() {
+        if self.enabled && self.last_start.is_none() {
             self.last_start = Some(Instant::now());
         }
     }
@@ -1182,5 +1197,35 @@ mod tests {
         let mut buffer = vec![];
         stream.read_to_end(&mut buffer).await.unwrap();
         assert_eq!(buffer, message[2..]);
+    }
+
+    #[tokio::test]
+    async fn pending_reads_are_timed_unless_accounting_is_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut peer, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    peer.write_all(b"x").await.unwrap();
+                });
+            }
+        });
+
+        // One test makes both streams, so that no other stream of this test is made
+        // while the switch is off.
+        set_pending_time_accounting(false);
+        let mut untimed: Stream = TcpStream::connect(addr).await.unwrap().into();
+        set_pending_time_accounting(true);
+        let mut timed: Stream = TcpStream::connect(addr).await.unwrap().into();
+
+        // Both wait for their byte at the same time.
+        let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
+        let (a, b) = tokio::join!(untimed.read_exact(&mut one), timed.read_exact(&mut other));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(untimed.get_read_pending_time(), Duration::ZERO);
+        assert!(timed.get_read_pending_time() >= Duration::from_millis(10));
     }
 }
