@@ -545,7 +545,7 @@ where
             }
             session
                 .downstream_session
-                .finish()
+                .finish_in_place()
                 .await
                 .ok()
                 .flatten()
@@ -1198,7 +1198,7 @@ where
                     }
                     return session
                         .downstream_session
-                        .finish()
+                        .finish_in_place()
                         .await
                         .ok()
                         .flatten()
@@ -1396,7 +1396,7 @@ where
             }
             session
                 .downstream_session
-                .finish()
+                .finish_in_place()
                 .await
                 .ok()
                 .flatten()

@@ -173,6 +173,35 @@ mod ext_io_impl {
 
     impl Peek for Mock {}
 
+    // What a session keeps in place of the stream it gave up for reuse: a `Box` of it
+    // allocates nothing.
+    #[async_trait]
+    impl Shutdown for tokio::io::Empty {
+        async fn shutdown(&mut self) -> () {}
+    }
+    impl UniqueID for tokio::io::Empty {
+        fn id(&self) -> UniqueIDType {
+            0
+        }
+    }
+    impl Ssl for tokio::io::Empty {}
+    impl GetTimingDigest for tokio::io::Empty {
+        fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+            vec![]
+        }
+    }
+    impl GetProxyDigest for tokio::io::Empty {
+        fn get_proxy_digest(&self) -> Option<Arc<raw_connect::ProxyDigest>> {
+            None
+        }
+    }
+    impl GetSocketDigest for tokio::io::Empty {
+        fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+            None
+        }
+    }
+    impl Peek for tokio::io::Empty {}
+
     use std::io::Cursor;
 
     #[async_trait]

@@ -265,22 +265,31 @@ impl Session {
     /// otherwise None.
     /// For H2, always return None because H2 stream is not reusable.
     /// For subrequests, there is no true underlying stream to return.
-    pub async fn finish(self) -> Result<Option<ReusableHttpStream>> {
+    pub async fn finish(mut self) -> Result<Option<ReusableHttpStream>> {
+        self.finish_in_place().await
+    }
+
+    /// [`Self::finish()`] without moving the session: an HTTP/1 session gives its
+    /// stream up for reuse and keeps an empty one (see
+    /// [`HttpSession::reuse_in_place()`](super::v1::server::HttpSession::reuse_in_place)).
+    /// For a caller that holds the session in place (a box, a larger future), the
+    /// session is not copied into this call's future and on into the next one.
+    pub async fn finish_in_place(&mut self) -> Result<Option<ReusableHttpStream>> {
         match self {
-            Self::H1(mut s) => {
+            Self::H1(s) => {
                 // need to flush body due to buffering
                 s.finish_body().await?;
-                s.reuse().await
+                s.reuse_in_place().await
             }
-            Self::H2(mut s) => {
+            Self::H2(s) => {
                 s.finish()?;
                 Ok(None)
             }
-            Self::Subrequest(mut s) => {
+            Self::Subrequest(s) => {
                 s.finish().await?;
                 Ok(None)
             }
-            Self::Custom(mut s) => {
+            Self::Custom(s) => {
                 s.finish().await?;
                 Ok(None)
             }
@@ -1009,6 +1018,33 @@ mod tests {
     use futures::Stream;
     use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn an_http1_session_finished_in_place_hands_its_stream_to_the_next_request() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(b"GET /first HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut session = Session::new_http1(Box::new(server));
+        session.set_keepalive(Some(60));
+        assert!(session.read_request().await.unwrap());
+        let mut response = ResponseHeader::build(200, None).unwrap();
+        response.insert_header("Content-Length", "0").unwrap();
+        session
+            .write_response_header(Box::new(response))
+            .await
+            .unwrap();
+
+        let reused = session.finish_in_place().await.unwrap().expect("reusable");
+        // The finished session keeps an empty stream in place of the one it gave up.
+        assert!(session.stream().unwrap().as_any().is::<tokio::io::Empty>());
+        drop(session);
+
+        client.write_all(b"GET /second HTTP/1.1\r\n\r\n").await.unwrap();
+        let (stream, _) = reused.into_parts();
+        let mut next = Session::new_http1(stream);
+        assert!(next.read_request().await.unwrap());
+        assert_eq!(next.req_header().uri.path(), "/second");
+    }
 
     #[tokio::test]
     async fn custom_proxy_task_defaults_are_opted_out_and_fail_loudly() {

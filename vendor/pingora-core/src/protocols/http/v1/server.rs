@@ -1456,6 +1456,13 @@ impl HttpSession {
     /// returned. If there was an error while draining any remaining request body that error will
     /// be returned.
     pub async fn reuse(mut self) -> Result<Option<ReusableHttpStream>> {
+        self.reuse_in_place().await
+    }
+
+    /// [`Self::reuse()`] without moving the session. The stream given up for reuse is
+    /// replaced with an empty one (reads end at once, writes go nowhere); the session is
+    /// done with either way, and is only dropped after.
+    pub async fn reuse_in_place(&mut self) -> Result<Option<ReusableHttpStream>> {
         if !self.will_keepalive() {
             debug!("HTTP shutdown connection");
             self.shutdown().await;
@@ -1471,10 +1478,11 @@ impl HttpSession {
                     .then(|| self.take_body_overread())
                     .flatten()
                     .filter(|prefix| !prefix.is_empty());
-                Ok(Some(ReusableHttpStream::new(
-                    self.underlying_stream,
-                    pipelined_prefix,
-                )))
+                let stream = std::mem::replace(
+                    &mut self.underlying_stream,
+                    Box::new(tokio::io::empty()),
+                );
+                Ok(Some(ReusableHttpStream::new(stream, pipelined_prefix)))
             }
         }
     }
