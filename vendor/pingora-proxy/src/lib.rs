@@ -520,7 +520,7 @@ where
 
     async fn finish(
         &self,
-        mut session: Session,
+        session: &mut Session,
         ctx: &mut SV::CTX,
         reuse: bool,
         error: Option<Box<Error>>,
@@ -530,7 +530,7 @@ where
         SV::CTX: Send + Sync,
     {
         self.inner
-            .logging(&mut session, error.as_deref(), ctx)
+            .logging(session, error.as_deref(), ctx)
             .await;
 
         if let Some(e) = error {
@@ -1147,8 +1147,8 @@ where
 {
     async fn process_request(
         self: &Arc<Self>,
-        mut session: Session,
-        mut ctx: <SV as ProxyHttp>::CTX,
+        session: &mut Session,
+        ctx: &mut <SV as ProxyHttp>::CTX,
     ) -> Option<ReusedHttpStream>
     where
         SV: ProxyHttp + Send + Sync + 'static,
@@ -1156,11 +1156,11 @@ where
     {
         if let Err(e) = self
             .inner
-            .early_request_filter(&mut session, &mut ctx)
+            .early_request_filter(session, ctx)
             .await
         {
             return self
-                .handle_error(session, &mut ctx, e, "Fail to early filter request:")
+                .handle_error(session, ctx, e, "Fail to early filter request:")
                 .await;
         }
 
@@ -1179,19 +1179,19 @@ where
             return self
                 .handle_error(
                     session,
-                    &mut ctx,
+                    ctx,
                     e,
                     "Failed in downstream modules request filter:",
                 )
                 .await;
         }
 
-        match self.inner.request_filter(&mut session, &mut ctx).await {
+        match self.inner.request_filter(session, ctx).await {
             Ok(response_sent) => {
                 if response_sent {
                     // TODO: log error
-                    self.inner.logging(&mut session, None, &mut ctx).await;
-                    self.cleanup_sub_req(&mut session);
+                    self.inner.logging(session, None, ctx).await;
+                    self.cleanup_sub_req(session);
                     let mut persistent_settings = HttpPersistentSettings::for_session(&session);
                     if let Some(uc) = self.inner.persist_connection_context(&session, &ctx) {
                         persistent_settings.set_user_context(uc);
@@ -1208,24 +1208,24 @@ where
             }
             Err(e) => {
                 return self
-                    .handle_error(session, &mut ctx, e, "Fail to filter request:")
+                    .handle_error(session, ctx, e, "Fail to filter request:")
                     .await;
             }
         }
 
-        if let Some((reuse, err)) = self.proxy_cache(&mut session, &mut ctx).await {
+        if let Some((reuse, err)) = self.proxy_cache(session, ctx).await {
             // cache hit
-            return self.finish(session, &mut ctx, reuse, err).await;
+            return self.finish(session, ctx, reuse, err).await;
         }
         // either uncacheable, or cache miss
 
         // there should not be a write lock in the sub req ctx after this point
-        self.cleanup_sub_req(&mut session);
+        self.cleanup_sub_req(session);
 
         // decide if the request is allowed to go to upstream
         match self
             .inner
-            .proxy_upstream_filter(&mut session, &mut ctx)
+            .proxy_upstream_filter(session, ctx)
             .await
         {
             Ok(proxy_to_upstream) => {
@@ -1243,7 +1243,7 @@ where
                                 return self
                                     .handle_error(
                                         session,
-                                        &mut ctx,
+                                        ctx,
                                         e,
                                         "Error responding with Bad Gateway:",
                                     )
@@ -1252,7 +1252,7 @@ where
                         }
                     }
 
-                    return self.finish(session, &mut ctx, true, None).await;
+                    return self.finish(session, ctx, true, None).await;
                 }
                 /* else continue */
             }
@@ -1264,7 +1264,7 @@ where
                 return self
                     .handle_error(
                         session,
-                        &mut ctx,
+                        ctx,
                         e,
                         "Error deciding if we should proxy to upstream:",
                     )
@@ -1280,7 +1280,7 @@ where
         while retries < self.max_retries {
             retries += 1;
 
-            let (reuse, e) = self.proxy_to_upstream(&mut session, &mut ctx).await;
+            let (reuse, e) = self.proxy_to_upstream(session, ctx).await;
             server_reuse = reuse;
 
             match e {
@@ -1320,7 +1320,7 @@ where
         // allow unwrap until if let chains
         #[allow(clippy::unnecessary_unwrap)]
         let serve_stale_result = if proxy_error.is_some() && session.cache.can_serve_stale_error() {
-            self.handle_stale_if_error(&mut session, &mut ctx, proxy_error.as_ref().unwrap())
+            self.handle_stale_if_error(session, ctx, proxy_error.as_ref().unwrap())
                 .await
         } else {
             None
@@ -1344,7 +1344,7 @@ where
                 };
                 session.cache.disable(reason);
             }
-            let res = self.inner.fail_to_proxy(&mut session, e, &mut ctx).await;
+            let res = self.inner.fail_to_proxy(session, e, ctx).await;
 
             // final error will have > 0 status unless downstream connection is dead
             if !self.inner.suppress_error_log(&session, &ctx, e) {
@@ -1360,13 +1360,13 @@ where
         }
 
         // logging() will be called in finish()
-        self.finish(session, &mut ctx, server_reuse, final_error)
+        self.finish(session, ctx, server_reuse, final_error)
             .await
     }
 
     async fn handle_error(
         &self,
-        mut session: Session,
+        session: &mut Session,
         ctx: &mut <SV as ProxyHttp>::CTX,
         e: Box<Error>,
         context: &str,
@@ -1375,7 +1375,7 @@ where
         SV: ProxyHttp + Send + Sync + 'static,
         <SV as ProxyHttp>::CTX: Send + Sync,
     {
-        let res = self.inner.fail_to_proxy(&mut session, &e, ctx).await;
+        let res = self.inner.fail_to_proxy(session, &e, ctx).await;
         if !self.inner.suppress_error_log(&session, ctx, &e) {
             error!(
                 "{context} {}, status: {}, {}",
@@ -1384,8 +1384,8 @@ where
                 self.inner.request_summary(&session, ctx)
             );
         }
-        self.inner.logging(&mut session, Some(&e), ctx).await;
-        self.cleanup_sub_req(&mut session);
+        self.inner.logging(session, Some(&e), ctx).await;
+        self.cleanup_sub_req(session);
 
         session.downstream_session.on_proxy_failure(e);
 
@@ -1456,8 +1456,8 @@ where
 
         session.subrequest_ctx.replace(sub_req_ctx);
         trace!("processing subrequest");
-        let ctx = self.inner.new_ctx();
-        self.process_request(session, ctx).await;
+        let mut ctx = self.inner.new_ctx();
+        self.process_request(&mut session, &mut ctx).await;
         trace!("subrequest done");
     }
 }
@@ -1560,13 +1560,11 @@ where
     /// boxed and [`HttpServerApp::process_new_http_in_place()`] not.
     async fn serve_http_session(
         self: &Arc<Self>,
-        mut session: HttpSession,
+        mut session: Box<HttpSession>,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        // Extract user context from the previous request before the session is moved into the Box
+        // Extract user context from the previous request
         let prev_user_ctx = session.take_connection_user_context();
-
-        let session = Box::new(session);
 
         // TODO: keepalive pool, use stack
         let mut session = match self.handle_new_request(session).await {
@@ -1593,7 +1591,7 @@ where
                 .on_connection_reuse(&mut session, &mut ctx, prev_ctx);
         }
 
-        self.process_request(session, ctx).await
+        self.process_request(&mut session, &mut ctx).await
     }
 }
 
@@ -1609,12 +1607,12 @@ where
         session: HttpSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        self.serve_http_session(session, shutdown).await
+        self.serve_http_session(Box::new(session), shutdown).await
     }
 
     fn process_new_http_in_place<'a>(
         self: &'a Arc<Self>,
-        session: HttpSession,
+        session: Box<HttpSession>,
         shutdown: &'a ShutdownWatch,
     ) -> impl Future<Output = Option<ReusedHttpStream>> + Send + 'a {
         self.serve_http_session(session, shutdown)

@@ -234,13 +234,14 @@ pub trait HttpServerApp {
     /// keep-alive loop awaits one per request, and the future `async_trait` makes of
     /// `process_new_http` is boxed: allocated, and moved into its box whole, on every
     /// request. By default it is that boxed future; an app whose future is large (a proxy's
-    /// is several KiB) returns its own, unboxed.
+    /// is several KiB) returns its own, unboxed. The session comes boxed, so that an app
+    /// that keeps it in a box (a proxy does) takes it as it is instead of copying it.
     fn process_new_http_in_place<'a>(
         self: &'a Arc<Self>,
-        session: ServerSession,
+        session: Box<ServerSession>,
         shutdown: &'a ShutdownWatch,
     ) -> impl Future<Output = Option<ReusedHttpStream>> + Send + 'a {
-        self.process_new_http(session, shutdown)
+        self.process_new_http(*session, shutdown)
     }
 
     /// Provide options on how HTTP/2 connection should be established. This function will be called
@@ -358,7 +359,7 @@ where
             return self.clone().process_custom_session(stream, shutdown).await;
         } else {
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
-            let mut session = ServerSession::new_http1(stream);
+            let mut session = Box::new(ServerSession::new_http1(stream));
             if *shutdown.borrow() {
                 // stop downstream from reusing if this service is shutting down soon
                 session.set_keepalive(None);
@@ -373,7 +374,7 @@ where
 
             let mut result = self.process_new_http_in_place(session, shutdown).await;
             while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
-                let mut session = ServerSession::new_http1(stream);
+                let mut session = Box::new(ServerSession::new_http1(stream));
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);
                 }
