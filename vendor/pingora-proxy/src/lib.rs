@@ -421,9 +421,12 @@ where
                             .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
                             .await;
                         if client_reuse {
-                            let session = ClientSession::H1(h1);
                             self.client_upstream
-                                .release_http_session(session, &*peer, peer.idle_timeout())
+                                .release_http1_session_in_place(
+                                    &mut h1,
+                                    &*peer,
+                                    peer.idle_timeout(),
+                                )
                                 .await;
                         }
                         (server_reused, error)

@@ -149,6 +149,20 @@ where
         }
     }
 
+    /// [`Self::release_http_session()`] for an HTTP/1 session its caller keeps in place
+    /// (not moved here, nor through the pool's hand-over): its stream goes back to the
+    /// pool when it can be reused, and the session is done with.
+    pub async fn release_http1_session_in_place<P: Peer + Send + Sync + 'static>(
+        &self,
+        session: &mut Http1Session,
+        peer: &P,
+        idle_timeout: Option<Duration>,
+    ) {
+        self.h1
+            .release_http_session_in_place(session, peer, idle_timeout)
+            .await
+    }
+
     /// Tell the connector to always send h1 for ALPN for the given peer in the future.
     pub fn prefer_h1(&self, peer: &impl Peer) {
         self.h2.prefer_h1(peer);

@@ -56,8 +56,20 @@ impl Connector {
         peer: &P,
         idle_timeout: Option<Duration>,
     ) {
+        self.release_http_session_in_place(&mut session, peer, idle_timeout)
+            .await
+    }
+
+    /// [`Self::release_http_session()`] without moving the session: its stream goes
+    /// back to the pool (when it can be reused) and the session is done with.
+    pub async fn release_http_session_in_place<P: Peer + Send + Sync + 'static>(
+        &self,
+        session: &mut HttpSession,
+        peer: &P,
+        idle_timeout: Option<Duration>,
+    ) {
         session.respect_keepalive();
-        if let Some(stream) = session.reuse().await {
+        if let Some(stream) = session.reuse_in_place().await {
             self.transport
                 .release_stream(stream, peer.reuse_hash(), idle_timeout);
         }
@@ -115,6 +127,48 @@ mod tests {
         connector.release_http_session(http, &peer, None).await;
         let (_, reused) = connector.get_http_session(&peer).await.unwrap();
         assert!(reused);
+    }
+
+    #[tokio::test]
+    async fn a_session_released_in_place_gives_its_connection_to_the_pool() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            for _ in 0..2 {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the client closed the connection");
+                    head.extend_from_slice(&buf[..n]);
+                }
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            std::future::pending::<()>().await;
+        });
+
+        let connector = Connector::new(None);
+        let peer = HttpPeer::new(address, false, "".into());
+        let (mut http, reused) = connector.get_http_session(&peer).await.unwrap();
+        assert!(!reused);
+        get_http(&mut http, 200).await;
+        connector
+            .release_http_session_in_place(&mut http, &peer, None)
+            .await;
+        // The session keeps an empty stream in place of the one the pool has now.
+        assert!(http.stream().as_any().is::<tokio::io::Empty>());
+        drop(http);
+
+        let mut http = connector
+            .reused_http_session(&peer)
+            .await
+            .expect("the connection is in the pool");
+        get_http(&mut http, 200).await;
+        server.abort();
     }
 
     #[tokio::test]

@@ -760,6 +760,13 @@ impl HttpSession {
     /// If the connection cannot be reused, the underlying stream will be closed and `None` will be
     /// returned.
     pub async fn reuse(mut self) -> Option<Stream> {
+        self.reuse_in_place().await
+    }
+
+    /// [`Self::reuse()`] without moving the session. The stream given up for reuse is
+    /// replaced with an empty one (reads end at once, writes go nowhere); the session is
+    /// done with either way, and is only dropped after.
+    pub async fn reuse_in_place(&mut self) -> Option<Stream> {
         if !self.body_reader.body_complete() || self.body_reader.has_bytes_overread() {
             self.set_keepalive(None);
         }
@@ -772,7 +779,10 @@ impl HttpSession {
                 self.shutdown().await;
                 None
             }
-            _ => Some(self.underlying_stream),
+            _ => Some(std::mem::replace(
+                &mut self.underlying_stream,
+                Box::new(tokio::io::empty()),
+            )),
         }
     }
 
