@@ -134,7 +134,8 @@ impl TraceContext {
     pub(crate) fn propagate(&self, upstream: &mut RequestHeader) -> pingora::Result<()> {
         let value = HeaderValue::from_bytes(&self.traceparent).expect("hex digits and dashes");
         upstream.insert_header_alike(&TRACEPARENT, value)?;
-        if !self.continued {
+        // Looked up first: removing an absent field costs twice the lookup.
+        if !self.continued && upstream.headers.contains_key(&TRACESTATE) {
             upstream.remove_header(&TRACESTATE);
         }
         Ok(())
