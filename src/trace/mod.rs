@@ -95,7 +95,10 @@ impl TraceContext {
                 flags & 0x03
             }
             None => {
-                write_hex(&mut traceparent[3..35], &nonzero(fastrand::u128(..)).to_be_bytes());
+                write_hex(
+                    &mut traceparent[3..35],
+                    &nonzero(fastrand::u128(..)).to_be_bytes(),
+                );
                 if sample.is_some_and(|share| fastrand::f64() < share) {
                     SAMPLED
                 } else {
