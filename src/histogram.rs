@@ -49,18 +49,31 @@ impl Histogram {
     }
 }
 
-fn bucket_of(latency: Duration) -> usize {
-    let us = latency.as_micros() as f64;
-    if us <= FIRST_BOUND_US {
-        return 0;
+/// Each bucket's upper bound in whole microseconds (`FIRST_BOUND_US * GROWTH^i`, rounded
+/// down: a whole number of µs is at most a bound exactly when it is at most its floor).
+const BOUNDS_US: [u64; BUCKETS] = {
+    let mut bounds = [0; BUCKETS];
+    let mut bound = FIRST_BOUND_US;
+    let mut i = 0;
+    while i < BUCKETS {
+        bounds[i] = bound as u64;
+        bound *= GROWTH;
+        i += 1;
     }
-    ((us / FIRST_BOUND_US).ln() / GROWTH.ln())
-        .ceil()
-        .min((BUCKETS - 1) as f64) as usize
+    bounds
+};
+
+/// The first bucket whose bound holds `latency`, the last for anything longer: a binary
+/// search of the bounds, where a logarithm per request cost ~250 instructions.
+fn bucket_of(latency: Duration) -> usize {
+    let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+    BOUNDS_US
+        .partition_point(|&bound| bound < us)
+        .min(BUCKETS - 1)
 }
 
 fn bucket_upper_bound(bucket: usize) -> Duration {
-    Duration::from_micros((FIRST_BOUND_US * GROWTH.powi(bucket as i32)) as u64)
+    Duration::from_micros(BOUNDS_US[bucket])
 }
 
 /// The upper bound of the bucket holding the q-quantile (an over-estimate of at most
@@ -98,5 +111,34 @@ mod tests {
             "{p95:?}"
         );
         assert_eq!(quantile(&h.drain(), 0.5), None, "drained");
+    }
+
+    #[test]
+    fn a_latency_goes_to_the_first_bucket_whose_bound_holds_it() {
+        for (i, &bound) in BOUNDS_US.iter().enumerate() {
+            let exact = FIRST_BOUND_US * GROWTH.powi(i as i32);
+            assert!(
+                (exact - bound as f64).abs() < 1.0 + exact * 1e-12,
+                "bucket {i}: {bound} µs"
+            );
+        }
+        let mut us = 0;
+        while us < 200_000_000_000 {
+            let bucket = bucket_of(Duration::from_micros(us));
+            assert!(
+                bucket == 0 || us > BOUNDS_US[bucket - 1],
+                "{us} µs in {bucket}"
+            );
+            assert!(
+                bucket == BUCKETS - 1 || us <= BOUNDS_US[bucket],
+                "{us} µs in {bucket}"
+            );
+            us = if us < 1_000 { us + 1 } else { us + us / 97 };
+        }
+        assert_eq!(bucket_of(Duration::MAX), BUCKETS - 1);
+        for (i, &bound) in BOUNDS_US.iter().enumerate() {
+            assert_eq!(bucket_of(Duration::from_micros(bound)), i);
+            assert_eq!(bucket_upper_bound(i), Duration::from_micros(bound));
+        }
     }
 }
