@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Saturated runs of tollgate and nginx in turn, one worker each on CPU 1, the nginx origin
+# and wrk on CPU 0: per run req/s, user and system CPU µs per request, and per request the
+# syscalls (by name), context switches, wake-ups and page faults of the proxy (perf stat
+# over `wrk -t1 -c64`). Where bench/instruments/run.sh counts once per target, this
+# alternates the two ROUNDS times, so that what moves between runs shows beside what does
+# not.
+#
+#   BIN=<dir with tollgate> bash bench/instruments/pairs.sh
+#
+# ROUNDS (5), DURATION (wrk seconds, 8), GATEWAY_CONF (tollgate's policy template,
+# default bench/gateway.yaml), URL_PATH (/json). Needs perf, wrk and nginx.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-$PWD/target/release}
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-8}
+URL_PATH=${URL_PATH:-/json}
+ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
+source bench/lib.sh
+export TOLLGATE_RUN_DIR=$RUN
+
+taskset -c 0 nginx -c "$(nginx_conf origin)" &
+pids+=($!)
+wait_port $ORIGIN_PORT /json
+policy=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}")
+events=page-faults,context-switches,sched:sched_wakeup,raw_syscalls:sys_enter
+for call in read write writev readv recvfrom sendto recvmsg sendmsg epoll_wait; do
+  events+=",syscalls:sys_enter_$call"
+done
+
+for round in $(seq "$ROUNDS"); do
+  for name in tollgate nginx; do
+    case $name in
+      tollgate) command="$BIN/tollgate run -c $policy" ;;
+      nginx) command="nginx -c $(nginx_conf proxy)" ;;
+    esac
+    # shellcheck disable=SC2086
+    taskset -c 1 $command > "$RUN/$name.log" 2>&1 &
+    target=$!
+    pids+=($target)
+    wait_port $PROXY_PORT "$URL_PATH"
+    taskset -c 0 wrk -t1 -c64 -d2s "http://127.0.0.1:$PROXY_PORT$URL_PATH" >/dev/null
+    read -r user0 sys0 < <(awk '{print $14, $15}' "/proc/$target/stat")
+    perf stat -x, -o "$RUN/perf" -e "$events" -p "$target" -- \
+      taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT$URL_PATH" > "$RUN/wrk"
+    read -r user1 sys1 < <(awk '{print $14, $15}' "/proc/$target/stat")
+    kill "$target"
+    wait "$target" 2>/dev/null || true
+    requests=$(awk '/requests in/ {print $1}' "$RUN/wrk")
+    awk -F, -v name="$name" -v round="$round" -v r="$requests" -v d="$DURATION" \
+      -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$(getconf CLK_TCK)" '
+      { count[$3] = $1 }
+      END {
+        us = 1e6 / hz / r
+        printf "round %d %-8s %7.0f req/s  CPU %5.1f µs (%4.1f user + %4.1f sys)  syscalls %.2f", round, name,
+          r / d, (u + s) * us, u * us, s * us, count["raw_syscalls:sys_enter"] / r
+        listed = 0
+        for (e in count) if (e ~ /sys_enter_/ && count[e] > 0) {
+          listed += count[e]
+          sub(/syscalls:sys_enter_/, "", e); printf " %s %.3f", e, count["syscalls:sys_enter_" e] / r
+        }
+        printf " other %.3f", (count["raw_syscalls:sys_enter"] - listed) / r
+        printf "  cs %.3f  wakeups %.3f  faults %.4f\n", count["context-switches"] / r,
+          count["sched:sched_wakeup"] / r, count["page-faults"] / r
+      }' "$RUN/perf"
+  done
+done
