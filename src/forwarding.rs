@@ -168,10 +168,11 @@ pub fn normalise(req: &mut RequestHeader, allow_underscores: bool) -> Result<(),
         req.insert_header_alike(&header::HOST, host)
             .map_err(|_| "invalid request target authority")?;
     }
-    if let Some(reason) = malformed(req) {
-        return Err(reason);
-    }
-    if req.headers.keys().any(|n| n.as_str().contains('_')) {
+    let Fields {
+        underscored,
+        one_length,
+    } = inspect(req)?;
+    if underscored {
         let underscored: Vec<HeaderName> = req
             .headers
             .keys()
@@ -188,17 +189,8 @@ pub fn normalise(req: &mut RequestHeader, allow_underscores: bool) -> Result<(),
             }
         }
     }
-    let mut lengths = req.headers.get_all(header::CONTENT_LENGTH).iter();
-    let first = lengths.next();
-    let listed = first.is_some_and(|v| v.as_bytes().contains(&b','));
-    if listed || lengths.next().is_some() {
-        // `malformed` made sure every value is the same number.
-        let canonical = first
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default();
-        req.insert_header_alike(&header::CONTENT_LENGTH, canonical)
+    if let Some(length) = one_length {
+        req.insert_header_alike(&header::CONTENT_LENGTH, length)
             .map_err(|_| "invalid Content-Length")?;
     }
     Ok(())
@@ -270,65 +262,101 @@ fn absolute_target(req: &RequestHeader) -> Option<(http::HeaderValue, http::Uri)
     Some((host, origin_form))
 }
 
+/// What `normalise` has left to do to a head `inspect` accepted.
+struct Fields {
+    /// Some field name has a `_`.
+    underscored: bool,
+    /// The one value a repeated or listed (but agreeing) `Content-Length` becomes.
+    one_length: Option<String>,
+}
+
 /// Framing problems RFC 9112 says a server must reject, found in the parsed header.
 /// The HTTP/1 parser already refuses whitespace before a colon, obs-fold and invalid
-/// field names; what it lets through is checked here. `None` means acceptable.
-///
-/// The request target comes first: Pingora's parser percent-encodes what it cannot
-/// parse (`GET  /x`, two spaces, becomes `%20/x`) and files any target without a
-/// leading `/` under the path `/`, while the upstream gets the bytes as they are. Only
-/// origin-form (and `*` for OPTIONS; [`normalise`] rewrites absolute-form to
-/// origin-form before this) passes, so the path routing, limits and the cache key decide on is exactly
-/// the one sent upstream.
-fn malformed(req: &RequestHeader) -> Option<&'static str> {
+/// field names; what it lets through is checked here. `Err` is the reason for a 400.
+/// One pass over the fields finds the ones judged: this runs for every request, and a
+/// hashed lookup per name costs more than looking at the few fields a request has.
+fn inspect(req: &RequestHeader) -> Result<Fields, &'static str> {
     let target = req.raw_path();
     let asterisk = target == b"*" && req.method == http::Method::OPTIONS;
     if !(target.first() == Some(&b'/') || asterisk) || !req.raw_path_is_utf8() {
-        return Some("the request target is not in origin form");
+        return Err("the request target is not in origin form");
     }
-    let h = &req.headers;
-    let is_http11 = req.version == http::Version::HTTP_11;
-    let hosts = h.get_all(header::HOST).iter().count();
-    if is_http11 && hosts == 0 {
-        return Some("an HTTP/1.1 request must carry a Host header");
+    let parse_length = |v: &http::HeaderValue| -> Option<u64> {
+        let text = v.to_str().ok()?;
+        let mut values = text.split(',').map(|s| s.trim().parse::<u64>().ok());
+        let first = values.next()??;
+        values.all(|v| v == Some(first)).then_some(first)
+    };
+    let (mut hosts, mut host) = (0, None);
+    let (mut lengths, mut length, mut length_value, mut lengths_agree) = (0, None, None, true);
+    let (mut codings, mut coding) = (0, None);
+    let mut underscored = false;
+    for (name, value) in &req.headers {
+        if name == header::HOST {
+            hosts += 1;
+            host.get_or_insert(value);
+        } else if name == header::CONTENT_LENGTH {
+            lengths += 1;
+            if length.is_none() {
+                length = Some(value);
+                length_value = parse_length(value);
+            } else if parse_length(value) != length_value {
+                lengths_agree = false;
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            codings += 1;
+            coding.get_or_insert(value);
+        } else {
+            underscored |= name.as_str().contains('_');
+        }
+    }
+    if req.version == http::Version::HTTP_11 && hosts == 0 {
+        return Err("an HTTP/1.1 request must carry a Host header");
     }
     if hosts > 1 {
-        return Some("more than one Host header");
+        return Err("more than one Host header");
     }
-    if h.get(header::HOST)
-        .is_some_and(|host| !valid_host(host.as_bytes()))
-    {
-        return Some("invalid Host header");
+    if host.is_some_and(|host| !valid_host(host.as_bytes())) {
+        return Err("invalid Host header");
     }
-    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
-    if let Some(first) = lengths.next() {
-        let parse = |v: &http::HeaderValue| -> Option<u64> {
-            let text = v.to_str().ok()?;
-            let mut values = text.split(',').map(|s| s.trim().parse::<u64>().ok());
-            let first = values.next()??;
-            values.all(|v| v == Some(first)).then_some(first)
-        };
-        let Some(value) = parse(first) else {
-            return Some("invalid Content-Length");
-        };
-        if lengths.any(|other| parse(other) != Some(value)) {
-            return Some("conflicting Content-Length values");
+    if let Some(first) = length {
+        if length_value.is_none() {
+            return Err("invalid Content-Length");
         }
-        if h.contains_key(header::TRANSFER_ENCODING) {
-            return Some("both Transfer-Encoding and Content-Length");
+        if !lengths_agree {
+            return Err("conflicting Content-Length values");
+        }
+        if coding.is_some() {
+            return Err("both Transfer-Encoding and Content-Length");
+        }
+        let listed = first.as_bytes().contains(&b',');
+        if listed || lengths > 1 {
+            let one_length = first
+                .to_str()
+                .ok()
+                .and_then(|v| v.split(',').next())
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default();
+            return Ok(Fields {
+                underscored,
+                one_length: Some(one_length),
+            });
         }
     }
-    if let Some(te) = h.get(header::TRANSFER_ENCODING) {
+    if let Some(te) = coding {
         // Only plain chunked is forwarded: another coding would reach the upstream
         // decoded of its chunking but with nothing left to say it is, e.g., gzip.
         let only_chunked = te
             .to_str()
             .is_ok_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        if !only_chunked || h.get_all(header::TRANSFER_ENCODING).iter().count() > 1 {
-            return Some("unsupported Transfer-Encoding: only chunked is accepted");
+        if !only_chunked || codings > 1 {
+            return Err("unsupported Transfer-Encoding: only chunked is accepted");
         }
     }
-    None
+    Ok(Fields {
+        underscored,
+        one_length: None,
+    })
 }
 
 /// The fields RFC 9110 §7.6.1 ties to one connection, plus the legacy `Keep-Alive` and
@@ -500,6 +528,10 @@ mod tests {
         assert!(!acceptable_request_id(&http::HeaderValue::from_static(
             "has space"
         )));
+    }
+
+    fn malformed(req: &RequestHeader) -> Option<&'static str> {
+        inspect(req).err()
     }
 
     #[test]
