@@ -67,9 +67,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // A probe the bench scripts start and stop: no grace period to wait out on SIGTERM.
     let conf = ServerConf {
         threads: 1,
         work_stealing: false,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -3,13 +3,18 @@
 # and wrk on CPU 0: per run req/s, user and system CPU µs per request, and per request the
 # syscalls (by name), context switches, wake-ups and page faults of the proxy (perf stat
 # over `wrk -t1 -c64`). Where bench/instruments/run.sh counts once per target, this
-# alternates the two ROUNDS times, so that what moves between runs shows beside what does
+# alternates them ROUNDS times, so that what moves between runs shows beside what does
 # not.
 #
 #   BIN=<dir with tollgate> bash bench/instruments/pairs.sh
 #
-# ROUNDS (5), DURATION (wrk seconds, 8), GATEWAY_CONF (tollgate's policy template,
-# default bench/gateway.yaml), URL_PATH (/json). Needs perf, wrk and nginx.
+# TARGETS (default "tollgate nginx"; also floor, bare Pingora, and probe, the raw tokio
+# proxy, from $BIN/examples: `cargo build --release --examples`), ROUNDS (5), DURATION
+# (seconds measured, 8), GATEWAY_CONF (tollgate's policy template, default
+# bench/gateway.yaml), URL_PATH (/json), RATE (when set, oha sends that many
+# requests a second over 64 connections instead of wrk saturating them: the counts of
+# the fixed-rate latency scenario, bench/latency/run.sh). Needs perf, wrk (or oha) and
+# nginx.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-$PWD/target/release}
@@ -24,30 +29,44 @@ taskset -c 0 nginx -c "$(nginx_conf origin)" &
 pids+=($!)
 wait_port $ORIGIN_PORT /json
 policy=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}")
+OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
+
+load() { # load SECONDS: prints the number of requests answered
+  if [ -n "${RATE:-}" ]; then
+    taskset -c 0 "$OHA" -z "$1s" -q "$RATE" -c 64 --no-tui --worker-threads 1 \
+      --output-format json "http://127.0.0.1:$PROXY_PORT$URL_PATH" > "$RUN/load"
+    python3 -c 'import json, sys; print(sum(json.load(open(sys.argv[1]))["statusCodeDistribution"].values()))' "$RUN/load"
+  else
+    taskset -c 0 wrk -t1 -c64 -d"$1s" "http://127.0.0.1:$PROXY_PORT$URL_PATH" > "$RUN/load"
+    awk '/requests in/ {print $1}' "$RUN/load"
+  fi
+}
+
 events=page-faults,context-switches,sched:sched_wakeup,raw_syscalls:sys_enter
 for call in read write writev readv recvfrom sendto recvmsg sendmsg epoll_wait; do
   events+=",syscalls:sys_enter_$call"
 done
 
 for round in $(seq "$ROUNDS"); do
-  for name in tollgate nginx; do
+  for name in ${TARGETS:-tollgate nginx}; do
     case $name in
       tollgate) command="$BIN/tollgate run -c $policy" ;;
       nginx) command="nginx -c $(nginx_conf proxy)" ;;
+      floor) command="$BIN/examples/pingora_floor 127.0.0.1:$PROXY_PORT proxy 127.0.0.1:$ORIGIN_PORT" ;;
+      probe) command="$BIN/examples/tokio_probe 127.0.0.1:$PROXY_PORT 127.0.0.1:$ORIGIN_PORT" ;;
     esac
     # shellcheck disable=SC2086
     taskset -c 1 $command > "$RUN/$name.log" 2>&1 &
     target=$!
     pids+=($target)
     wait_port $PROXY_PORT "$URL_PATH"
-    taskset -c 0 wrk -t1 -c64 -d2s "http://127.0.0.1:$PROXY_PORT$URL_PATH" >/dev/null
+    load 2 >/dev/null
     read -r user0 sys0 < <(awk '{print $14, $15}' "/proc/$target/stat")
-    perf stat -x, -o "$RUN/perf" -e "$events" -p "$target" -- \
-      taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT$URL_PATH" > "$RUN/wrk"
+    perf stat -x, -o "$RUN/perf" -e "$events" -p "$target" -- bash -c "$(declare -f load); $(declare -p RUN OHA PROXY_PORT URL_PATH); RATE='${RATE:-}' load $DURATION" > "$RUN/requests"
     read -r user1 sys1 < <(awk '{print $14, $15}' "/proc/$target/stat")
     kill "$target"
     wait "$target" 2>/dev/null || true
-    requests=$(awk '/requests in/ {print $1}' "$RUN/wrk")
+    requests=$(cat "$RUN/requests")
     awk -F, -v name="$name" -v round="$round" -v r="$requests" -v d="$DURATION" \
       -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$(getconf CLK_TCK)" '
       { count[$3] = $1 }

@@ -12,7 +12,8 @@
 # TARGETS (default "direct tollgate tollgate-2t nginx nginx-2w envoy"; tollgate-2t is the
 # same policy with server.threads: 2, and nginx-2w nginx with two workers, both on the CPUs
 # in CPUS_2T, default 1: the same core, so that their CPU per request compares with one
-# thread's or worker's), RATE (5000), CONNECTIONS (64), DURATION
+# thread's or worker's; also floor, bare Pingora, and probe, the raw tokio proxy, from
+# $BIN/examples: `cargo build --release --examples`), RATE (5000), CONNECTIONS (64), DURATION
 # (seconds measured, 15), WARMUP (seconds, 3), ROUNDS (3), BIN (default target/release),
 # ENVOY (the envoy binary; default `envoy` on PATH or $PEERS_VENV/bin/envoy, the shared
 # peer harness's environment). Needs nginx (origin and the nginx row), oha
@@ -88,6 +89,8 @@ start() {
     nginx) taskset -c 1 nginx -c "$(nginx_conf proxy)" > "$RUN/$1.log" 2>&1 & ;;
     nginx-2w) taskset -c "$CPUS_2T" nginx -c "$(nginx_conf proxy 2)" > "$RUN/$1.log" 2>&1 & ;;
     envoy) taskset -c 1 "$ENVOY" -c "$(envoy_conf)" --concurrency 1 --log-level error > "$RUN/$1.log" 2>&1 & ;;
+    floor) taskset -c 1 "$BIN/examples/pingora_floor" "127.0.0.1:$PROXY_PORT" proxy "127.0.0.1:$ORIGIN_PORT" > "$RUN/$1.log" 2>&1 & ;;
+    probe) taskset -c 1 "$BIN/examples/tokio_probe" "127.0.0.1:$PROXY_PORT" "127.0.0.1:$ORIGIN_PORT" > "$RUN/$1.log" 2>&1 & ;;
   esac
   target=$!
   pids+=($target)
