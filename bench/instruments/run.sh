@@ -11,7 +11,10 @@
 # (wrk seconds, 5), BIN (where the binaries are, default target/release: another build
 # to compare with), GATEWAY_CONF (tollgate's policy template, default bench/gateway.yaml;
 # bench/gateway-cache.yaml for 1 KiB hits, bench/gateway-ratelimit.yaml for the rules),
-# CALLGRIND_OUT (a directory to keep the callgrind profiles in, for callgrind_annotate).
+# CALLGRIND_OUT (a directory to keep the callgrind profiles in, for callgrind_annotate),
+# CACHE_SIM (when 1, callgrind also simulates a 32 KiB L1i, 48 KiB L1d and 2 MiB last
+# level, and two columns more give the first-level misses a request: instruction and data
+# lines the request's code and data did not find there, its footprint beyond L1).
 # Needs perf, valgrind, wrk, python3; nginx for the origin and the
 # nginx row (without nginx, tollgate-upstream is the origin and the nginx row is skipped).
 set -euo pipefail
@@ -61,8 +64,15 @@ start() { # start TARGET [WRAPPER...]: the target on CPU 1, its PID in $target
 # foreground).
 ticks() { awk '{print $14 + $15, $14, $15}' "/proc/$1/stat"; }
 
-printf '| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req |\n'
-printf '|---|---:|---:|---:|---:|---:|\n'
+cache_sim=()
+if [ "${CACHE_SIM:-0}" = 1 ]; then
+  cache_sim=(--cache-sim=yes --I1=32768,8,64 --D1=49152,12,64 --LL=2097152,16,64)
+  printf '| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req | L1i misses/req | L1d misses/req |\n'
+  printf '|---|---:|---:|---:|---:|---:|---:|---:|\n'
+else
+  printf '| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req |\n'
+  printf '|---|---:|---:|---:|---:|---:|\n'
+fi
 for name in $TARGETS; do
   start "$name"
   taskset -c 0 wrk -t1 -c64 -d1s "http://127.0.0.1:$PROXY_PORT$ORIGIN_PATH" >/dev/null
@@ -77,7 +87,7 @@ for name in $TARGETS; do
   hz=$(getconf CLK_TCK)
 
   GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=1000000 start "$name" \
-    valgrind --tool=callgrind --callgrind-out-file="$RUN/$name.cg" --dump-instr=no
+    valgrind --tool=callgrind --callgrind-out-file="$RUN/$name.cg" --dump-instr=no "${cache_sim[@]}"
   python3 - "$PROXY_PORT" "$ORIGIN_PATH" 300 <<'EOF'
 import http.client, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
@@ -92,14 +102,18 @@ for _ in range(int(sys.argv[3])):
     c.request("GET", sys.argv[2]); c.getresponse().read()
 EOF
   callgrind_control -d "$target" >/dev/null 2>&1
-  instructions=$(awk '/^totals:/ {print $2}' "$RUN/$name".cg.* | tail -1)
+  # totals: Ir, and with the cache simulation Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+  read -r instructions i1_misses d1_misses < <(awk '/^totals:/ {print $2, $5, $6 + $7}' "$RUN/$name".cg.* | tail -1)
   if [ -n "${CALLGRIND_OUT:-}" ]; then mkdir -p "$CALLGRIND_OUT" && cp "$RUN/$name".cg.* "$CALLGRIND_OUT/"; fi
   stop
 
   awk -v n="$name" -v r="$requests" -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$hz" \
     -v sc="$(count raw_syscalls:sys_enter)" -v cs="$(count context-switches)" \
-    -v wk="$(count sched:sched_wakeup)" -v ins="$instructions" -v q="$REQUESTS" 'BEGIN {
+    -v wk="$(count sched:sched_wakeup)" -v ins="$instructions" -v q="$REQUESTS" \
+    -v sim="${#cache_sim[@]}" -v i1="$i1_misses" -v d1="$d1_misses" 'BEGIN {
       us = 1e6 / hz / r
-      printf "| %s | %.1f (%.1f + %.1f) | %.2f | %.3f | %.3f | %d |\n", n, (u + s) * us, u * us, s * us,
-        sc / r, cs / r, wk / r, ins / q }'
+      printf "| %s | %.1f (%.1f + %.1f) | %.2f | %.3f | %.3f | %d |", n, (u + s) * us, u * us, s * us,
+        sc / r, cs / r, wk / r, ins / q
+      if (sim > 0) printf " %d | %d |", i1 / q, d1 / q
+      printf "\n" }'
 done
