@@ -275,6 +275,13 @@ struct Fields {
 /// field names; what it lets through is checked here. `Err` is the reason for a 400.
 /// One pass over the fields finds the ones judged: this runs for every request, and a
 /// hashed lookup per name costs more than looking at the few fields a request has.
+///
+/// The request target comes first: Pingora's parser percent-encodes what it cannot
+/// parse (`GET  /x`, two spaces, becomes `%20/x`) and files any target without a
+/// leading `/` under the path `/`, while the upstream gets the bytes as they are. Only
+/// origin-form (and `*` for OPTIONS; [`normalise`] rewrites absolute-form to
+/// origin-form before this) passes, so the path routing, limits and the cache key decide on is exactly
+/// the one sent upstream.
 fn inspect(req: &RequestHeader) -> Result<Fields, &'static str> {
     let target = req.raw_path();
     let asterisk = target == b"*" && req.method == http::Method::OPTIONS;
