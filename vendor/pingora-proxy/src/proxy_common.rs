@@ -356,6 +356,13 @@ pub(crate) fn sanitize_h1_upstream_request(
     if policy == HttpUpstreamRequestPolicy::preserve() {
         return Ok(());
     }
+    // Most requests carry none of the fields below (`Connection`, `Upgrade`,
+    // `HTTP2-Settings` among them): nothing is nominated, stripped or taken off an
+    // upgrade, whatever the policy, and one pass over the names costs less than the
+    // lookups and removals that would each hash a name and find nothing.
+    if !req.headers.keys().any(is_standard_hop_by_hop) {
+        return Ok(());
+    }
 
     let nominations = policy
         .strip_connection_nominated
@@ -684,6 +691,43 @@ mod tests {
         reconcile_upstream_authority(&mut absolute_deleted).unwrap();
         set_h1_host_from_authority(&mut absolute_deleted).unwrap();
         assert_eq!(absolute_deleted.headers[header::HOST], "client.example");
+    }
+
+    #[test]
+    fn a_request_without_hop_by_hop_fields_is_left_as_it_is_under_every_policy() {
+        let wire = |request: &RequestHeader| {
+            let mut buf = bytes::BytesMut::new();
+            request.header_to_h1_wire(&mut buf);
+            buf
+        };
+        for h1_upgrade in [
+            H1UpgradePolicy::WebSocketOnly,
+            H1UpgradePolicy::Deny,
+            H1UpgradePolicy::Preserve,
+        ] {
+            for strip_hop_by_hop in [true, false] {
+                for strip_connection_nominated in [true, false] {
+                    let policy = HttpUpstreamRequestPolicy {
+                        strip_hop_by_hop,
+                        strip_connection_nominated,
+                        reject_malformed_connection_nominations: true,
+                        h1_upgrade,
+                    };
+                    let mut request = request_with_headers(&[
+                        ("Host", "origin.example"),
+                        ("Accept", "*/*"),
+                        ("X-Connection", "close"),
+                        ("X-Upgrade", "websocket"),
+                    ]);
+                    let before = wire(&request);
+                    for downstream_is_http11 in [true, false] {
+                        sanitize_h1_upstream_request(&mut request, policy, downstream_is_http11)
+                            .unwrap();
+                        assert_eq!(wire(&request), before, "{policy:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
