@@ -42,6 +42,10 @@ load() { # load SECONDS: prints the number of requests answered
   fi
 }
 
+# perf stat runs the load as its command, in a shell of its own.
+export -f load
+export RUN OHA PROXY_PORT URL_PATH RATE
+
 events=page-faults,context-switches,sched:sched_wakeup,raw_syscalls:sys_enter
 for call in read write writev readv recvfrom sendto recvmsg sendmsg epoll_wait; do
   events+=",syscalls:sys_enter_$call"
@@ -62,7 +66,7 @@ for round in $(seq "$ROUNDS"); do
     wait_port $PROXY_PORT "$URL_PATH"
     load 2 >/dev/null
     read -r user0 sys0 < <(awk '{print $14, $15}' "/proc/$target/stat")
-    perf stat -x, -o "$RUN/perf" -e "$events" -p "$target" -- bash -c "$(declare -f load); $(declare -p RUN OHA PROXY_PORT URL_PATH); RATE='${RATE:-}' load $DURATION" > "$RUN/requests"
+    perf stat -x, -o "$RUN/perf" -e "$events" -p "$target" -- bash -c "load $DURATION" > "$RUN/requests"
     read -r user1 sys1 < <(awk '{print $14, $15}' "/proc/$target/stat")
     kill "$target"
     wait "$target" 2>/dev/null || true
