@@ -50,23 +50,49 @@ pub fn upstream_at(addr: SocketAddr, name: &str) -> Upstream {
     started.expect("bound")
 }
 
-/// A port nothing listens on now and that this test process has not handed out before
-/// (the kernel can give a just-released port to the next `bind(0)`, e.g. the same one
-/// for a gateway's listener and its admin API).
+/// A port nothing listens on now, handed out to no other test process while this one
+/// runs, and outside the range the kernel picks from for `bind(0)` and outgoing
+/// connections. A gateway binds the port it is given a little later, in another
+/// process: a port from the kernel's range could be taken in between by any socket
+/// of a parallel test (an upstream, a client), and the gateway's listener would then
+/// retry while its admin API answers and requests go to that other socket.
 pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if !handed_out.contains(&port) {
-            handed_out.push(port);
+    static RESERVED: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let (low, high) = reservable_ports();
+    let dir = std::env::temp_dir().join("tollgate-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    let span = usize::from(high - low);
+    let start = std::process::id() as usize * 7919;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = low + offset as u16;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        // The lock is the reservation: it ends with this process, however it ends.
+        if lock.try_lock().is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            RESERVED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(lock);
             return port;
         }
     }
+    panic!("no free port in {low}..{high}");
+}
+
+/// Up to 10,000 ports just below the kernel's ephemeral range.
+fn reservable_ports() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.max(2048);
+    (high.saturating_sub(10_000).max(1024), high)
 }
 
 /// An address that refuses connections for the rest of the test process: the
