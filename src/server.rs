@@ -106,7 +106,7 @@ pub fn run(options: RunOptions) -> Result<(), String> {
         settings.enable_h2();
         proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
     }
-    server.add_service(proxy);
+    let proxy = server.add_service(proxy);
 
     let mut admin = Service::new(
         "tollgate admin".to_string(),
@@ -116,7 +116,10 @@ pub fn run(options: RunOptions) -> Result<(), String> {
     );
     admin.add_tcp(&policy.admin.listen.to_string());
     admin.threads = Some(1);
-    server.add_service(admin);
+    // `/healthz` answers only once the proxy listens (pingora-core 0018): a port taken
+    // after `ensure_free` is retried by Pingora, and a process that does not serve must
+    // not say it does.
+    server.add_service(admin).add_dependency(&proxy);
 
     server.add_service(background_service(
         "policy watcher",

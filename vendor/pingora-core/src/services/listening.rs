@@ -29,7 +29,7 @@ use crate::protocols::Stream;
 #[cfg(unix)]
 use crate::server::ListenFds;
 use crate::server::{RuntimeOpts, ShutdownWatch};
-use crate::services::Service as ServiceTrait;
+use crate::services::{Service as ServiceTrait, ServiceReadyNotifier};
 
 use async_trait::async_trait;
 use log::{debug, error, info};
@@ -287,24 +287,23 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
     }
 }
 
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
-    async fn start_service(
-        &mut self,
-        #[cfg(unix)] fds: Option<ListenFds>,
-        shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
-    ) {
-        let runtime = current_handle();
-        let endpoints = self
-            .listeners
+impl<A: ServerApp + Send + Sync + 'static> Service<A> {
+    async fn listen(&mut self, #[cfg(unix)] fds: Option<ListenFds>) -> Result<Vec<TransportStack>> {
+        self.listeners
             .build(
                 #[cfg(unix)]
                 fds,
             )
             .await
-            .expect("Failed to build listeners");
+    }
 
+    async fn serve(
+        &mut self,
+        endpoints: Vec<TransportStack>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        let runtime = current_handle();
         let app_logic = self
             .app_logic
             .take()
@@ -331,6 +330,52 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
         self.listeners.cleanup();
         app_logic.cleanup().await;
     }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
+    async fn start_service(
+        &mut self,
+        #[cfg(unix)] fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        let endpoints = self
+            .listen(
+                #[cfg(unix)]
+                fds,
+            )
+            .await
+            .expect("Failed to build listeners");
+        self.serve(endpoints, shutdown, listeners_per_fd).await
+    }
+
+    /// Ready once every listener listens: a service that depends on this one (say, a
+    /// health endpoint) does not start while a busy port is still being retried.
+    async fn start_service_then_notify(
+        &mut self,
+        #[cfg(unix)] fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+        ready_notifier: ServiceReadyNotifier,
+    ) {
+        let endpoints = match self
+            .listen(
+                #[cfg(unix)]
+                fds,
+            )
+            .await
+        {
+            Ok(endpoints) => endpoints,
+            Err(e) => {
+                // A dropped notifier signals ready; a service that cannot listen is not.
+                std::mem::forget(ready_notifier);
+                panic!("Failed to build listeners: {e:?}");
+            }
+        };
+        ready_notifier.notify_ready();
+        self.serve(endpoints, shutdown, listeners_per_fd).await
+    }
 
     fn name(&self) -> &str {
         &self.name
@@ -348,5 +393,57 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
         Some(self.listeners.addresses())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::{ServiceReadyNotifier, ServiceWithDependents};
+    use std::time::Duration;
+    use tokio::sync::watch;
+
+    struct Closes;
+
+    #[async_trait]
+    impl ServerApp for Closes {
+        async fn process_new(self: &Arc<Self>, _: Stream, _: &ShutdownWatch) -> Option<Stream> {
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_only_once_its_port_listens() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = busy.local_addr().unwrap().to_string();
+        let mut service = Service::new("listens".to_string(), Closes);
+        service.add_tcp(&addr);
+        let (ready_tx, mut ready) = watch::channel(false);
+        let (_shutdown_tx, shutdown) = watch::channel(false);
+        let started = tokio::spawn(async move {
+            ServiceWithDependents::start_service(
+                &mut service,
+                #[cfg(unix)]
+                None,
+                shutdown,
+                1,
+                ServiceReadyNotifier::new(ready_tx),
+            )
+            .await
+        });
+
+        // The port is busy: the listener retries it (once a second) and is not ready.
+        let early = tokio::time::timeout(Duration::from_millis(1500), ready.wait_for(|r| *r))
+            .await
+            .is_ok();
+        assert!(!early, "ready while its port was taken");
+
+        drop(busy);
+        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r))
+            .await
+            .expect("ready within a retry once the port is free")
+            .unwrap();
+        assert!(std::net::TcpStream::connect(&addr).is_ok());
+        started.abort();
     }
 }

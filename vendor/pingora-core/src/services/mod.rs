@@ -365,15 +365,13 @@ where
         listeners_per_fd: usize,
         ready_notifier: ServiceReadyNotifier,
     ) {
-        // Signal ready immediately
-        ready_notifier.notify_ready();
-
-        S::start_service(
+        S::start_service_then_notify(
             self,
             #[cfg(unix)]
             fds,
             shutdown,
             listeners_per_fd,
+            ready_notifier,
         )
         .await
     }
@@ -421,6 +419,28 @@ pub trait Service: Sync + Send {
         _listeners_per_fd: usize,
     ) {
         // Default: do nothing
+    }
+
+    /// Start the service and signal `ready_notifier` once services depending on it may start.
+    ///
+    /// The default signals at once, then runs [`Self::start_service()`]. A service that is
+    /// ready only after setup of its own (a listening service: once its sockets listen)
+    /// overrides this to signal then.
+    async fn start_service_then_notify(
+        &mut self,
+        #[cfg(unix)] fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+        ready_notifier: ServiceReadyNotifier,
+    ) {
+        ready_notifier.notify_ready();
+        self.start_service(
+            #[cfg(unix)]
+            fds,
+            shutdown,
+            listeners_per_fd,
+        )
+        .await
     }
 
     /// The name of the service, just for logging and naming the threads assigned to this service
