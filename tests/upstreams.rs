@@ -97,7 +97,20 @@ fn least_conn_avoids_the_busy_server() {
             std::thread::spawn(move || reqwest::blocking::get(url).map(|r| r.status().as_u16()))
         })
         .collect();
-    assert!(wait_for(Duration::from_secs(5), || slow.requests() >= 1));
+    // One request went to each server. The fast one's may still count against it for a
+    // moment after the fast server answered: wait for the gateway's own view too.
+    let inflight = |doc: &Value, addr: std::net::SocketAddr| {
+        doc["upstreams"]["app"]["servers"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["addr"] == addr.to_string()))
+            .and_then(|s| s["inflight"].as_u64())
+    };
+    assert!(wait_for(Duration::from_secs(5), || {
+        let status = gw.admin_json("/status");
+        (slow.requests(), fast.requests()) == (1, 1)
+            && inflight(&status, slow.addr) == Some(1)
+            && inflight(&status, fast.addr) == Some(0)
+    }));
     let during = slow.requests();
     let counts = tally(&gw, "/health", 10);
     assert_eq!(counts.get("fast"), Some(&10), "{counts:?}");
