@@ -151,6 +151,47 @@ fn a_busy_port_is_a_clear_start_up_error() {
 }
 
 #[test]
+fn listeners_that_share_a_port_are_refused_before_anything_listens() {
+    let (port, admin_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1\nserver:\n  listen: [\"127.0.0.1:{port}\", \"0.0.0.0:{port}\"]\nadmin:\n  listen: \"127.0.0.1:{admin_port}\"\n{}",
+            simple_policy(&["127.0.0.1:3000".into()])
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["run", "-c", path.to_str().unwrap()])
+        .env("TOLLGATE_RUN_DIR", dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_for(Duration::from_secs(10), || {
+        child.try_wait().is_ok_and(|s| s.is_some())
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(exited, "still running after 10 s; stderr:\n{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "server.listen `0.0.0.0:{port}` takes the port of server.listen `127.0.0.1:{port}`"
+        )),
+        "{stderr}"
+    );
+    for p in [port, admin_port] {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", p)).is_err());
+    }
+}
+
+#[test]
 fn sigterm_finishes_the_in_flight_request_then_exits_zero() {
     let slow = upstream("slow");
     slow.knobs.latency_ms.store(1500, Ordering::Relaxed);

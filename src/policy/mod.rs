@@ -299,9 +299,7 @@ impl Compiler<'_> {
             },
         };
         if let (Some(server), Some(admin)) = (&server, &admin) {
-            if server.listen.contains(&admin.listen) {
-                self.cx.error(&config.admin.listen.referenced, "admin.listen must differ from server.listen: the admin API never shares the public listener");
-            }
+            self.listeners_apart(&config, server, admin);
         }
         if !self.cx.errors.is_empty() {
             return Err(self.cx.errors);
@@ -325,6 +323,43 @@ impl Compiler<'_> {
             read_files: self.cx.read_files,
             config,
         })
+    }
+
+    /// Every listener needs a port of its own. Pingora aborts on a listed address that
+    /// repeats, and retries one a wildcard already covers for half a minute before
+    /// giving up on it, so the policy names the two entries instead.
+    fn listeners_apart(&mut self, config: &Config, server: &ServerSettings, admin: &AdminSettings) {
+        // Compiled sections keep their entries' order, so addresses and texts pair up.
+        let mut listeners: Vec<(SocketAddr, &Spanned<String>, &str)> = server
+            .listen
+            .iter()
+            .zip(&config.server.listen)
+            .map(|(addr, text)| (*addr, text, "server.listen"))
+            .collect();
+        if let (Some(tls), Some(text)) = (&server.tls, &config.server.tls) {
+            listeners.push((tls.listen, &text.listen, "server.tls.listen"));
+        }
+        listeners.push((admin.listen, &config.admin.listen, "admin.listen"));
+        for (i, (addr, text, key)) in listeners.iter().enumerate() {
+            let Some((_, other_text, other_key)) = listeners[..i]
+                .iter()
+                .find(|(earlier, _, _)| listeners_collide(*earlier, *addr))
+            else {
+                continue;
+            };
+            let why = if *key == "admin.listen" {
+                "the admin API never shares the public listener"
+            } else {
+                "two listeners cannot share a port"
+            };
+            self.cx.error(
+                &text.referenced,
+                format!(
+                    "{key} `{}` takes the port of {other_key} `{}`: {why}",
+                    text.value, other_text.value
+                ),
+            );
+        }
     }
 
     fn server(&mut self, s: &config::ServerConfig) -> Option<ServerSettings> {
@@ -574,6 +609,17 @@ impl Compiler<'_> {
     }
 }
 
+/// Two listening sockets collide on one port when their addresses are equal or one is a
+/// wildcard covering the other: `0.0.0.0` covers every IPv4 address, and `[::]` every
+/// address, IPv4 too, as Linux binds it dual-stack by default.
+fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wildcard: IpAddr, other: IpAddr| match wildcard {
+        IpAddr::V4(ip) => ip.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(ip) => ip.is_unspecified(),
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,6 +632,68 @@ mod tests {
             &Metrics::new(),
             &Default::default(),
         )
+    }
+
+    #[test]
+    fn listeners_collide_on_one_address_or_under_a_wildcard() {
+        let collide = |a: &str, b: &str| {
+            let (a, b) = (a.parse().unwrap(), b.parse().unwrap());
+            assert_eq!(listeners_collide(a, b), listeners_collide(b, a));
+            listeners_collide(a, b)
+        };
+        assert!(collide("127.0.0.1:80", "127.0.0.1:80"));
+        assert!(collide("0.0.0.0:80", "10.0.0.1:80"));
+        assert!(collide("[::]:80", "127.0.0.1:80"));
+        assert!(collide("[::]:80", "[::1]:80"));
+        assert!(!collide("0.0.0.0:80", "0.0.0.0:81"));
+        assert!(!collide("127.0.0.1:80", "127.0.0.2:80"));
+        assert!(!collide("0.0.0.0:80", "[::1]:80"));
+        assert!(!collide("127.0.0.1:80", "[::1]:80"));
+    }
+
+    #[test]
+    fn listeners_sharing_a_port_are_errors_at_the_later_entry() {
+        let errors = |head: &str| -> Vec<String> {
+            compile(&format!("{head}{}", &BASE["version: 1\n".len()..]))
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
+        let listed_twice =
+            errors("version: 1\nserver:\n  listen: [\"127.0.0.1:8080\", \"0.0.0.0:8080\"]\n");
+        assert_eq!(listed_twice.len(), 1, "{listed_twice:?}");
+        assert!(
+            listed_twice[0].contains(
+                "3:30: server.listen `0.0.0.0:8080` takes the port of server.listen `127.0.0.1:8080`"
+            ),
+            "{listed_twice:?}"
+        );
+        let admin = errors(
+            "version: 1\nserver:\n  listen: [\"[::]:9000\"]\nadmin:\n  listen: \"127.0.0.1:9000\"\n",
+        );
+        assert!(
+            admin.len() == 1 && admin[0].contains("admin.listen `127.0.0.1:9000` takes the port of server.listen `[::]:9000`: the admin API never shares the public listener"),
+            "{admin:?}"
+        );
+        let keys = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/vendor/pingora-core/examples/keys/server"
+        );
+        let tls = errors(&format!(
+            "version: 1\nserver:\n  listen: [\"0.0.0.0:8443\"]\n  tls: {{ listen: \"0.0.0.0:8443\", cert: {keys}/cert.pem, key: {keys}/key.pem }}\n",
+        ));
+        assert!(
+            tls.iter().any(|e| e.contains(
+                "server.tls.listen `0.0.0.0:8443` takes the port of server.listen `0.0.0.0:8443`"
+            )),
+            "{tls:?}"
+        );
+        assert!(errors(
+            "version: 1\nserver:\n  listen: [\"127.0.0.1:8080\", \"127.0.0.1:8081\"]\n"
+        )
+        .is_empty());
     }
 
     const BASE: &str = "version: 1
