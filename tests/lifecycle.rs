@@ -192,6 +192,59 @@ fn listeners_that_share_a_port_are_refused_before_anything_listens() {
 }
 
 #[test]
+fn more_threads_than_usable_cpus_is_a_start_up_warning() {
+    let (port, admin_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    // `head` asks for two threads; the process may use one CPU.
+    std::fs::write(
+        &path,
+        format!(
+            "{}{}",
+            head(port, admin_port, ""),
+            simple_policy(&["127.0.0.1:3000".into()])
+        ),
+    )
+    .unwrap();
+    let start = |cpus: &str| {
+        let mut child = Command::new("taskset")
+            .args(["-c", cpus, env!("CARGO_BIN_EXE_tollgate"), "run", "-c"])
+            .arg(&path)
+            .env("TOLLGATE_RUN_DIR", dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = collect_lines(child.stdout.take().unwrap());
+        let started = wait_for(Duration::from_secs(10), || {
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("tollgate started"))
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(started, "{:?}", lines.lock().unwrap());
+        let warned = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("server.threads is more than the CPUs"))
+            .cloned();
+        warned
+    };
+    let warning = start("0").expect("warned on one CPU");
+    let fields: Value = serde_json::from_str(&warning).unwrap();
+    assert_eq!(
+        (fields["threads"].as_u64(), fields["cpus"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(fields["level"], "WARN");
+    assert_eq!(start("0,1"), None);
+}
+
+#[test]
 fn sigterm_finishes_the_in_flight_request_then_exits_zero() {
     let slow = upstream("slow");
     slow.knobs.latency_ms.store(1500, Ordering::Relaxed);

@@ -468,7 +468,8 @@ impl Drop for Tollgate {
     }
 }
 
-fn collect_lines(stream: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+/// The lines `stream` yields, gathered by a thread as they come.
+pub fn collect_lines(stream: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
     std::thread::spawn(move || {
