@@ -190,8 +190,8 @@ fn listen_addresses(policy: &Policy) -> Vec<SocketAddr> {
     all
 }
 
-/// Pingora retries a busy port for half a minute and then leaves a half-running
-/// process behind; an operator wants a clear error at once instead.
+/// Pingora retries a busy port for half a minute before it gives up and exits
+/// (pingora-core 0019); an operator wants a clear error at once instead.
 pub(crate) fn ensure_free(addresses: &[SocketAddr]) -> Result<(), String> {
     for addr in addresses {
         TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;

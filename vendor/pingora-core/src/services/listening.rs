@@ -370,7 +370,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
             Err(e) => {
                 // A dropped notifier signals ready; a service that cannot listen is not.
                 std::mem::forget(ready_notifier);
-                panic!("Failed to build listeners: {e:?}");
+                // A panic here ends only this service's thread, and the process would
+                // run on without listeners; like a failed bootstrap, end it.
+                error!("{}: failed to build listeners, exiting: {e}", self.name);
+                std::process::exit(1);
             }
         };
         ready_notifier.notify_ready();
@@ -445,5 +448,47 @@ mod tests {
             .unwrap();
         assert!(std::net::TcpStream::connect(&addr).is_ok());
         started.abort();
+    }
+
+    const CANNOT_LISTEN: &str = "PINGORA_TEST_SERVICE_CANNOT_LISTEN";
+
+    /// Runs in a child process of the test binary: the service exits it.
+    #[test]
+    fn a_service_that_cannot_listen_ends_the_process() {
+        if std::env::var_os(CANNOT_LISTEN).is_none() {
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "services::listening::tests::a_service_that_cannot_listen_ends_the_process",
+                    "--test-threads=1",
+                ])
+                .env(CANNOT_LISTEN, "1")
+                .output()
+                .unwrap();
+            assert_eq!(
+                child.status.code(),
+                Some(1),
+                "{}",
+                String::from_utf8_lossy(&child.stdout)
+            );
+            return;
+        }
+        // TEST-NET-1 (RFC 5737) is on no interface of this host: bind fails at once.
+        let mut service = Service::new("cannot listen".to_string(), Closes);
+        service.add_tcp("192.0.2.1:80");
+        let (ready_tx, ready) = watch::channel(false);
+        let (_shutdown_tx, shutdown) = watch::channel(false);
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            ServiceWithDependents::start_service(
+                &mut service,
+                #[cfg(unix)]
+                None,
+                shutdown,
+                1,
+                ServiceReadyNotifier::new(ready_tx),
+            )
+            .await
+        });
+        panic!("still running; ready: {}", *ready.borrow());
     }
 }
