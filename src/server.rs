@@ -13,6 +13,8 @@ use crate::proxy::Proxy;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, Server};
 use pingora::services::background::background_service;
@@ -105,7 +107,13 @@ pub fn run(options: RunOptions) -> Result<(), String> {
     );
     proxy.threads = Some(threads);
     for addr in &policy.server.listen {
-        proxy.add_tcp(&addr.to_string());
+        // No L4 read buffer under plain HTTP: the HTTP/1 session reads into its own
+        // buffer, so Pingora's 64 KiB per connection would only be copied out of, and
+        // would stay resident on every idle kept-alive connection. (TLS keeps it: the
+        // TLS layer reads in small records.)
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     if let Some(tls) = &policy.server.tls {
         // Read again when the files change: a renewed certificate needs no restart.
