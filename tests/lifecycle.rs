@@ -29,15 +29,14 @@ fn check_accepts_the_bundled_policy() {
 
 #[test]
 fn check_reports_typos_with_line_and_column() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.yaml");
-    let text = format!(
-        "{}{}",
-        head(8080, 9901, ""),
-        simple_policy(&["127.0.0.1:3000".into()])
-    )
-    .replace("    servers:", "    severs:");
-    std::fs::write(&path, text).unwrap();
+    let (_dir, path) = policy_file(
+        &format!(
+            "{}{}",
+            head(8080, 9901, ""),
+            simple_policy(&["127.0.0.1:3000".into()])
+        )
+        .replace("    servers:", "    severs:"),
+    );
     let out = tollgate(&["check", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -124,17 +123,11 @@ fn check_against_lists_rule_changes_and_the_state_a_reload_resets() {
 fn a_busy_port_is_a_clear_start_up_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "{}{}",
-            head(port, free_port(), ""),
-            simple_policy(&["127.0.0.1:3000".into()])
-        ),
-    )
-    .unwrap();
+    let (dir, path) = policy_file(&format!(
+        "{}{}",
+        head(port, free_port(), ""),
+        simple_policy(&["127.0.0.1:3000".into()])
+    ));
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["run", "-c", path.to_str().unwrap()])
@@ -153,16 +146,10 @@ fn a_busy_port_is_a_clear_start_up_error() {
 #[test]
 fn listeners_that_share_a_port_are_refused_before_anything_listens() {
     let (port, admin_port) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "version: 1\nserver:\n  listen: [\"127.0.0.1:{port}\", \"0.0.0.0:{port}\"]\nadmin:\n  listen: \"127.0.0.1:{admin_port}\"\n{}",
-            simple_policy(&["127.0.0.1:3000".into()])
-        ),
-    )
-    .unwrap();
+    let (dir, path) = policy_file(&format!(
+        "version: 1\nserver:\n  listen: [\"127.0.0.1:{port}\", \"0.0.0.0:{port}\"]\nadmin:\n  listen: \"127.0.0.1:{admin_port}\"\n{}",
+        simple_policy(&["127.0.0.1:3000".into()])
+    ));
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["run", "-c", path.to_str().unwrap()])
         .env("TOLLGATE_RUN_DIR", dir.path())
@@ -194,18 +181,12 @@ fn listeners_that_share_a_port_are_refused_before_anything_listens() {
 #[test]
 fn more_threads_than_usable_cpus_is_a_start_up_warning() {
     let (port, admin_port) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.yaml");
     // `head` asks for two threads; the process may use one CPU.
-    std::fs::write(
-        &path,
-        format!(
-            "{}{}",
-            head(port, admin_port, ""),
-            simple_policy(&["127.0.0.1:3000".into()])
-        ),
-    )
-    .unwrap();
+    let (dir, path) = policy_file(&format!(
+        "{}{}",
+        head(port, admin_port, ""),
+        simple_policy(&["127.0.0.1:3000".into()])
+    ));
     let start = |cpus: &str| {
         let mut child = Command::new("taskset")
             .args(["-c", cpus, env!("CARGO_BIN_EXE_tollgate"), "run", "-c"])

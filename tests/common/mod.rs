@@ -171,15 +171,22 @@ pub fn api_policy(server: impl std::fmt::Display, extra: &str) -> String {
     )
 }
 
+/// `text` written as `gateway.yaml` in a directory of its own: the directory (removed
+/// when dropped) and the file's path.
+pub fn policy_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("gateway.yaml");
+    std::fs::write(&policy, text).unwrap();
+    (dir, policy)
+}
+
 /// `tollgate check` on `text` written as `gateway.yaml`, beside `files` (name, content):
 /// its exit code and standard error.
 pub fn check_policy(text: &str, files: &[(&str, &str)]) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, policy) = policy_file(text);
     for (name, content) in files {
         std::fs::write(dir.path().join(name), content).unwrap();
     }
-    let policy = dir.path().join("gateway.yaml");
-    std::fs::write(&policy, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("check")
         .arg(&policy)
