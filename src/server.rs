@@ -63,7 +63,7 @@ pub fn run(options: RunOptions) -> Result<(), String> {
     }
     let conf = server_conf(&policy);
     let threads = policy.server.threads;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = policy::usable_cpus();
     if threads > cpus {
         // Measured on one CPU: two threads cost 1.1-1.4x one thread's CPU a request.
         tracing::warn!(

@@ -382,9 +382,7 @@ impl CpuMeter {
     fn new() -> CpuMeter {
         CpuMeter {
             last: None,
-            cpus: cgroup_cpus().unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
-            }),
+            cpus: cgroup_cpus().unwrap_or_else(|| crate::policy::usable_cpus() as f64),
         }
     }
 

@@ -438,7 +438,7 @@ impl Compiler<'_> {
             }
         }
         let threads = if s.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            usable_cpus()
         } else {
             s.threads
         };
@@ -607,6 +607,12 @@ impl Compiler<'_> {
             }
         }
     }
+}
+
+/// The CPUs this process may run on: its affinity mask and cgroup quota (what
+/// `server.threads: 0` means).
+pub(crate) fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Two listening sockets collide on one port when their addresses are equal or one is a
