@@ -564,7 +564,9 @@ async fn do_connect_inner<P: Peer + Send + Sync>(
         let local_addr = stream
             .get_socket_digest()
             .and_then(|digest| digest.local_addr().and_then(|addr| addr.as_inet()).copied());
-        let tls_stream = tls::connect(stream, peer, alpn_override, tls_ctx)
+        // Boxed: a TLS handshake's future is several KiB, and held in place it would size
+        // every request's future, which awaits this one on its way to an upstream.
+        let tls_stream = Box::pin(tls::connect(stream, peer, alpn_override, tls_ctx))
             .await
             .map_err(|e| attach_connect_local_addr(e, local_addr))?;
         Ok(Box::new(tls_stream))
@@ -753,6 +755,16 @@ mod tests {
 
         let (_, reused) = connector.get_stream(&peer).await.unwrap();
         assert!(reused);
+    }
+
+    #[test]
+    fn test_new_stream_future_is_small() {
+        let connector = TransportConnector::new(None);
+        let peer = BasicPeer::new("127.0.0.1:80");
+        let connect = connector.new_stream(&peer);
+        // Every request's future that may connect upstream holds this future's room.
+        let size = std::mem::size_of_val(&connect);
+        assert!(size <= 2048, "the connect future takes {size} bytes");
     }
 
     #[tokio::test]

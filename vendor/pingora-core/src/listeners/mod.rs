@@ -329,7 +329,9 @@ impl UninitializedStream {
                 callback.process(&mut self.l4).await?;
             }
 
-            let tls_stream = tls.tls_handshake(self.l4).await?;
+            // Boxed: a TLS handshake's future is several KiB, and held in place it would
+            // size the task of every connection, plain or TLS, for the connection's life.
+            let tls_stream = Box::pin(tls.tls_handshake(self.l4)).await?;
             Ok(Box::new(tls_stream))
         } else {
             Ok(Box::new(self.l4))
@@ -677,6 +679,28 @@ mod test {
 
         assert_eq!(l4_buffer.read_capacity(), DEFAULT_L4_READ_BUFFER_SIZE);
         assert_eq!(l4_buffer.write_capacity(), 0);
+    }
+
+    #[tokio::test]
+    #[cfg(feature = "any_tls")]
+    async fn test_handshake_future_is_small() {
+        // Plain or TLS, a stream's handshake is one future type: the TLS path sizes it.
+        let mut listeners = Listeners::tcp("127.0.0.1:0");
+        let listener = listeners
+            .build(
+                #[cfg(unix)]
+                None,
+            )
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let addr = listener.l4.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let handshake = listener.accept().await.unwrap().handshake();
+        // A connection's task holds this future's room for the connection's whole life.
+        let size = std::mem::size_of_val(&handshake);
+        assert!(size <= 1024, "the handshake future takes {size} bytes");
     }
 
     #[tokio::test]
