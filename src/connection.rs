@@ -141,6 +141,21 @@ impl HeadClock {
         }
     }
 
+    /// Between requests, nothing to read yet: whether the wait for the next request has
+    /// lasted `server.idle_timeout`, starting it on the first call and registering the
+    /// wake-up at its end. Never when that wait is not timed here.
+    fn idle_wait_over(&mut self, cx: &mut Context<'_>) -> bool {
+        let idle = self.idle.load(Ordering::Relaxed);
+        if idle == 0 {
+            return false;
+        }
+        if self.phase.load(Ordering::Relaxed) == IDLE {
+            self.phase.store(WAITING, Ordering::Relaxed);
+            self.deadline = Instant::now() + Duration::from_nanos(idle);
+        }
+        self.expired(cx)
+    }
+
     /// Whether the current deadline passed, registering the wake-up when not. A later
     /// deadline than the timer's (each idle wait's) moves the registered timer with
     /// one compare-and-swap.
@@ -251,16 +266,8 @@ impl AsyncRead for ClientStream {
                 head.phase.store(HEAD, Ordering::Relaxed);
                 head.deadline = Instant::now() + head.limit;
             }
-            phase @ (IDLE | WAITING) if result.is_pending() => {
-                let idle = head.idle.load(Ordering::Relaxed);
-                if idle == 0 {
-                    return result;
-                }
-                if phase == IDLE {
-                    head.phase.store(WAITING, Ordering::Relaxed);
-                    head.deadline = Instant::now() + Duration::from_nanos(idle);
-                }
-                if head.expired(cx) {
+            IDLE | WAITING if result.is_pending() => {
+                if head.idle_wait_over(cx) {
                     // Nothing read: the end of the stream, which closes the kept-alive
                     // connection quietly, as Pingora's own keep-alive timeout does.
                     return Poll::Ready(Ok(()));
@@ -382,7 +389,25 @@ impl GetSocketDigest for ClientStream {
 /// No peeking: the read-ahead bytes are served by `poll_read`, and the h2c app, told
 /// peeking is unsupported, keeps to HTTP/2 as it was asked to.
 #[async_trait]
-impl Peek for ClientStream {}
+impl Peek for ClientStream {
+    /// Pingora waits here, before it takes a buffer for the next request head; the idle
+    /// deadline applies as it does to a read. Once a head has begun, the read that follows
+    /// applies the head deadline.
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.replayed < self.read_ahead.len() {
+            return Poll::Ready(Ok(()));
+        }
+        let ready = self.inner.poll_read_ready(cx);
+        match &mut self.head {
+            Some(head) if ready.is_pending() => match head.phase.load(Ordering::Relaxed) {
+                IDLE | WAITING if !head.idle_wait_over(cx) => Poll::Pending,
+                // The read reports the idle timeout (an end of stream) or the head's.
+                _ => Poll::Ready(Ok(())),
+            },
+            _ => ready,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

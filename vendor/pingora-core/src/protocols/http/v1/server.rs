@@ -210,36 +210,49 @@ impl HttpSession {
         }
     }
 
+    /// Awaits `read_event`, a read of the stream for a request head's bytes, within the
+    /// time the session gives them: the keep-alive timeout, or with keep-alive off the
+    /// read timeout. `Ok(None)`: the keep-alive timeout passed first.
+    async fn timed_head_read<T>(
+        keepalive: KeepaliveStatus,
+        read_timeout: Option<Duration>,
+        read_event: impl std::future::Future<Output = T>,
+    ) -> Result<Option<T>> {
+        match keepalive {
+            KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
+                Ok(res) => Ok(Some(res)),
+                Err(e) => {
+                    debug!("keepalive timeout {d:?} reached, {e}");
+                    Ok(None)
+                }
+            },
+            KeepaliveStatus::Infinite => {
+                // FIXME: this should only apply to reads between requests
+                Ok(Some(read_event.await))
+            }
+            KeepaliveStatus::Off => match read_timeout {
+                Some(t) => match timeout(t, read_event).await {
+                    Ok(res) => Ok(Some(res)),
+                    Err(e) => {
+                        debug!("read timeout {t:?} reached, {e}");
+                        Error::e_explain(ReadTimedout, format!("timeout: {t:?}"))
+                    }
+                },
+                None => Ok(Some(read_event.await)),
+            },
+        }
+    }
+
     async fn read_request_buf(
         &mut self,
         buf: &mut BytesMut,
         already_read: usize,
     ) -> Result<Option<usize>> {
-        let read_result = {
-            let read_event = self.underlying_stream.read_buf(buf);
-            match self.keepalive_timeout {
-                KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
-                    Ok(res) => res,
-                    Err(e) => {
-                        debug!("keepalive timeout {d:?} reached, {e}");
-                        return Ok(None);
-                    }
-                },
-                KeepaliveStatus::Infinite => {
-                    // FIXME: this should only apply to reads between requests
-                    read_event.await
-                }
-                KeepaliveStatus::Off => match self.read_timeout {
-                    Some(t) => match timeout(t, read_event).await {
-                        Ok(res) => res,
-                        Err(e) => {
-                            debug!("read timeout {t:?} reached, {e}");
-                            return Error::e_explain(ReadTimedout, format!("timeout: {t:?}"));
-                        }
-                    },
-                    None => read_event.await,
-                },
-            }
+        let (keepalive, read_timeout) = (self.keepalive_timeout.clone(), self.read_timeout);
+        let read_event = self.underlying_stream.read_buf(buf);
+        let Some(read_result) = Self::timed_head_read(keepalive, read_timeout, read_event).await?
+        else {
+            return Ok(None);
         };
 
         match read_result {
@@ -297,11 +310,30 @@ impl HttpSession {
         // below tries to parse first when we already have pipelined bytes —
         // a pipelined prefix can contain a complete request header, in which
         // case we must NOT issue another stream read (which would block).
-        let mut buf = self
+        let mut buf = match self
             .pipelined_prefix
             .take()
             .filter(|prefix| !prefix.is_empty())
-            .unwrap_or_else(|| BytesMut::with_capacity(INIT_HEADER_BUF_SIZE));
+        {
+            Some(prefix) => prefix,
+            None => {
+                // A kept-alive connection may wait long for its next request: it takes
+                // its head buffer once there is something to read (nginx does the same).
+                let (keepalive, read_timeout) = (self.keepalive_timeout.clone(), self.read_timeout);
+                let stream = &mut self.underlying_stream;
+                let readable = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
+                match Self::timed_head_read(keepalive, read_timeout, readable).await? {
+                    Some(Ok(())) => {}
+                    // Nothing read yet: closed quietly, as a failed first read is.
+                    Some(Err(e)) => {
+                        debug!("error while waiting for a request head: {e}");
+                        return Ok(None);
+                    }
+                    None => return Ok(None),
+                }
+                BytesMut::with_capacity(INIT_HEADER_BUF_SIZE)
+            }
+        };
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
         let mut detached_suffix = None;
@@ -1904,6 +1936,27 @@ mod tests_stream {
         let res = http_stream.read_request().await;
         assert_eq!(input.len(), res.unwrap().unwrap());
         assert_eq!(0, http_stream.req_header().headers.len());
+    }
+
+    #[tokio::test]
+    async fn read_request_reads_nothing_until_the_stream_is_readable() {
+        init_log();
+        let input = b"GET / HTTP/1.1\r\n\r\n";
+        let mock_io = Builder::new().read(&input[..]).build();
+        let (mock_io, gate) =
+            crate::protocols::http::v1::test_util::FlushTrackingMock::gated(mock_io);
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        let mut read = tokio_test::task::spawn(http_stream.read_request());
+        // Waiting for its first bytes, the session has not taken a head buffer to read into.
+        assert!(read.poll().is_pending());
+        assert!(!gate.read_while_closed());
+        gate.open();
+        assert!(read.is_woken());
+        match read.poll() {
+            std::task::Poll::Ready(res) => assert_eq!(input.len(), res.unwrap().unwrap()),
+            std::task::Poll::Pending => panic!("the request is not read once readable"),
+        }
+        assert!(!gate.read_while_closed());
     }
 
     #[cfg(feature = "patched_http1")]
