@@ -266,12 +266,10 @@ impl AsyncRead for ClientStream {
                 head.phase.store(HEAD, Ordering::Relaxed);
                 head.deadline = Instant::now() + head.limit;
             }
-            IDLE | WAITING if result.is_pending() => {
-                if head.idle_wait_over(cx) {
-                    // Nothing read: the end of the stream, which closes the kept-alive
-                    // connection quietly, as Pingora's own keep-alive timeout does.
-                    return Poll::Ready(Ok(()));
-                }
+            IDLE | WAITING if result.is_pending() && head.idle_wait_over(cx) => {
+                // Nothing read: the end of the stream, which closes the kept-alive
+                // connection quietly, as Pingora's own keep-alive timeout does.
+                return Poll::Ready(Ok(()));
             }
             HEAD if result.is_pending() && head.expired(cx) => {
                 head.phase.store(PAST_HEAD, Ordering::Relaxed);
