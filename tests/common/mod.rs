@@ -695,6 +695,7 @@ pub struct RedisServer {
     child: std::process::Child,
     pub port: u16,
     tls: bool,
+    log: tempfile::NamedTempFile,
 }
 
 impl RedisServer {
@@ -734,23 +735,29 @@ impl RedisServer {
 
     /// Starts on `port` with more `redis-server` options.
     pub fn start_with(port: u16, options: &[&str]) -> RedisServer {
+        let log = tempfile::NamedTempFile::new().unwrap();
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .args(options)
-            .stdout(std::process::Stdio::null())
+            .stdout(log.reopen().unwrap())
             .spawn()
             .expect("redis-server is installed (.ci/setup installs it)");
-        let server = RedisServer {
+        let mut server = RedisServer {
             child,
             port,
             tls: false,
+            log,
         };
+        let mut exited = None;
+        let listening = wait_for(Duration::from_secs(10), || {
+            exited = server.child.try_wait().unwrap();
+            exited.is_some() || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         assert!(
-            wait_for(Duration::from_secs(10), || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            }),
-            "redis-server listens on {port}"
+            listening && exited.is_none(),
+            "redis-server does not listen on {port} (exit: {exited:?}); its log:\n{}",
+            std::fs::read_to_string(server.log.path()).unwrap_or_default()
         );
         server
     }
@@ -777,14 +784,17 @@ impl Drop for RedisServer {
 /// assigned and the cluster state `ok` before this returns.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    bus_ports: Vec<u16>,
     dir: tempfile::TempDir,
 }
 
 impl RedisCluster {
     pub fn start(primaries: usize) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
-        let nodes: Vec<RedisServer> = (0..primaries)
-            .map(|_| Self::start_node(&dir, free_port()))
+        let bus_ports: Vec<u16> = (0..primaries).map(|_| free_port()).collect();
+        let nodes: Vec<RedisServer> = bus_ports
+            .iter()
+            .map(|&bus_port| Self::start_node(&dir, free_port(), bus_port))
             .collect();
         let addresses: Vec<String> = nodes
             .iter()
@@ -796,20 +806,28 @@ impl RedisCluster {
                 .args(&addresses)
                 .args(["--cluster-replicas", "0", "--cluster-yes"]),
         );
-        let cluster = RedisCluster { nodes, dir };
+        let cluster = RedisCluster {
+            nodes,
+            bus_ports,
+            dir,
+        };
         cluster.wait_ok();
         cluster
     }
 
     /// A node whose cluster state lives in `dir`, so that it can be restarted into the
-    /// same cluster.
-    fn start_node(dir: &tempfile::TempDir, port: u16) -> RedisServer {
+    /// same cluster. Its bus port is reserved like its client port: Redis's default,
+    /// the client port + 10,000, lies in the kernel's ephemeral range, where any
+    /// parallel test's socket may hold it and the node then exits at start.
+    fn start_node(dir: &tempfile::TempDir, port: u16, bus_port: u16) -> RedisServer {
         let config = format!("nodes-{port}.conf");
         RedisServer::start_with(
             port,
             &[
                 "--cluster-enabled",
                 "yes",
+                "--cluster-port",
+                &bus_port.to_string(),
                 "--cluster-config-file",
                 &config,
                 "--dir",
@@ -835,8 +853,8 @@ impl RedisCluster {
 
     /// Brings every node back on its port, into the cluster it was in (its data gone).
     pub fn restart(&mut self) {
-        for node in &mut self.nodes {
-            *node = Self::start_node(&self.dir, node.port);
+        for (node, &bus_port) in self.nodes.iter_mut().zip(&self.bus_ports) {
+            *node = Self::start_node(&self.dir, node.port, bus_port);
         }
         self.wait_ok();
     }
