@@ -9,7 +9,9 @@
 #   BIN=<dir with tollgate> bash bench/instruments/pairs.sh
 #
 # TARGETS (default "tollgate nginx"; also floor, bare Pingora, and probe, the raw tokio
-# proxy, from $BIN/examples: `cargo build --release --examples`), ROUNDS (5), DURATION
+# proxy, from $BIN/examples: `cargo build --release --examples`; tollgate-2t, the policy
+# with server.threads: 2, and nginx-2w, two workers, both on the CPUs in CPUS_2T, default
+# 1), ROUNDS (5), DURATION
 # (seconds measured, 8), GATEWAY_CONF (tollgate's policy template, default
 # bench/gateway.yaml), URL_PATH (/json), RATE (when set, oha sends that many
 # requests a second over 64 connections instead of wrk saturating them: the counts of
@@ -29,6 +31,8 @@ taskset -c 0 nginx -c "$(nginx_conf origin)" &
 pids+=($!)
 wait_port $ORIGIN_PORT /json
 policy=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}")
+policy_2t=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}" -e "s/threads: 1/threads: 2/")
+CPUS_2T=${CPUS_2T:-1}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 
 load() { # load SECONDS: prints the number of requests answered
@@ -42,6 +46,10 @@ load() { # load SECONDS: prints the number of requests answered
   fi
 }
 
+cpu_ticks() { # cpu_ticks PID,PID…: user and system ticks summed over the processes
+  for pid in ${1//,/ }; do cat "/proc/$pid/stat"; done | awk '{u += $14; s += $15} END {print u, s}'
+}
+
 # perf stat runs the load as its command, in a shell of its own.
 export -f load
 export RUN OHA PROXY_PORT URL_PATH RATE
@@ -53,21 +61,27 @@ done
 
 for round in $(seq "$ROUNDS"); do
   for name in ${TARGETS:-tollgate nginx}; do
+    cpus=1
     case $name in
       tollgate) command="$BIN/tollgate run -c $policy" ;;
+      tollgate-2t) command="$BIN/tollgate run -c $policy_2t" cpus=$CPUS_2T ;;
       nginx) command="nginx -c $(nginx_conf proxy)" ;;
+      nginx-2w) command="nginx -c $(nginx_conf proxy 2)" cpus=$CPUS_2T ;;
       floor) command="$BIN/examples/pingora_floor 127.0.0.1:$PROXY_PORT proxy 127.0.0.1:$ORIGIN_PORT" ;;
       probe) command="$BIN/examples/tokio_probe 127.0.0.1:$PROXY_PORT 127.0.0.1:$ORIGIN_PORT" ;;
     esac
     # shellcheck disable=SC2086
-    taskset -c 1 $command > "$RUN/$name.log" 2>&1 &
+    taskset -c "$cpus" $command > "$RUN/$name.log" 2>&1 &
     target=$!
     pids+=($target)
     wait_port $PROXY_PORT "$URL_PATH"
     load 2 >/dev/null
-    read -r user0 sys0 < <(awk '{print $14, $15}' "/proc/$target/stat")
-    perf stat -x, -o "$RUN/perf" -e "$events" -p "$target" -- bash -c "load $DURATION" > "$RUN/requests"
-    read -r user1 sys1 < <(awk '{print $14, $15}' "/proc/$target/stat")
+    # The process and its children: nginx-2w's master forks its workers.
+    procs=$( (pgrep -P "$target" || true) | paste -sd, -)
+    procs=$target${procs:+,$procs}
+    read -r user0 sys0 < <(cpu_ticks "$procs")
+    perf stat -x, -o "$RUN/perf" -e "$events" -p "$procs" -- bash -c "load $DURATION" > "$RUN/requests"
+    read -r user1 sys1 < <(cpu_ticks "$procs")
     kill "$target"
     wait "$target" 2>/dev/null || true
     requests=$(cat "$RUN/requests")
