@@ -431,10 +431,19 @@ where
                         }
                         (server_reused, error)
                     }
+                    // The h2 and custom paths are boxed: an async fn's future is as large as
+                    // its largest state, and this one is held in place for a connection's
+                    // whole life (between requests too), so in place their futures would
+                    // size every HTTP/1 request's.
                     ClientSession::H2(mut h2) => {
-                        let (server_reused, mut error) = self
-                            .proxy_to_h2_upstream(session, &mut h2, client_reused, &peer, ctx)
-                            .await;
+                        let (server_reused, mut error) = Box::pin(self.proxy_to_h2_upstream(
+                            session,
+                            &mut h2,
+                            client_reused,
+                            &peer,
+                            ctx,
+                        ))
+                        .await;
                         let session = ClientSession::H2(h2);
                         self.client_upstream
                             .release_http_session(session, &*peer, peer.idle_timeout())
@@ -461,9 +470,14 @@ where
                         (server_reused, error)
                     }
                     ClientSession::Custom(mut c) => {
-                        let (server_reused, error) = self
-                            .proxy_to_custom_upstream(session, &mut c, client_reused, &peer, ctx)
-                            .await;
+                        let (server_reused, error) = Box::pin(self.proxy_to_custom_upstream(
+                            session,
+                            &mut c,
+                            client_reused,
+                            &peer,
+                            ctx,
+                        ))
+                        .await;
                         let session = ClientSession::Custom(c);
                         self.client_upstream
                             .release_http_session(session, &*peer, peer.idle_timeout())
@@ -2635,6 +2649,21 @@ mod tests {
                 .unwrap();
             assert!(session.is_none());
         }
+    }
+
+    #[test]
+    fn test_proxy_to_upstream_future_is_small() {
+        // Held in place for a connection's whole life, so it must not be sized by the h2
+        // and custom upstream paths, which are boxed where they are awaited. Here (rustc
+        // 1.95, a test build) the h1 path takes 5,304 bytes; in place, the h2 path would
+        // take 5,464 and the custom one 6,032.
+        let proxy = HttpProxy::new(NoopProxy, Arc::new(ServerConf::default()));
+        let stream = L4Stream::from(VirtualSocketStream::new(Box::new(PendingVirtualSocket)));
+        let mut session = Session::new_h1(Box::new(stream));
+        let mut ctx = ();
+        let future = proxy.proxy_to_upstream(&mut session, &mut ctx);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 5_400, "proxy_to_upstream future is {size} bytes");
     }
 
     #[tokio::test]
