@@ -613,9 +613,9 @@ fn an_idle_kept_alive_connection_holds_little_memory() {
     // (Pingora's default L4 buffer, which a plain HTTP session only copies out of) made
     // it 96, a TLS handshake's future held in place in every connection's task and
     // request future (pingora-core 0020) 34. Beside the full suite it has read 17 and
-    // 18: timing decides it, most likely through tokio's readiness, which only a read
-    // that finds the socket empty clears; a connection never watched empty after its
-    // request takes its 4 KiB head buffer before the wait (pingora-core 0021).
+    // 18. Not the 4 KiB head buffer taken early (pingora-core 0021): with two CPU hogs
+    // beside it, strace showed no idle connection reading into one before its next
+    // request.
     assert!(
         per_connection < 22,
         "{per_connection} KiB per idle connection"
