@@ -11,7 +11,8 @@
 # TARGETS (default "tollgate nginx"; also floor, bare Pingora, and probe, the raw tokio
 # proxy, from $BIN/examples: `cargo build --release --examples`; tollgate-2t, the policy
 # with server.threads: 2, and nginx-2w, two workers, both on the CPUs in CPUS_2T, default
-# 1), ROUNDS (5), DURATION
+# 1; CPUS_1T, default 1, the CPUs of tollgate and nginx with one thread or worker),
+# ROUNDS (5), DURATION
 # (seconds measured, 8), GATEWAY_CONF (tollgate's policy template, default
 # bench/gateway.yaml), URL_PATH (/json), RATE (when set, oha sends that many
 # requests a second over 64 connections instead of wrk saturating them: the counts of
@@ -33,6 +34,7 @@ wait_port $ORIGIN_PORT /json
 policy=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}")
 policy_2t=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}" -e "s/threads: 1/threads: 2/")
 CPUS_2T=${CPUS_2T:-1}
+CPUS_1T=${CPUS_1T:-1}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 
 load() { # load SECONDS: prints the number of requests answered
@@ -63,9 +65,9 @@ for round in $(seq "$ROUNDS"); do
   for name in ${TARGETS:-tollgate nginx}; do
     cpus=1
     case $name in
-      tollgate) command="$BIN/tollgate run -c $policy" ;;
+      tollgate) command="$BIN/tollgate run -c $policy" cpus=$CPUS_1T ;;
       tollgate-2t) command="$BIN/tollgate run -c $policy_2t" cpus=$CPUS_2T ;;
-      nginx) command="nginx -c $(nginx_conf proxy)" ;;
+      nginx) command="nginx -c $(nginx_conf proxy)" cpus=$CPUS_1T ;;
       nginx-2w) command="nginx -c $(nginx_conf proxy 2)" cpus=$CPUS_2T ;;
       floor) command="$BIN/examples/pingora_floor 127.0.0.1:$PROXY_PORT proxy 127.0.0.1:$ORIGIN_PORT" ;;
       probe) command="$BIN/examples/tokio_probe 127.0.0.1:$PROXY_PORT 127.0.0.1:$ORIGIN_PORT" ;;

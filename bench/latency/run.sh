@@ -12,13 +12,16 @@
 # TARGETS (default "direct tollgate tollgate-2t nginx nginx-2w envoy"; tollgate-2t is the
 # same policy with server.threads: 2, and nginx-2w nginx with two workers, both on the CPUs
 # in CPUS_2T, default 1: the same core, so that their CPU per request compares with one
-# thread's or worker's; also floor, bare Pingora, and probe, the raw tokio proxy, from
-# $BIN/examples: `cargo build --release --examples`), RATE (5000), CONNECTIONS (64), DURATION
+# thread's or worker's; CPUS_1T, default 1, the CPUs of the one-thread tollgate and the
+# one-worker nginx: CPUS_1T=0,1 CPUS_2T=0,1 gives one and two threads the same CPUs to
+# run on, sharing CPU 0 with oha and the origin; also floor, bare Pingora, and probe,
+# the raw tokio proxy, from $BIN/examples: `cargo build --release --examples`), RATE
+# (5000), CONNECTIONS (64), DURATION
 # (seconds measured, 15), WARMUP (seconds, 3), ROUNDS (3), BIN (default target/release),
 # ENVOY (the envoy binary; default `envoy` on PATH or $PEERS_VENV/bin/envoy, the shared
 # peer harness's environment). Needs nginx (origin and the nginx row), oha
-# (`cargo install oha`), python3. Every proxy gets one worker on CPU 1; the origin and
-# oha run on CPU 0.
+# (`cargo install oha`), python3. Every other proxy gets one worker on CPU 1; the origin
+# and oha run on CPU 0.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -30,6 +33,7 @@ DURATION=${DURATION:-15}
 WARMUP=${WARMUP:-3}
 ROUNDS=${ROUNDS:-3}
 CPUS_2T=${CPUS_2T:-1}
+CPUS_1T=${CPUS_1T:-1}
 ENVOY=${ENVOY:-$(command -v envoy || echo "${PEERS_VENV:-/nonexistent}/bin/envoy")}
 ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
 source bench/lib.sh
@@ -84,9 +88,9 @@ start() {
   target='' port=$PROXY_PORT
   case $1 in
     direct) port=$ORIGIN_PORT; return ;;
-    tollgate) taskset -c 1 "$BIN/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
+    tollgate) taskset -c "$CPUS_1T" "$BIN/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
     tollgate-2t) taskset -c "$CPUS_2T" "$BIN/tollgate" run -c "$(tollgate_policy 2)" > "$RUN/$1.log" 2>&1 & ;;
-    nginx) taskset -c 1 nginx -c "$(nginx_conf proxy)" > "$RUN/$1.log" 2>&1 & ;;
+    nginx) taskset -c "$CPUS_1T" nginx -c "$(nginx_conf proxy)" > "$RUN/$1.log" 2>&1 & ;;
     nginx-2w) taskset -c "$CPUS_2T" nginx -c "$(nginx_conf proxy 2)" > "$RUN/$1.log" 2>&1 & ;;
     envoy) taskset -c 1 "$ENVOY" -c "$(envoy_conf)" --concurrency 1 --log-level error > "$RUN/$1.log" 2>&1 & ;;
     floor) taskset -c 1 "$BIN/examples/pingora_floor" "127.0.0.1:$PROXY_PORT" proxy "127.0.0.1:$ORIGIN_PORT" > "$RUN/$1.log" 2>&1 & ;;
