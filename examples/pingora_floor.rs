@@ -1,5 +1,5 @@
 //! What Pingora 0.9 itself costs per request, with no policy at all: the floor under
-//! tollgate's figures in the peer benchmark (bench/README.md, "Pingora's floor").
+//! tollgate's figures in the peer benchmark (bench/HISTORY.md, "Pingora's floor").
 //!
 //! `pingora_floor LISTEN answer` answers every request from `request_filter` with a
 //! fixed 1 KiB body (the cache-hit scenario's size: a cache hit cannot cost less).
