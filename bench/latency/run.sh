@@ -10,18 +10,18 @@
 #   cargo build --release && bash bench/latency/run.sh
 #
 # TARGETS (default "direct tollgate tollgate-2t nginx nginx-2w envoy"; tollgate-2t is the
-# same policy with server.threads: 2, and nginx-2w nginx with two workers, both on the CPUs
-# in CPUS_2T, default 1: the same core, so that their CPU per request compares with one
-# thread's or worker's; CPUS_1T, default 1, the CPUs of the one-thread tollgate and the
-# one-worker nginx: CPUS_1T=0,1 CPUS_2T=0,1 gives one and two threads the same CPUs to
-# run on, sharing CPU 0 with oha and the origin; also floor, bare Pingora, and probe,
-# the raw tokio proxy, from $BIN/examples: `cargo build --release --examples`), RATE
-# (5000), CONNECTIONS (64), DURATION
-# (seconds measured, 15), WARMUP (seconds, 3), ROUNDS (3), BIN (default target/release),
-# ENVOY (the envoy binary; default `envoy` on PATH or $PEERS_VENV/bin/envoy, the shared
-# peer harness's environment). Needs nginx (origin and the nginx row), oha
-# (`cargo install oha`), python3. Every other proxy gets one worker on CPU 1; the origin
-# and oha run on CPU 0.
+# same policy with server.threads: 2, nginx-2w nginx with two workers; also floor, bare
+# Pingora, and probe, the raw tokio proxy, from $BIN/examples: `cargo build --release
+# --examples`), RATE (5000), CONNECTIONS (64), DURATION (seconds measured, 15), WARMUP
+# (seconds, 3), ROUNDS (3), BIN (default target/release), ENVOY (the envoy binary; default
+# `envoy` on PATH or $PEERS_VENV/bin/envoy, the shared peer harness's environment). Needs
+# nginx (origin and the nginx row), oha (`cargo install oha`), python3.
+#
+# Placement: the origin and oha run on CPU 0, every proxy's one worker on CPU 1. CPUS_2T
+# (default 1) places tollgate-2t and nginx-2w, CPUS_1T (default 1) the one-thread tollgate
+# and the one-worker nginx: the defaults put both on the same core, so that CPU per request
+# compares; CPUS_1T=0,1 CPUS_2T=0,1 gives one and two threads the same two CPUs, the first
+# shared with oha and the origin.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
