@@ -15,6 +15,7 @@
 //! when a request is done ([`request_done`]).
 
 use crate::gateway::Gateway;
+use crate::placement::{Placed, Placement};
 use crate::problem::{Code, Problem};
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -44,6 +45,8 @@ pub(crate) struct Connections<A> {
     pub(crate) http1: Arc<A>,
     pub(crate) h2c: Arc<A>,
     pub(crate) gateway: Arc<Gateway>,
+    /// Which thread serves each connection, under `server.threads` above 1.
+    pub(crate) placement: Option<Arc<Placement>>,
 }
 
 #[async_trait]
@@ -59,11 +62,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Connections<A> {
         };
         let head_clock =
             || HeadClock::started(header_timeout, &self.gateway.metrics.header_timeouts);
+        let placed = self.placement.as_ref().and_then(|p| p.arrived());
         if stream.get_ssl_digest().is_some() {
             if stream.selected_alpn_proto() == Some(ALPN::H2) {
+                let _placed = placed;
                 return self.http1.process_new(stream, shutdown).await;
             }
-            let stream = ClientStream::new(stream, Vec::new(), Some(head_clock()));
+            let stream = ClientStream::new(stream, Vec::new(), Some(head_clock()), placed);
             return self.http1.process_new(Box::new(stream), shutdown).await;
         }
         let mut first = [0u8; H2_PREFACE.len()];
@@ -84,10 +89,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Connections<A> {
         };
         let first = first[..read].to_vec();
         if h2c {
-            let stream = ClientStream::new(stream, first, None);
+            let stream = ClientStream::new(stream, first, None, placed);
             self.h2c.process_new(Box::new(stream), shutdown).await
         } else {
-            let stream = ClientStream::new(stream, first, Some(head_clock()));
+            let stream = ClientStream::new(stream, first, Some(head_clock()), placed);
             self.http1.process_new(Box::new(stream), shutdown).await
         }
     }
@@ -95,6 +100,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Connections<A> {
     async fn cleanup(&self) {
         self.http1.cleanup().await;
         self.h2c.cleanup().await;
+    }
+
+    fn runtime_for_new_connection(&self) -> Option<tokio::runtime::Handle> {
+        self.placement.as_ref()?.runtime_for_new_connection()
     }
 }
 
@@ -114,6 +123,7 @@ pub(crate) struct ClientStream {
     read_ahead: Vec<u8>,
     replayed: usize,
     head: Option<HeadClock>,
+    placed: Option<Placed>,
 }
 
 #[derive(Debug)]
@@ -172,13 +182,46 @@ impl HeadClock {
 }
 
 impl ClientStream {
-    fn new(inner: Stream, read_ahead: Vec<u8>, head: Option<HeadClock>) -> ClientStream {
+    fn new(
+        inner: Stream,
+        read_ahead: Vec<u8>,
+        head: Option<HeadClock>,
+        placed: Option<Placed>,
+    ) -> ClientStream {
         ClientStream {
             inner,
             read_ahead,
             replayed: 0,
             head,
+            placed,
         }
+    }
+
+    pub(crate) fn placed(&self) -> Option<&Placed> {
+        self.placed.as_ref()
+    }
+
+    pub(crate) fn placed_mut(&mut self) -> Option<&mut Placed> {
+        self.placed.as_mut()
+    }
+
+    /// Moves the connection to `runtime`'s I/O driver and timers, between two requests;
+    /// `false` when it cannot move (TLS, bytes in Pingora's L4 buffers).
+    pub(crate) fn move_to_runtime(&mut self, runtime: &tokio::runtime::Handle) -> io::Result<bool> {
+        let Some(socket) = self
+            .inner
+            .as_any_mut()
+            .downcast_mut::<pingora::protocols::l4::stream::Stream>()
+        else {
+            return Ok(false);
+        };
+        if !socket.move_to_runtime(runtime)? {
+            return Ok(false);
+        }
+        if let Some(head) = &mut self.head {
+            head.timer = None;
+        }
+        Ok(true)
     }
 
     fn set_phase(&self, phase: u8) {

@@ -28,6 +28,7 @@ mod identity;
 pub mod inject;
 pub mod logs;
 pub mod metrics;
+mod placement;
 pub mod policy;
 mod problem;
 mod proxy;

@@ -54,6 +54,11 @@ pub struct Metrics {
     /// Spans that never reached the collector: a full queue or a failed export.
     pub trace_spans_dropped: IntCounter,
     slo_availability: GaugeVec,
+    /// `server.threads` above 1: how many serve connections, what each serves, and
+    /// the kept-alive connections moved between them.
+    pub threads_in_use: IntGauge,
+    pub thread_connections: IntGaugeVec,
+    pub connections_moved: IntCounter,
 }
 
 impl Metrics {
@@ -212,6 +217,24 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
+        let threads_in_use = IntGauge::new(
+            "tollgate_threads_in_use",
+            "Proxy threads serving connections: the fewest the load needs, of server.threads",
+        )
+        .expect("valid metric");
+        let thread_connections = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_thread_connections",
+                "Client connections each proxy thread serves (server.threads above 1)",
+            ),
+            &["thread"],
+        )
+        .expect("valid metric");
+        let connections_moved = IntCounter::new(
+            "tollgate_connections_moved_total",
+            "Kept-alive client connections moved to another proxy thread between two requests",
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("tollgate_build_info", "Always 1; labelled with the version"),
             &["version"],
@@ -245,6 +268,9 @@ impl Metrics {
             Box::new(access_log_dropped.clone()),
             Box::new(slo_availability.clone()),
             Box::new(trace_spans_dropped.clone()),
+            Box::new(threads_in_use.clone()),
+            Box::new(thread_connections.clone()),
+            Box::new(connections_moved.clone()),
             Box::new(crate::redis::store_errors().clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
@@ -282,6 +308,9 @@ impl Metrics {
             access_log_dropped,
             trace_spans_dropped,
             slo_availability,
+            threads_in_use,
+            thread_connections,
+            connections_moved,
         }
     }
 

@@ -8,6 +8,7 @@ use crate::events::EventLog;
 use crate::gateway::reload::Watcher;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::placement::Placement;
 use crate::policy::{self, Policy};
 use crate::proxy::Proxy;
 use pingora::apps::http_app::HttpServer;
@@ -85,9 +86,19 @@ pub fn run(options: RunOptions) -> Result<(), String> {
 
     // Two apps over one pipeline: `connection::Connections` tells HTTP/1 from h2c by the
     // first bytes, so Pingora's own preface wait (which has no deadline) never runs.
+    // One thread needs no placement, and pays nothing for it.
+    let placement = (threads > 1).then(|| {
+        Arc::new(Placement::new(
+            threads,
+            gateway.metrics.connections_moved.clone(),
+        ))
+    });
     let app = |h2c: bool| {
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
+        options.rehome = placement
+            .clone()
+            .map(|p| p as Arc<dyn pingora::apps::Rehome>);
         let mut app = pingora::proxy::http_proxy(
             &server.configuration,
             Proxy {
@@ -103,6 +114,7 @@ pub fn run(options: RunOptions) -> Result<(), String> {
             http1: app(false),
             h2c: app(true),
             gateway: gateway.clone(),
+            placement: placement.clone(),
         },
     );
     proxy.threads = Some(threads);
@@ -171,6 +183,15 @@ pub fn run(options: RunOptions) -> Result<(), String> {
             gateway: gateway.clone(),
         },
     ));
+    if let Some(placement) = placement {
+        server.add_service(background_service(
+            "thread balancer",
+            crate::gateway::balancer::Balancer {
+                gateway: gateway.clone(),
+                placement,
+            },
+        ));
+    }
     server.add_service(background_service(
         "rate limit janitor",
         crate::gateway::janitor::Janitor {

@@ -12,6 +12,7 @@ cd "$(dirname "$0")"
 CRATES=(
   "pingora-core 0.9.1 a535f47f65fdcb003f9e1df04cd18e614c128dfe9388acce3f211ae38ac14d68"
   "pingora-http 0.9.1 3f38e9e519d53fab09eb320f7be2cd27ef9e66f755eba3bd84cc68852108d841"
+  "pingora-runtime 0.9.1 09d2c5be0a8fcffa36c23d21b3d6ec5bad113395086f5b4e1a0c50b300c674c0"
   "pingora-proxy 0.9.1 8e3d5670490740405ecc8c6f75c3fcbce4d24f7adaffb355ca44550e7918e358"
   "mimalloc 0.1.52 2d4139bb28d14ad1facf21d5eb8825051b326e172d216b39f6d31df53cc97862"
 )

@@ -4,6 +4,7 @@
 //! (`shed`, `health`, `ratelimit`, `cache`) know their own state; only this module
 //! knows the gateway.
 
+pub(crate) mod balancer;
 pub(crate) mod health_checker;
 pub(crate) mod historian;
 pub(crate) mod janitor;

@@ -24,6 +24,7 @@ use std::any::Any;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::runtime::Handle;
 
 use crate::protocols::http::v2::server;
 use crate::protocols::http::{ReusableHttpStream, ServerSession};
@@ -58,6 +59,12 @@ pub trait ServerApp {
 
     /// This callback will be called once after the service stops listening to its endpoints.
     async fn cleanup(&self) {}
+
+    /// The runtime to serve a newly accepted connection on, or `None` for the service's
+    /// choice: on a no-steal runtime, a random thread.
+    fn runtime_for_new_connection(&self) -> Option<Handle> {
+        None
+    }
 }
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]
@@ -90,6 +97,22 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
+
+    /// If set, asked between two requests of every kept-alive HTTP/1 connection
+    /// whether to serve the connection on another thread from then on.
+    ///
+    /// Default: `None`
+    pub rehome: Option<Arc<dyn Rehome>>,
+}
+
+/// Moves kept-alive HTTP/1 connections between threads, such as the single-threaded
+/// runtimes of a no-steal runtime, which never move a task by themselves.
+pub trait Rehome: Send + Sync + std::fmt::Debug {
+    /// Between two requests of a kept-alive HTTP/1 connection: the runtime that serves the
+    /// connection from its next request on, `stream` moved to that runtime's I/O driver
+    /// (see [`l4::Stream::move_to_runtime`](crate::protocols::l4::stream::Stream::move_to_runtime)),
+    /// or `None` to serve it where it is. An error closes the connection.
+    fn rehome(&self, stream: &mut Stream) -> std::io::Result<Option<Handle>>;
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -372,14 +395,9 @@ where
                     .and_then(|opts| opts.keepalive_request_limit),
             );
 
-            let mut result = self.process_new_http_in_place(session, shutdown).await;
-            while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
-                let mut session = Box::new(ServerSession::new_http1(stream));
-                if let Some(persistent_settings) = persistent_settings {
-                    persistent_settings.apply_to_session(&mut session);
-                }
-
-                result = self.process_new_http_in_place(session, shutdown).await;
+            let result = self.process_new_http_in_place(session, shutdown).await;
+            if let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
+                keep_serving_http1(self.clone(), stream, persistent_settings, shutdown).await;
             }
         }
         None
@@ -388,6 +406,56 @@ where
     async fn cleanup(&self) {
         self.http_cleanup().await;
     }
+}
+
+/// The requests after the first of a kept-alive HTTP/1 connection, until it closes or
+/// [`HttpServerOptions::rehome`] moves it to another thread.
+async fn keep_serving_http1<T: HttpServerApp + Send + Sync + 'static>(
+    app: Arc<T>,
+    mut stream: Stream,
+    mut persistent_settings: Option<HttpPersistentSettings>,
+    shutdown: &ShutdownWatch,
+) {
+    loop {
+        if let Some(rehome) = app.server_options().and_then(|o| o.rehome.as_ref()) {
+            match rehome.rehome(&mut stream) {
+                Ok(None) => {}
+                Ok(Some(runtime)) => {
+                    serve_http1_on(runtime, app, stream, persistent_settings, shutdown.clone());
+                    return;
+                }
+                Err(e) => {
+                    error!("cannot move a kept-alive connection to another thread: {e}");
+                    return;
+                }
+            }
+        }
+        let mut session = Box::new(ServerSession::new_http1(stream));
+        if let Some(persistent_settings) = persistent_settings {
+            persistent_settings.apply_to_session(&mut session);
+        }
+        match app
+            .process_new_http_in_place(session, shutdown)
+            .await
+            .map(|r| r.consume())
+        {
+            Some((next, settings)) => (stream, persistent_settings) = (next, settings),
+            None => return,
+        }
+    }
+}
+
+/// A plain function, so that the task it spawns may itself move the connection on.
+fn serve_http1_on<T: HttpServerApp + Send + Sync + 'static>(
+    runtime: Handle,
+    app: Arc<T>,
+    stream: Stream,
+    persistent_settings: Option<HttpPersistentSettings>,
+    shutdown: ShutdownWatch,
+) {
+    runtime.spawn(async move {
+        keep_serving_http1(app, stream, persistent_settings, &shutdown).await;
+    });
 }
 
 #[cfg(test)]

@@ -230,7 +230,10 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
                     let accepted_on = std::thread::current().id();
-                    current_handle().spawn(async move {
+                    let runtime = app_logic
+                        .runtime_for_new_connection()
+                        .unwrap_or_else(current_handle);
+                    runtime.spawn(async move {
                         // Each thread of a no-steal runtime is a runtime of its own: a
                         // connection served on another thread than the accepting one moves
                         // to that thread's I/O driver, so its events wake only that thread.

@@ -36,6 +36,7 @@ use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
+use tokio::runtime::Handle;
 
 use crate::protocols::l4::ext::{set_tcp_keepalive, TcpKeepalive};
 use crate::protocols::l4::virt;
@@ -544,6 +545,8 @@ pub struct Stream {
     /// The timer of this connection's timed reads, kept from one read (and one reuse of
     /// the connection) to the next: see [`Stream::take_read_timer`].
     read_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The sizes of the L4 buffers, for when the stream is rebuilt around its socket.
+    buffers: L4BufferSettings,
 }
 
 impl Stream {
@@ -656,8 +659,38 @@ impl Stream {
             RawStream::Unix(s) => RawStream::Unix(UnixStream::from_std(s.into_std()?)?),
             virt => virt,
         };
-        self.stream = Some(BufferedStream::with_capacity(0, 0, raw));
+        self.stream = Some(BufferedStream::with_capacity(
+            self.buffers.read_capacity(),
+            self.buffers.write_capacity(),
+            raw,
+        ));
         Ok(())
+    }
+
+    /// Move the socket to the I/O driver of the runtime `handle` belongs to, for a
+    /// connection served from another thread of a no-steal runtime from now on (two
+    /// `epoll_ctl` calls). Only between exchanges: while either L4 buffer holds bytes,
+    /// and for a virtual socket, nothing moves and `Ok(false)` is returned. The read
+    /// timer is let go, to be made in the new runtime by the next timed read. On an
+    /// error the socket is lost: the connection can only be dropped.
+    pub fn move_to_runtime(&mut self, handle: &Handle) -> io::Result<bool> {
+        let Some(stream) = self.stream.as_ref() else {
+            return Ok(false);
+        };
+        let read_buffered = match stream {
+            BufferedStream::UnbufferedRead(_) => false,
+            BufferedStream::BufferedRead(reader) => !reader.buffer().is_empty(),
+        };
+        if read_buffered
+            || !stream.writer().buffer().is_empty()
+            || matches!(stream.get_ref().stream, RawStream::Virtual(_))
+        {
+            return Ok(false);
+        }
+        self.read_timer = None;
+        let _runtime = handle.enter();
+        self.register_with_current_runtime()?;
+        Ok(true)
     }
 
     /// Set the read and write buffer sizes
@@ -666,6 +699,7 @@ impl Stream {
         use std::mem;
         // Since the buffers can't be resized in place,
         // we take the raw stream out of them and put it in new buffers with the size we want
+        self.buffers = buffer;
         let stream = mem::take(&mut self.stream);
         let stream = stream.map(|s| {
             BufferedStream::with_capacity(
@@ -687,6 +721,7 @@ impl From<TcpStream> for Stream {
                 RawStreamWrapper::new(RawStream::Tcp(s)),
             )),
             rewind_read_buf: Vec::new(),
+            buffers: L4BufferSettings::new(0, 0),
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
@@ -711,6 +746,7 @@ impl From<virt::VirtualSocketStream> for Stream {
                 RawStreamWrapper::new(RawStream::Virtual(s)),
             )),
             rewind_read_buf: Vec::new(),
+            buffers: L4BufferSettings::new(0, 0),
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
@@ -736,6 +772,7 @@ impl From<UnixStream> for Stream {
                 RawStreamWrapper::new(RawStream::Unix(s)),
             )),
             rewind_read_buf: Vec::new(),
+            buffers: L4BufferSettings::new(0, 0),
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
@@ -1049,6 +1086,50 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
     use tokio::sync::Notify;
+
+    #[tokio::test]
+    async fn test_move_to_runtime() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        let mut stream: Stream = client.into();
+        stream.set_buffer(L4BufferSettings::new(0, 64));
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+
+        // bytes in the write buffer keep the stream where it is
+        stream.write_all(b"ping").await.unwrap();
+        assert!(!stream.move_to_runtime(other.handle()).unwrap());
+        stream.flush().await.unwrap();
+        assert!(stream.move_to_runtime(other.handle()).unwrap());
+
+        // this runtime is blocked below: only the other one's driver can see the bytes
+        let mut peer = peer.into_std().unwrap();
+        peer.set_nonblocking(false).unwrap();
+        let reader = std::thread::spawn(move || {
+            other.block_on(async move {
+                let mut read = [0; 4];
+                stream.read_exact(&mut read).await.unwrap();
+                // the write buffer kept its size across the move
+                stream.write_all(b"pong").await.unwrap();
+                assert!(!stream.move_to_runtime(&Handle::current()).unwrap());
+                stream.flush().await.unwrap();
+                read
+            })
+        });
+        let mut ping = [0; 4];
+        std::io::Read::read_exact(&mut peer, &mut ping).unwrap();
+        assert_eq!(&ping, b"ping");
+        std::io::Write::write_all(&mut peer, b"back").unwrap();
+        assert_eq!(&reader.join().unwrap(), b"back");
+        let mut pong = [0; 4];
+        std::io::Read::read_exact(&mut peer, &mut pong).unwrap();
+        assert_eq!(&pong, b"pong");
+    }
 
     #[tokio::test]
     async fn test_poll_read_ready() {
