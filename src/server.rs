@@ -66,7 +66,8 @@ pub fn run(options: RunOptions) -> Result<(), String> {
     let threads = policy.server.threads;
     let cpus = policy::usable_cpus();
     if threads > cpus {
-        // Measured on one CPU: two threads cost 1.1-1.4x one thread's CPU a request.
+        // Threads past the CPUs are taken into use only when the others are busy, and
+        // then add wake-ups and context switches on a CPU already busy.
         tracing::warn!(
             threads,
             cpus,
@@ -84,8 +85,6 @@ pub fn run(options: RunOptions) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    // Two apps over one pipeline: `connection::Connections` tells HTTP/1 from h2c by the
-    // first bytes, so Pingora's own preface wait (which has no deadline) never runs.
     // One thread needs no placement, and pays nothing for it.
     let placement = (threads > 1).then(|| {
         Arc::new(Placement::new(
@@ -93,6 +92,8 @@ pub fn run(options: RunOptions) -> Result<(), String> {
             gateway.metrics.connections_moved.clone(),
         ))
     });
+    // Two apps over one pipeline: `connection::Connections` tells HTTP/1 from h2c by the
+    // first bytes, so Pingora's own preface wait (which has no deadline) never runs.
     let app = |h2c: bool| {
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
