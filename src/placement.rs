@@ -2,7 +2,7 @@
 //!
 //! Each thread is a runtime of its own that sleeps and wakes on its own: below what one
 //! thread can serve, spreading connections over two threads made each request cost
-//! 1.2-1.4x the CPU, the second loop's sleeps and wake-ups (README, "More than one
+//! 1.15-1.36x the CPU, the second loop's sleeps and wake-ups (README, "More than one
 //! thread"). So connections are gathered on the fewest threads the load needs and
 //! spread only when those get busy, the way a pool of workers is sized by its load.
 //!
@@ -52,11 +52,16 @@ pub(crate) struct Placement {
     moved: IntCounter,
 }
 
-/// One thread's counts, on a cache line of its own: each is written by its thread.
+/// One thread's counts, on a cache line of its own: most writes to them are its own
+/// (a move writes both threads' counts, an accept loop the `sent` of the thread chosen).
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct Thread {
     connections: AtomicUsize,
+    /// Connections the accept loops sent here since the last tick: each is counted in
+    /// `connections` only once its task runs, and a burst of them would otherwise all
+    /// go to the one thread that served the fewest before it.
+    sent: AtomicUsize,
     /// Connections this thread may still hand to `spill_to` before the next tick.
     may_hand_on: AtomicUsize,
 }
@@ -109,11 +114,15 @@ impl Placement {
         self.runtimes.get().map(|r| &r[..])
     }
 
-    /// The thread in use serving the fewest connections.
+    /// The thread in use serving the fewest connections, counting those sent to it
+    /// since the last tick.
     fn fewest_connections(&self) -> usize {
         let in_use = self.in_use.load(Ordering::Relaxed);
         (0..in_use)
-            .min_by_key(|&i| self.threads[i].connections.load(Ordering::Relaxed))
+            .min_by_key(|&i| {
+                let thread = &self.threads[i];
+                thread.connections.load(Ordering::Relaxed) + thread.sent.load(Ordering::Relaxed)
+            })
             .unwrap_or(0)
     }
 
@@ -121,6 +130,7 @@ impl Placement {
     pub(crate) fn runtime_for_new_connection(&self) -> Option<Handle> {
         self.here()?;
         let to = self.fewest_connections();
+        self.threads[to].sent.fetch_add(1, Ordering::Relaxed);
         self.runtimes().map(|r| r[to].clone())
     }
 
@@ -175,6 +185,7 @@ impl Placement {
         self.spill_to.store(plan.spill_to, Ordering::Relaxed);
         for (thread, hand_on) in self.threads.iter().zip(&plan.hand_on) {
             thread.may_hand_on.store(*hand_on, Ordering::Relaxed);
+            thread.sent.store(0, Ordering::Relaxed);
         }
     }
 }
@@ -365,6 +376,25 @@ mod tests {
         assert_eq!(placement.destination(1), Some(0));
         assert_eq!(placement.destination(1), Some(0));
         assert_eq!(placement.destination(0), None);
+    }
+
+    #[test]
+    fn a_burst_of_new_connections_alternates_between_the_threads_in_use() {
+        let moved = IntCounter::new("moved", "moved").unwrap();
+        let placement = Placement::new(3, moved);
+        placement.apply(&plan(2, &[0.8, 0.8, 0.0], &[10, 10, 0]));
+        assert_eq!(placement.in_use(), 3);
+        for thread in &placement.threads[..2] {
+            thread.connections.store(10, Ordering::Relaxed);
+        }
+        let mut picked = [0; 3];
+        for _ in 0..30 {
+            let to = placement.fewest_connections();
+            placement.threads[to].sent.fetch_add(1, Ordering::Relaxed);
+            picked[to] += 1;
+        }
+        // The new thread first catches up with the others' ten, then all take turns.
+        assert_eq!(picked, [7, 7, 16]);
     }
 
     #[test]
