@@ -19,6 +19,13 @@ impl BackgroundService for Balancer {
         let mut meter = BusyMeter::default();
         let mut ticks = Ticks::every(TICK, shutdown);
         let metrics = &self.gateway.metrics;
+        let per_thread: Vec<_> = (0..self.placement.connections().len())
+            .map(|thread| {
+                metrics
+                    .thread_connections
+                    .with_label_values(&[&thread.to_string()])
+            })
+            .collect();
         while ticks.next().await {
             let placement = &self.placement;
             let connections = placement.connections();
@@ -27,11 +34,8 @@ impl BackgroundService for Balancer {
                 placement.apply(&plan(placement.in_use(), &busy, &connections));
             }
             metrics.threads_in_use.set(placement.in_use() as i64);
-            for (thread, count) in connections.iter().enumerate() {
-                metrics
-                    .thread_connections
-                    .with_label_values(&[&thread.to_string()])
-                    .set(*count as i64);
+            for (gauge, count) in per_thread.iter().zip(&connections) {
+                gauge.set(*count as i64);
             }
         }
     }
