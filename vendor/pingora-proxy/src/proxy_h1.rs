@@ -543,7 +543,7 @@ where
         &self,
         session: &mut Session,
         ctx: &mut SV::CTX,
-        tasks: Vec<HttpTask>,
+        mut tasks: Vec<HttpTask>,
         serve_from_cache: &mut ServeFromCache,
         range_body_filter: &mut proxy_cache::range_filter::RangeBodyFilter,
         response_state: &mut ResponseStateMachine,
@@ -553,12 +553,15 @@ where
         SV::CTX: Send + Sync,
     {
         /* run filters before sending to downstream */
-        let mut filtered_tasks = Vec::with_capacity(TASK_BUFFER_SIZE);
-        for mut t in tasks {
+        // Each task is filtered where it is: the batch's own vector carries the filtered
+        // tasks downstream, so a batch costs no second allocation.
+        for i in 0..tasks.len() {
+            let mut t = std::mem::replace(&mut tasks[i], HttpTask::Done);
             if self.revalidate_or_stale(session, &mut t, ctx).await {
                 serve_from_cache.enable();
                 response_state.enable_cached_response();
                 // skip downstream filtering entirely as the 304 will not be sent
+                tasks.truncate(i);
                 break;
             }
             #[cfg(feature = "upstream_modules")]
@@ -583,7 +586,7 @@ where
                     return Err(e);
                 }
             }
-            filtered_tasks.push(task);
+            tasks[i] = task;
         }
 
         if !serve_from_cache.should_send_to_downstream() {
@@ -591,7 +594,7 @@ where
             return Ok(None);
         }
 
-        let response_done = session.write_response_tasks(filtered_tasks).await?;
+        let response_done = session.write_response_tasks(tasks).await?;
 
         Ok(Some(response_done))
     }

@@ -1260,8 +1260,8 @@ impl std::fmt::Debug for SendBodyState {
     }
 }
 
-impl SendBodyState {
-    fn new() -> Self {
+impl Default for SendBodyState {
+    fn default() -> Self {
         SendBodyState {
             pending_bytes: None,
             write_state: WriteState::Idle,
@@ -1278,8 +1278,9 @@ impl SendBodyState {
 /// write progress.
 pub struct BodyWriter {
     pub body_mode: BodyMode,
-    // Boxed to reduce inline size. Only used by the cancel-safe proxy task API.
-    send_body_state: Box<SendBodyState>,
+    // Only used by the cancel-safe proxy task API: boxed to reduce inline size, and made
+    // on its first use, so that a writer that never uses it allocates nothing.
+    send_body_state: Option<Box<SendBodyState>>,
     send_finish_state: FinishWriteState,
 }
 
@@ -1293,7 +1294,7 @@ impl BodyWriter {
     pub fn new() -> Self {
         BodyWriter {
             body_mode: BM::ToSelect,
-            send_body_state: Box::new(SendBodyState::new()),
+            send_body_state: None,
             send_finish_state: FinishWriteState::NotStarted,
         }
     }
@@ -1498,11 +1499,13 @@ impl BodyWriter {
 
     #[cfg(test)]
     pub fn has_pending_body_task(&self) -> bool {
-        self.send_body_state.pending_bytes.is_some()
-            || !matches!(
-                self.send_body_state.write_state,
-                WriteState::Idle | WriteState::Done(_) | WriteState::TimedOut
-            )
+        self.send_body_state.as_ref().is_some_and(|state| {
+            state.pending_bytes.is_some()
+                || !matches!(
+                    state.write_state,
+                    WriteState::Idle | WriteState::Done(_) | WriteState::TimedOut
+                )
+        })
     }
 
     /// Queue application bytes as a body write task with an optional timeout.
@@ -1512,18 +1515,19 @@ impl BodyWriter {
     /// The timeout, if provided, will be enforced internally across all
     /// write attempts, even if the write is cancelled and resumed via `tokio::select!`.
     pub fn send_body_task(&mut self, bytes: Bytes, timeout: Option<std::time::Duration>) {
+        let state = self.send_body_state.get_or_insert_with(Default::default);
         assert!(
             matches!(
-                self.send_body_state.write_state,
+                state.write_state,
                 WriteState::Idle | WriteState::Done(_)
             ),
             "send_body_task called while previous task is still in progress: {:?}",
-            self.send_body_state.write_state
+            state.write_state
         );
-        self.send_body_state.pending_bytes = Some(bytes);
-        self.send_body_state.write_state = WriteState::Idle;
-        self.send_body_state.timeout_duration = timeout;
-        self.send_body_state.timeout_fut = None;
+        state.pending_bytes = Some(bytes);
+        state.write_state = WriteState::Idle;
+        state.timeout_duration = timeout;
+        state.timeout_fut = None;
     }
 
     /// Writes the current queued body task to the stream.
@@ -1551,7 +1555,11 @@ impl BodyWriter {
         S: AsyncWrite + Unpin + Send,
     {
         // Check if already timed out - don't allow reuse
-        if matches!(self.send_body_state.write_state, WriteState::TimedOut) {
+        if self
+            .send_body_state
+            .as_ref()
+            .is_some_and(|state| matches!(state.write_state, WriteState::TimedOut))
+        {
             return Poll::Ready(Error::e_explain(
                 WriteTimedout,
                 "write task previously timed out",
@@ -1582,16 +1590,17 @@ impl BodyWriter {
         }
 
         // Write returned Pending - lazily create and check timeout if duration is set
-        if let Some(duration) = self.send_body_state.timeout_duration {
-            let timeout = self.send_body_state.timeout_fut.get_or_insert_with(|| {
+        let state = self.send_body_state.get_or_insert_with(Default::default);
+        if let Some(duration) = state.timeout_duration {
+            let timeout = state.timeout_fut.get_or_insert_with(|| {
                 Box::pin(pingora_timeout::sleep(duration))
                     as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>
             });
 
             if timeout.as_mut().poll(cx).is_ready() {
                 // Timeout fired! Mark state as timed out and clear the timeout future
-                self.send_body_state.write_state = WriteState::TimedOut;
-                self.send_body_state.timeout_fut = None;
+                state.write_state = WriteState::TimedOut;
+                state.timeout_fut = None;
                 return Poll::Ready(Error::e_explain(
                     WriteTimedout,
                     "writing body task timed out",
@@ -1784,14 +1793,15 @@ impl BodyWriter {
     where
         S: AsyncWrite + Unpin + Send,
     {
+        let state = self.send_body_state.get_or_insert_with(Default::default);
         // Move to Writing state if we're Idle
-        if matches!(self.send_body_state.write_state, WriteState::Idle) {
-            if let Some(mut bytes) = self.send_body_state.pending_bytes.take() {
+        if matches!(state.write_state, WriteState::Idle) {
+            if let Some(mut bytes) = state.pending_bytes.take() {
                 let (total, written) = self.body_mode.expect_content_length();
 
                 // Check if we've already written everything
                 if written >= total {
-                    self.send_body_state.write_state = WriteState::Done(0);
+                    state.write_state = WriteState::Done(0);
                     return Poll::Ready(Ok(None));
                 }
 
@@ -1808,16 +1818,16 @@ impl BodyWriter {
                 }
 
                 let bytes_to_write = bytes.len();
-                self.send_body_state.write_state =
+                state.write_state =
                     WriteState::Writing(bytes_to_write, WriteBuf::Simple(bytes));
             } else {
-                self.send_body_state.write_state = WriteState::Done(0);
+                state.write_state = WriteState::Done(0);
                 return Poll::Ready(Ok(None));
             }
         }
 
         // Handle Writing state - do the write, transition to Flushing or Done
-        if let WriteState::Writing(size, ref mut buf) = &mut self.send_body_state.write_state {
+        if let WriteState::Writing(size, ref mut buf) = &mut state.write_state {
             let bytes_written = *size;
 
             // Attempt write. Re-create tokio's stateless `write_all_buf`
@@ -1830,10 +1840,10 @@ impl BodyWriter {
 
                     if written + bytes_written >= total {
                         // All content-length bytes written, flush needed
-                        self.send_body_state.write_state = WriteState::Flushing(bytes_written);
+                        state.write_state = WriteState::Flushing(bytes_written);
                     } else {
                         // More bytes to come, no flush needed
-                        self.send_body_state.write_state = WriteState::Done(bytes_written);
+                        state.write_state = WriteState::Done(bytes_written);
                     }
                 }
                 Err(e) => {
@@ -1843,23 +1853,23 @@ impl BodyWriter {
         }
 
         // Handle Flushing state - do the flush, transition to Done
-        if let WriteState::Flushing(size) = self.send_body_state.write_state {
+        if let WriteState::Flushing(size) = state.write_state {
             let bytes_written = size;
 
             // Attempt flush
             match ready!(stream.poll_flush(cx)) {
                 Ok(()) => {
                     // Flush completed - transition to Done
-                    self.send_body_state.write_state = WriteState::Done(bytes_written);
+                    state.write_state = WriteState::Done(bytes_written);
                 }
                 Err(e) => return Poll::Ready(Error::e_because(WriteError, "flushing body", e)),
             }
         }
 
         // Return based on final state
-        match self.send_body_state.write_state {
+        match state.write_state {
             WriteState::Done(size) => {
-                self.send_body_state.timeout_fut = None;
+                state.timeout_fut = None;
                 Poll::Ready(Ok(Some(size)))
             }
             WriteState::TimedOut => Poll::Ready(Error::e_explain(
@@ -1884,9 +1894,10 @@ impl BodyWriter {
     where
         S: AsyncWrite + Unpin + Send,
     {
+        let state = self.send_body_state.get_or_insert_with(Default::default);
         // Move to Writing state if we're Idle
-        if matches!(self.send_body_state.write_state, WriteState::Idle) {
-            if let Some(bytes) = self.send_body_state.pending_bytes.take() {
+        if matches!(state.write_state, WriteState::Idle) {
+            if let Some(bytes) = state.pending_bytes.take() {
                 let application_bytes_size = bytes.len();
 
                 // Format the chunk: size\r\ndata\r\n
@@ -1896,16 +1907,16 @@ impl BodyWriter {
                     .chain(&b"\r\n"[..]);
 
                 // Store the chained buffer directly to avoid copying
-                self.send_body_state.write_state =
+                state.write_state =
                     WriteState::Writing(application_bytes_size, WriteBuf::Chained(output_buf));
             } else {
-                self.send_body_state.write_state = WriteState::Done(0);
+                state.write_state = WriteState::Done(0);
                 return Poll::Ready(Ok(None));
             }
         }
 
         // Handle Writing state - do the write using vectored I/O, transition to Flushing
-        if let WriteState::Writing(size, ref mut buf) = &mut self.send_body_state.write_state {
+        if let WriteState::Writing(size, ref mut buf) = &mut state.write_state {
             let bytes_written = *size;
 
             // Attempt vectored write for chained buffer (chunk size + data + CRLF).
@@ -1919,7 +1930,7 @@ impl BodyWriter {
                     self.body_mode = BM::ChunkedEncoding(written + bytes_written);
 
                     // Chunked encoding always flushes
-                    self.send_body_state.write_state = WriteState::Flushing(bytes_written);
+                    state.write_state = WriteState::Flushing(bytes_written);
                 }
                 Err(e) => {
                     return Poll::Ready(Error::e_because(WriteError, "while writing body", e))
@@ -1928,23 +1939,23 @@ impl BodyWriter {
         }
 
         // Handle Flushing state - do the flush, transition to Done
-        if let WriteState::Flushing(size) = self.send_body_state.write_state {
+        if let WriteState::Flushing(size) = state.write_state {
             let bytes_written = size;
 
             // Attempt flush
             match ready!(stream.poll_flush(cx)) {
                 Ok(()) => {
                     // Flush completed - transition to Done
-                    self.send_body_state.write_state = WriteState::Done(bytes_written);
+                    state.write_state = WriteState::Done(bytes_written);
                 }
                 Err(e) => return Poll::Ready(Error::e_because(WriteError, "flushing body", e)),
             }
         }
 
         // Return based on final state
-        match self.send_body_state.write_state {
+        match state.write_state {
             WriteState::Done(size) => {
-                self.send_body_state.timeout_fut = None;
+                state.timeout_fut = None;
                 Poll::Ready(Ok(Some(size)))
             }
             WriteState::TimedOut => Poll::Ready(Error::e_explain(
@@ -1969,20 +1980,21 @@ impl BodyWriter {
     where
         S: AsyncWrite + Unpin + Send,
     {
+        let state = self.send_body_state.get_or_insert_with(Default::default);
         // Move to Writing state if we're Idle
-        if matches!(self.send_body_state.write_state, WriteState::Idle) {
-            if let Some(bytes) = self.send_body_state.pending_bytes.take() {
+        if matches!(state.write_state, WriteState::Idle) {
+            if let Some(bytes) = state.pending_bytes.take() {
                 let original_size = bytes.len();
-                self.send_body_state.write_state =
+                state.write_state =
                     WriteState::Writing(original_size, WriteBuf::Simple(bytes));
             } else {
-                self.send_body_state.write_state = WriteState::Done(0);
+                state.write_state = WriteState::Done(0);
                 return Poll::Ready(Ok(None));
             }
         }
 
         // Handle Writing state - do the write, transition to Flushing
-        if let WriteState::Writing(size, ref mut buf) = &mut self.send_body_state.write_state {
+        if let WriteState::Writing(size, ref mut buf) = &mut state.write_state {
             let bytes_written = *size;
 
             // Attempt write. Re-create tokio's stateless `write_all_buf`
@@ -1994,7 +2006,7 @@ impl BodyWriter {
                     self.body_mode = BM::UntilClose(written + bytes_written);
 
                     // Close-delimited mode always flushes
-                    self.send_body_state.write_state = WriteState::Flushing(bytes_written);
+                    state.write_state = WriteState::Flushing(bytes_written);
                 }
                 Err(e) => {
                     return Poll::Ready(Error::e_because(WriteError, "while writing body", e))
@@ -2003,23 +2015,23 @@ impl BodyWriter {
         }
 
         // Handle Flushing state - do the flush, transition to Done
-        if let WriteState::Flushing(size) = self.send_body_state.write_state {
+        if let WriteState::Flushing(size) = state.write_state {
             let bytes_written = size;
 
             // Attempt flush
             match ready!(stream.poll_flush(cx)) {
                 Ok(()) => {
                     // Flush completed - transition to Done
-                    self.send_body_state.write_state = WriteState::Done(bytes_written);
+                    state.write_state = WriteState::Done(bytes_written);
                 }
                 Err(e) => return Poll::Ready(Error::e_because(WriteError, "flushing body", e)),
             }
         }
 
         // Return based on final state
-        match self.send_body_state.write_state {
+        match state.write_state {
             WriteState::Done(size) => {
-                self.send_body_state.timeout_fut = None;
+                state.timeout_fut = None;
                 Poll::Ready(Ok(Some(size)))
             }
             WriteState::TimedOut => Poll::Ready(Error::e_explain(
@@ -3369,6 +3381,32 @@ mod test_body_task_api {
         // After queuing bytes, should have pending task
         body_writer.send_body_task(Bytes::from_static(data), None);
         assert!(body_writer.has_pending_body_task());
+    }
+
+    #[tokio::test]
+    async fn task_state_is_made_on_first_use() {
+        init_log();
+        let data = b"abc";
+        let mut mock_io = Builder::new().write(data).write(data).build();
+
+        let mut body_writer = BodyWriter::new();
+        body_writer.init_content_length(data.len());
+        body_writer.write_body(&mut mock_io, data).await.unwrap();
+        body_writer.finish(&mut mock_io).await.unwrap();
+        assert!(
+            body_writer.send_body_state.is_none(),
+            "the plain write API makes no task state"
+        );
+
+        let mut body_writer = BodyWriter::new();
+        body_writer.init_content_length(data.len());
+        body_writer.send_body_task(Bytes::from_static(data), None);
+        let written = body_writer
+            .write_current_body_task(&mut mock_io)
+            .await
+            .unwrap();
+        assert_eq!(written, Some(data.len()));
+        assert!(body_writer.send_body_state.is_some());
     }
 
     #[tokio::test(start_paused = true)]
