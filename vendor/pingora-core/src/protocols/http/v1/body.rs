@@ -1517,10 +1517,7 @@ impl BodyWriter {
     pub fn send_body_task(&mut self, bytes: Bytes, timeout: Option<std::time::Duration>) {
         let state = self.send_body_state.get_or_insert_with(Default::default);
         assert!(
-            matches!(
-                state.write_state,
-                WriteState::Idle | WriteState::Done(_)
-            ),
+            matches!(state.write_state, WriteState::Idle | WriteState::Done(_)),
             "send_body_task called while previous task is still in progress: {:?}",
             state.write_state
         );
@@ -1818,8 +1815,7 @@ impl BodyWriter {
                 }
 
                 let bytes_to_write = bytes.len();
-                state.write_state =
-                    WriteState::Writing(bytes_to_write, WriteBuf::Simple(bytes));
+                state.write_state = WriteState::Writing(bytes_to_write, WriteBuf::Simple(bytes));
             } else {
                 state.write_state = WriteState::Done(0);
                 return Poll::Ready(Ok(None));
@@ -1985,8 +1981,7 @@ impl BodyWriter {
         if matches!(state.write_state, WriteState::Idle) {
             if let Some(bytes) = state.pending_bytes.take() {
                 let original_size = bytes.len();
-                state.write_state =
-                    WriteState::Writing(original_size, WriteBuf::Simple(bytes));
+                state.write_state = WriteState::Writing(original_size, WriteBuf::Simple(bytes));
             } else {
                 state.write_state = WriteState::Done(0);
                 return Poll::Ready(Ok(None));
