@@ -34,6 +34,8 @@ WARMUP=${WARMUP:-3}
 ROUNDS=${ROUNDS:-3}
 CPUS_2T=${CPUS_2T:-1}
 CPUS_1T=${CPUS_1T:-1}
+CAPTURE=${CAPTURE:-}
+TRACE=${TRACE:-}
 ENVOY=${ENVOY:-$(command -v envoy || echo "${PEERS_VENV:-/nonexistent}/bin/envoy")}
 ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
 source bench/lib.sh
@@ -83,9 +85,11 @@ EOF
   echo "$RUN/envoy.yaml"
 }
 
-# start TARGET: the proxy on its CPUs, its PID in $target and the port to load in $port.
+# start TARGET: the proxy on its CPUs, its PID in $target, the CPUs in $cpus and the port
+# to load in $port.
 start() {
-  target='' port=$PROXY_PORT
+  target='' port=$PROXY_PORT cpus=1
+  case $1 in tollgate | nginx) cpus=$CPUS_1T ;; tollgate-2t | nginx-2w) cpus=$CPUS_2T ;; esac
   case $1 in
     direct) port=$ORIGIN_PORT; return ;;
     tollgate) taskset -c "$CPUS_1T" "$BIN/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
@@ -116,11 +120,45 @@ ticks() {
 steal() { awk '/^cpu / {print $9}' /proc/stat; }
 
 load() { # load SECONDS OUT
+  local url=(--output-format json "http://127.0.0.1:$port/json")
+  [ -z "$CAPTURE" ] || url=(--output-format json --rand-regex-url "http://127.0.0.1:$port/json\\?r=[0-9]{12}")
   # One runtime thread: oha is pinned to one CPU, and two threads there preempt each
   # other for milliseconds, which showed as the tail of every target, direct included.
   taskset -c 0 "$OHA" -z "$1s" -q "$RATE" -c "$CONNECTIONS" --latency-correction --no-tui \
-    --worker-threads 1 \
-    --output-format json "http://127.0.0.1:$port/json" > "$2"
+    --worker-threads 1 "${url[@]}" > "$2"
+}
+
+trace_warmup() { # trace_warmup OUT: during the warm-up, its last WARMUP-1 seconds
+  sleep 1
+  # nginx-2w's workers are the master's children; every target's threads are listed.
+  local pid
+  for pid in $target $(pgrep -P "$target"); do ls "/proc/$pid/task"; done > "${1%.trace}.tids"
+  taskset -c 0 perf record -q -e raw_syscalls:sys_enter,raw_syscalls:sys_exit,sched:sched_switch \
+    -C "$cpus" -o "$1.data" -- sleep $((WARMUP - 1)) 2> "$1.log"
+  # Upstream connections stay open (keep-alive), so those there now were the trace's.
+  ss -tnpH state established "( dport = :$ORIGIN_PORT )" \
+    | grep -oE "pid=($(echo $target $(pgrep -P "$target") | tr ' ' '|')),fd=[0-9]+" \
+    | cut -d= -f3 | sort -u > "${1%.trace}.upstream"
+  perf script -i "$1.data" --ns -F comm,tid,cpu,time,event,trace > "$1" 2>> "$1.log"
+  rm -f "$1.data"
+}
+
+capture_start() { # capture_start OUT: tcpdump's PID in $capture
+  capture=''
+  [ -n "$CAPTURE" ] || return 0
+  taskset -c 0 tcpdump -i lo -n -s 200 -B 65536 --time-stamp-precision=nano -w "$1" \
+    "tcp and (port $ORIGIN_PORT or port $PROXY_PORT) and (((ip[2:2] - ((ip[0]&0xf)<<2)) - ((tcp[12]&0xf0)>>2)) != 0)" \
+    2> "$1.log" &
+  capture=$!
+  pids+=($capture)
+  for _ in $(seq 100); do grep -q listening "$1.log" && return; sleep 0.05; done
+}
+
+capture_stop() {
+  [ -n "$capture" ] || return 0
+  kill -INT "$capture"
+  wait "$capture" || true
+  grep -h "dropped by kernel" "$RUN"/*.pcap.log | grep -v "^0 " >&2 || true
 }
 
 : > "$RUN/rows"
@@ -131,10 +169,18 @@ for round in $(seq "$ROUNDS"); do
   order=("${order[@]:shift_by}" "${order[@]:0:shift_by}")
   for name in "${order[@]}"; do
     start "$name"
+    tracer=''
+    if [ -n "$TRACE" ] && [ -n "$target" ]; then
+      trace_warmup "$RUN/$name-$round.trace" &
+      tracer=$!
+    fi
     load "$WARMUP" "$RUN/warmup.json"
+    [ -z "$tracer" ] || wait "$tracer"
+    capture_start "$RUN/$name-$round.pcap"
     before=$(ticks) steal_before=$(steal)
     load "$DURATION" "$RUN/$name-$round.json"
     after=$(ticks) steal_after=$(steal)
+    capture_stop
     stop
     echo "$round $name $((after - before)) $((steal_after - steal_before)) $RUN/$name-$round.json" \
       >> "$RUN/rows"
@@ -196,3 +242,15 @@ if direct:
                                for n, r in sorted(by_round.items()) if n in direct)
         for name, by_round in runs.items() if name != "direct") + ".")
 EOF
+if [ -n "$CAPTURE" ]; then
+  echo
+  echo "Where each proxy's added latency goes (loopback capture, bench/latency/legs.py):"
+  echo
+  python3 bench/latency/legs.py "$PROXY_PORT" "$ORIGIN_PORT" "$RUN"/*.pcap
+fi
+if [ -n "$TRACE" ]; then
+  echo
+  echo "What each proxy does on its CPUs (perf trace of the warm-ups, bench/latency/oncpu.py):"
+  echo
+  python3 bench/latency/oncpu.py "$RUN"/*.trace
+fi
