@@ -129,6 +129,8 @@ load() { # load SECONDS OUT
 }
 
 trace_warmup() { # trace_warmup OUT: during the warm-up, its last WARMUP-1 seconds
+  # This shell and what it runs stay off the proxy's CPUs.
+  taskset -cp 0 "$BASHPID" > /dev/null
   sleep 1
   # nginx-2w's workers are the master's children; every target's threads are listed.
   local pid
