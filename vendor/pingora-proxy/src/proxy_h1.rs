@@ -590,7 +590,7 @@ where
         }
 
         if !serve_from_cache.should_send_to_downstream() {
-            // TODO: need to derive response_done from filtered_tasks in case downstream failed already
+            // TODO: need to derive response_done from tasks in case downstream failed already
             return Ok(None);
         }
 
