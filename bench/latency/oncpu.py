@@ -57,7 +57,7 @@ def analyse(path):
     exited = {}  # tid -> (time, phase) of its last return to user space
     user = dict.fromkeys(PHASES, 0.0)
     responses = 0
-    running = {}  # cpu -> (tid, comm, since)
+    running = {}  # cpu -> (tid, since)
     proxy_runs, other = [], {}
     first = last = None
     for line in open(path):
@@ -72,10 +72,10 @@ def analyse(path):
             s = SWITCH.search(rest)
             if not s:
                 continue
-            prev_comm, prev_pid, next_comm, next_pid = s.groups()
+            prev_comm, prev_pid, _, next_pid = s.groups()
             was = running.get(cpu)
             if was and was[0] == prev_pid:
-                took = (t - was[2]) * 1e6
+                took = (t - was[1]) * 1e6
                 if prev_pid in tids:
                     proxy_runs.append(took)
                     # A stretch across a switch holds time off the CPU: not counted.
@@ -84,7 +84,7 @@ def analyse(path):
                     name = re.sub(r"\d+$", "", prev_comm)
                     total, longest = other.get(name, (0.0, 0.0))
                     other[name] = (total + took, max(longest, took))
-            running[cpu] = (next_pid, next_comm, t)
+            running[cpu] = (next_pid, t)
             continue
         if tid not in tids:
             continue

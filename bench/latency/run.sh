@@ -120,12 +120,12 @@ ticks() {
 steal() { awk '/^cpu / {print $9}' /proc/stat; }
 
 load() { # load SECONDS OUT
-  local url=(--output-format json "http://127.0.0.1:$port/json")
-  [ -z "$CAPTURE" ] || url=(--output-format json --rand-regex-url "http://127.0.0.1:$port/json\\?r=[0-9]{12}")
+  local url=("http://127.0.0.1:$port/json")
+  [ -z "$CAPTURE" ] || url=(--rand-regex-url "http://127.0.0.1:$port/json\\?r=[0-9]{12}")
   # One runtime thread: oha is pinned to one CPU, and two threads there preempt each
   # other for milliseconds, which showed as the tail of every target, direct included.
   taskset -c 0 "$OHA" -z "$1s" -q "$RATE" -c "$CONNECTIONS" --latency-correction --no-tui \
-    --worker-threads 1 "${url[@]}" > "$2"
+    --worker-threads 1 --output-format json "${url[@]}" > "$2"
 }
 
 trace_warmup() { # trace_warmup OUT: during the warm-up, its last WARMUP-1 seconds
@@ -133,13 +133,14 @@ trace_warmup() { # trace_warmup OUT: during the warm-up, its last WARMUP-1 secon
   taskset -cp 0 "$BASHPID" > /dev/null
   sleep 1
   # nginx-2w's workers are the master's children; every target's threads are listed.
-  local pid
-  for pid in $target $(pgrep -P "$target"); do ls "/proc/$pid/task"; done > "${1%.trace}.tids"
+  local pid pids
+  pids="$target $(pgrep -P "$target" | tr '\n' ' ')"
+  for pid in $pids; do ls "/proc/$pid/task"; done > "${1%.trace}.tids"
   taskset -c 0 perf record -q -e raw_syscalls:sys_enter,raw_syscalls:sys_exit,sched:sched_switch \
     -C "$cpus" -o "$1.data" -- sleep $((WARMUP - 1)) 2> "$1.log"
   # Upstream connections stay open (keep-alive), so those there now were the trace's.
   ss -tnpH state established "( dport = :$ORIGIN_PORT )" \
-    | grep -oE "pid=($(echo $target $(pgrep -P "$target") | tr ' ' '|')),fd=[0-9]+" \
+    | grep -oE "pid=($(echo $pids | tr ' ' '|')),fd=[0-9]+" \
     | cut -d= -f3 | sort -u > "${1%.trace}.upstream"
   perf script -i "$1.data" --ns -F comm,tid,cpu,time,event,trace > "$1" 2>> "$1.log"
   rm -f "$1.data"
