@@ -133,14 +133,15 @@ trace_warmup() { # trace_warmup OUT: during the warm-up, its last WARMUP-1 secon
   taskset -cp 0 "$BASHPID" > /dev/null
   sleep 1
   # nginx-2w's workers are the master's children; every target's threads are listed.
-  local pid pids
-  pids="$target $(pgrep -P "$target" | tr '\n' ' ')"
-  for pid in $pids; do ls "/proc/$pid/task"; done > "${1%.trace}.tids"
+  local pid procs
+  # pgrep fails when the target has no children: not an error here.
+  procs="$target $(pgrep -P "$target" || true)"
+  for pid in $procs; do ls "/proc/$pid/task"; done > "${1%.trace}.tids"
   taskset -c 0 perf record -q -e raw_syscalls:sys_enter,raw_syscalls:sys_exit,sched:sched_switch \
     -C "$cpus" -o "$1.data" -- sleep $((WARMUP - 1)) 2> "$1.log"
   # Upstream connections stay open (keep-alive), so those there now were the trace's.
   ss -tnpH state established "( dport = :$ORIGIN_PORT )" \
-    | grep -oE "pid=($(echo $pids | tr ' ' '|')),fd=[0-9]+" \
+    | grep -oE "pid=($(echo $procs | tr ' ' '|')),fd=[0-9]+" \
     | cut -d= -f3 | sort -u > "${1%.trace}.upstream"
   perf script -i "$1.data" --ns -F comm,tid,cpu,time,event,trace > "$1" 2>> "$1.log"
   rm -f "$1.data"
