@@ -46,6 +46,9 @@ pub use case_header_name::IntoCaseHeaderName;
 mod name_case;
 use name_case::{Add, NameCase};
 
+mod framing;
+pub use framing::FramingMemo;
+
 pub mod prelude {
     pub use crate::RequestHeader;
     pub use crate::ResponseHeader;
@@ -89,6 +92,7 @@ pub struct RequestHeader {
     raw_target: RawTarget,
     // whether we send END_STREAM with HEADERS for h2 requests
     send_end_stream: bool,
+    framing: FramingMemo,
 }
 
 /// How a request-target is stored, and how [`RequestHeader::raw_path`] recovers it.
@@ -156,6 +160,7 @@ impl RequestHeader {
             name_case: NameCase::Canonical,
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
+            framing: FramingMemo::default(),
         }
     }
 
@@ -205,6 +210,7 @@ impl RequestHeader {
         append_header_value(
             &mut self.name_case,
             &mut self.base.headers,
+            &mut self.framing,
             name,
             header_value,
         )
@@ -225,6 +231,7 @@ impl RequestHeader {
         insert_header_value(
             &mut self.name_case,
             &mut self.base.headers,
+            &mut self.framing,
             name,
             header_value,
         )
@@ -245,6 +252,7 @@ impl RequestHeader {
             .try_into()
             .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
         self.name_case.add_alike(name);
+        self.framing.changed(name);
         self.base.headers.insert(name.clone(), header_value);
         Ok(())
     }
@@ -254,7 +262,12 @@ impl RequestHeader {
     where
         &'a N: 'a + AsHeaderName,
     {
-        remove_header(&mut self.name_case, &mut self.base.headers, name)
+        remove_header(
+            &mut self.name_case,
+            &mut self.base.headers,
+            &mut self.framing,
+            name,
+        )
     }
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
@@ -276,6 +289,12 @@ impl RequestHeader {
     /// Returns true if the request has case-sensitive headers.
     pub fn has_case(&self) -> bool {
         self.name_case.is_kept()
+    }
+
+    /// What this request's framing fields resolved to, kept until a method of the
+    /// request changes them (see [FramingMemo]).
+    pub fn framing(&self) -> &FramingMemo {
+        &self.framing
     }
 
     pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
@@ -408,6 +427,7 @@ impl Clone for RequestHeader {
             name_case: self.name_case.clone(),
             raw_target: self.raw_target.clone(),
             send_end_stream: self.send_end_stream,
+            framing: self.framing.clone(),
         }
     }
 }
@@ -424,6 +444,7 @@ impl From<ReqParts> for RequestHeader {
             // The Uri is the only target available here, so it is the one that serializes.
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
+            framing: FramingMemo::default(),
         }
     }
 }
@@ -453,6 +474,7 @@ pub struct ResponseHeader {
     name_case: NameCase,
     // the reason phrase of the response, if unset, a default one will be used
     reason_phrase: Option<String>,
+    framing: FramingMemo,
 }
 
 impl AsRef<RespParts> for ResponseHeader {
@@ -475,6 +497,7 @@ impl Clone for ResponseHeader {
             base: self.as_owned_parts(),
             name_case: self.name_case.clone(),
             reason_phrase: self.reason_phrase.clone(),
+            framing: self.framing.clone(),
         }
     }
 }
@@ -486,6 +509,7 @@ impl From<RespParts> for ResponseHeader {
             base: parts,
             name_case: NameCase::Canonical,
             reason_phrase: None,
+            framing: FramingMemo::default(),
         }
     }
 }
@@ -521,6 +545,7 @@ impl ResponseHeader {
             base,
             name_case: NameCase::Canonical,
             reason_phrase: None,
+            framing: FramingMemo::default(),
         }
     }
 
@@ -561,6 +586,7 @@ impl ResponseHeader {
         append_header_value(
             &mut self.name_case,
             &mut self.base.headers,
+            &mut self.framing,
             name,
             header_value,
         )
@@ -581,6 +607,7 @@ impl ResponseHeader {
         insert_header_value(
             &mut self.name_case,
             &mut self.base.headers,
+            &mut self.framing,
             name,
             header_value,
         )
@@ -601,6 +628,7 @@ impl ResponseHeader {
             .try_into()
             .explain_err(InvalidHTTPHeader, |_| "invalid value while insert")?;
         self.name_case.add_alike(name);
+        self.framing.changed(name);
         self.base.headers.insert(name.clone(), header_value);
         Ok(())
     }
@@ -610,7 +638,12 @@ impl ResponseHeader {
     where
         &'a N: 'a + AsHeaderName,
     {
-        remove_header(&mut self.name_case, &mut self.base.headers, name)
+        remove_header(
+            &mut self.name_case,
+            &mut self.base.headers,
+            &mut self.framing,
+            name,
+        )
     }
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
@@ -632,6 +665,12 @@ impl ResponseHeader {
     /// Returns true if the response has case-sensitive headers.
     pub fn has_case(&self) -> bool {
         self.name_case.is_kept()
+    }
+
+    /// What this response's framing fields resolved to, kept until a method of the
+    /// response changes them (see [FramingMemo]).
+    pub fn framing(&self) -> &FramingMemo {
+        &self.framing
     }
 
     pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
@@ -844,6 +883,7 @@ fn http_header_map_upper_bound(size_hint: Option<usize>) -> usize {
 fn append_header_value(
     name_case: &mut NameCase,
     value_map: &mut HMap,
+    framing: &mut FramingMemo,
     name: impl IntoCaseHeaderName,
     value: HeaderValue,
 ) -> Result<bool> {
@@ -853,6 +893,7 @@ fn append_header_value(
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
     name_case.add(value_map, &header_name, || case_header_name, Add::Append)?;
+    framing.changed(&header_name);
     // Non-panicking `try_append`: the infallible `append` calls
     // `.expect("size overflows MAX_SIZE")` internally, which would abort the process.
     value_map.try_append(header_name, value).or_err(
@@ -865,6 +906,7 @@ fn append_header_value(
 fn insert_header_value(
     name_case: &mut NameCase,
     value_map: &mut HMap,
+    framing: &mut FramingMemo,
     name: impl IntoCaseHeaderName,
     value: HeaderValue,
 ) -> Result<()> {
@@ -874,6 +916,7 @@ fn insert_header_value(
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
     name_case.add(value_map, &header_name, || case_header_name, Add::Insert)?;
+    framing.changed(&header_name);
     value_map.insert(header_name, value);
     Ok(())
 }
@@ -883,6 +926,7 @@ fn insert_header_value(
 fn remove_header<'a, N: ?Sized>(
     name_case: &mut NameCase,
     value_map: &mut HMap,
+    framing: &mut FramingMemo,
     name: &'a N,
 ) -> Option<HeaderValue>
 where
@@ -891,6 +935,7 @@ where
     let removed = value_map.remove(name);
     if removed.is_some() {
         name_case.remove(name);
+        framing.removed(value_map);
     }
     removed
 }
@@ -1862,5 +1907,140 @@ mod tests {
         // `HeaderValue`.
         let hv = header_value_from_raw(bytes::Bytes::from_static(b"foo\rbar\0baz"));
         assert_eq!(hv.as_bytes(), b"foo bar baz");
+    }
+
+    /// Resolves the way pingora-core's framing rules read a head: the last value of each.
+    fn content_length(headers: &HMap) -> Result<Option<usize>> {
+        Ok(headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .last()
+            .map(|v| v.to_str().unwrap().parse().unwrap()))
+    }
+
+    fn chunked(headers: &HMap) -> bool {
+        headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .last()
+            .is_some_and(|v| v.as_bytes().ends_with(b"chunked"))
+    }
+
+    #[test]
+    fn a_heads_framing_memo_follows_its_fields() {
+        let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+        let length = |req: &RequestHeader| {
+            req.framing()
+                .content_length(|| content_length(&req.headers))
+        };
+        let te = |req: &RequestHeader| req.framing().chunked(|| chunked(&req.headers));
+        assert_eq!(length(&req).unwrap(), None);
+        assert!(!te(&req));
+        req.insert_header("Content-Length", "5").unwrap();
+        assert_eq!(length(&req).unwrap(), Some(5));
+        // Fields that do not frame the body leave the answers standing.
+        req.insert_header("X-Added", "1").unwrap();
+        req.append_header("x-added", "2").unwrap();
+        req.insert_header_alike(&http::header::VIA, "proxy")
+            .unwrap();
+        req.remove_header("x-added");
+        assert_eq!(
+            req.framing().content_length(|| unreachable!()).unwrap(),
+            Some(5)
+        );
+        assert!(!req.framing().chunked(|| unreachable!()));
+        // Each way a framing field changes is seen, whatever the name's spelling.
+        req.insert_header_alike(&http::header::CONTENT_LENGTH, 6)
+            .unwrap();
+        assert_eq!(length(&req).unwrap(), Some(6));
+        req.append_header("content-LENGTH", "7").unwrap();
+        assert_eq!(length(&req).unwrap(), Some(7));
+        req.remove_header("Content-Length");
+        assert_eq!(length(&req).unwrap(), None);
+        req.append_header("Transfer-Encoding", "chunked").unwrap();
+        assert!(te(&req));
+        let copy = req.clone();
+        assert!(copy.framing().chunked(|| unreachable!()));
+        req.remove_header(&http::header::TRANSFER_ENCODING);
+        assert!(!te(&req));
+
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        let length = |resp: &ResponseHeader| {
+            resp.framing()
+                .content_length(|| content_length(&resp.headers))
+        };
+        resp.set_content_length(10).unwrap();
+        assert_eq!(length(&resp).unwrap(), Some(10));
+        resp.insert_header("Connection", "close").unwrap();
+        resp.remove_header("connection");
+        assert_eq!(
+            resp.framing().content_length(|| unreachable!()).unwrap(),
+            Some(10)
+        );
+        resp.set_content_length(11).unwrap();
+        assert_eq!(length(&resp).unwrap(), Some(11));
+        resp.insert_header_alike(&http::header::TRANSFER_ENCODING, "chunked")
+            .unwrap();
+        assert!(resp.framing().chunked(|| chunked(&resp.headers)));
+        resp.append_header("transfer-encoding", "gzip").unwrap();
+        assert!(!resp.framing().chunked(|| chunked(&resp.headers)));
+    }
+
+    #[test]
+    fn a_heads_framing_memo_agrees_with_its_fields_after_any_changes() {
+        let names = [
+            "Content-Length",
+            "content-length",
+            "Transfer-Encoding",
+            "TRANSFER-encoding",
+            "Connection",
+            "X-Other",
+        ];
+        let values = ["0", "5", "17", "chunked", "gzip, chunked", "gzip"];
+        // A fixed sequence of pseudo-random changes (xorshift), the same on every run.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |bound: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % bound as u64) as usize
+        };
+        let resolve = |req: &RequestHeader| -> Result<Option<usize>> {
+            Ok(req
+                .headers
+                .get_all(http::header::CONTENT_LENGTH)
+                .iter()
+                .last()
+                .and_then(|v| v.to_str().ok()?.parse().ok()))
+        };
+        for _ in 0..500 {
+            let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+            for _ in 0..12 {
+                let name = names[next(names.len())];
+                let value = values[next(values.len())];
+                match next(5) {
+                    0 => req.insert_header(name, value).unwrap(),
+                    1 => {
+                        req.append_header(name, value).unwrap();
+                    }
+                    2 => req
+                        .insert_header_alike(&HeaderName::from_bytes(name.as_bytes()).unwrap(), value)
+                        .unwrap(),
+                    3 => {
+                        req.remove_header(name);
+                    }
+                    _ => {
+                        req = req.clone();
+                    }
+                }
+                // Asked only sometimes, so answers are kept across several changes.
+                if next(2) == 0 {
+                    let fresh = resolve(&req).unwrap();
+                    assert_eq!(req.framing().content_length(|| resolve(&req)).unwrap(), fresh);
+                    let chunked = chunked(&req.headers);
+                    assert_eq!(req.framing().chunked(|| chunked), chunked);
+                }
+            }
+        }
     }
 }

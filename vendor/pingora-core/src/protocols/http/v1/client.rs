@@ -18,7 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, header::AsHeaderName, HeaderValue, StatusCode, Version};
 use log::{debug, trace};
 use pingora_error::{Error, ErrorType::*, OrErr, Result, RetryType};
-use pingora_http::{HMap, IntoCaseHeaderName, RequestHeader, ResponseHeader};
+use pingora_http::{IntoCaseHeaderName, RequestHeader, ResponseHeader};
 use pingora_timeout::fast_timeout::fast_timeout_to_tokio_threshold;
 use pingora_timeout::{timeout, Elapsed};
 use std::future::{poll_fn, Future};
@@ -286,7 +286,7 @@ impl HttpSession {
         // accepted and collapsed. Conflicting or duplicate values are always an
         // unrecoverable framing error. A peer may opt to tolerate a single,
         // otherwise-invalid value and treat the response as close-delimited.
-        match content_length_for_framing(&resp_header.headers) {
+        match head_content_length(&**resp_header) {
             Ok(length) => Ok(length),
             Err(e)
                 if self.allow_h1_response_invalid_content_length
@@ -411,8 +411,10 @@ impl HttpSession {
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
                         // The framing this head gives its body, decided once, here.
-                        let chunked = contains_transfer_encoding
-                            && is_chunked_encoding_from_headers(&response_header.headers);
+                        let chunked = response_header.framing().chunked(|| {
+                            contains_transfer_encoding
+                                && is_chunked_encoding_from_headers(&response_header.headers)
+                        });
                         self.response_header = Some(response_header);
                         let content_length =
                             match self.validate_response(contains_transfer_encoding) {
@@ -880,23 +882,23 @@ impl HttpSession {
 
     fn get_content_length(&self) -> Result<Option<usize>> {
         match self.resp_header() {
-            Some(h) => content_length_for_framing(&h.headers),
+            Some(h) => head_content_length(h),
             None => Ok(None),
         }
     }
 
     fn is_chunked_encoding(&self) -> bool {
         self.resp_header()
-            .map(|h| is_chunked_encoding_from_headers(&h.headers))
+            .map(head_is_chunked)
             .unwrap_or(false)
     }
 
     fn init_req_body_writer(&mut self, header: &RequestHeader) {
-        self.init_body_writer_comm(&header.headers)
+        self.init_body_writer_comm(header)
     }
 
-    fn init_body_writer_comm(&mut self, headers: &HMap) {
-        if is_chunked_encoding_from_headers(headers) {
+    fn init_body_writer_comm(&mut self, header: &RequestHeader) {
+        if head_is_chunked(header) {
             // transfer-encoding takes priority over content-length
             self.body_writer.init_chunked();
             return;
@@ -906,7 +908,7 @@ impl HttpSession {
         // truncated. Per RFC 9112, requests are never close-delimited: an absent
         // or unusable Content-Length means a zero-length body. Headers are
         // expected to be validated on read.
-        match content_length_for_framing(headers) {
+        match head_content_length(header) {
             Ok(Some(length)) => self.body_writer.init_content_length(length),
             Ok(None) => self.body_writer.init_content_length(0),
             Err(e) => {

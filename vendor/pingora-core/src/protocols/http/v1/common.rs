@@ -17,7 +17,7 @@
 use http::{header, HeaderValue};
 use log::{debug, warn};
 use pingora_error::{Error, ErrorType::*, Result};
-use pingora_http::{HMap, RequestHeader, ResponseHeader};
+use pingora_http::{FramingMemo, HMap, RequestHeader, ResponseHeader};
 use std::str;
 use std::time::Duration;
 
@@ -127,8 +127,8 @@ fn parse_connection_header(value: &[u8]) -> ConnectionValue {
     }
 }
 
-pub(crate) fn init_body_writer_comm(body_writer: &mut BodyWriter, headers: &HMap) {
-    if is_chunked_encoding_from_headers(headers) {
+pub(crate) fn init_body_writer_comm(body_writer: &mut BodyWriter, head: &impl FramedHead) {
+    if head_is_chunked(head) {
         // transfer-encoding takes priority over content-length
         body_writer.init_chunked();
         return;
@@ -139,7 +139,7 @@ pub(crate) fn init_body_writer_comm(body_writer: &mut BodyWriter, headers: &HMap
     // An invalid value should have been rejected on read; if validation was
     // bypassed, log the anomaly and fall back to close-delimited rather than
     // risk misframing the body.
-    match content_length_for_framing(headers) {
+    match head_content_length(head) {
         Ok(Some(length)) => body_writer.init_content_length(length),
         Ok(None) => {
             /* TODO: 1. connection: keepalive cannot be used,
@@ -154,6 +154,45 @@ pub(crate) fn init_body_writer_comm(body_writer: &mut BodyWriter, headers: &HMap
             body_writer.init_close_delimited()
         }
     }
+}
+
+/// A head whose framing answers are kept with it (pingora-http's [`FramingMemo`]): asked
+/// when the head is read and validated, when its body reader is made, and again when it is
+/// written on (as a proxy does with the heads it reads), the fields are looked up and
+/// parsed once until the head's own methods change them.
+pub(crate) trait FramedHead {
+    fn fields(&self) -> &HMap;
+    fn memo(&self) -> &FramingMemo;
+}
+
+impl FramedHead for RequestHeader {
+    fn fields(&self) -> &HMap {
+        &self.headers
+    }
+    fn memo(&self) -> &FramingMemo {
+        self.framing()
+    }
+}
+
+impl FramedHead for ResponseHeader {
+    fn fields(&self) -> &HMap {
+        &self.headers
+    }
+    fn memo(&self) -> &FramingMemo {
+        self.framing()
+    }
+}
+
+/// [`content_length_for_framing`] of `head`, kept with it.
+pub(crate) fn head_content_length(head: &impl FramedHead) -> Result<Option<usize>> {
+    head.memo()
+        .content_length(|| content_length_for_framing(head.fields()))
+}
+
+/// [`is_chunked_encoding_from_headers`] of `head`, kept with it.
+pub(crate) fn head_is_chunked(head: &impl FramedHead) -> bool {
+    head.memo()
+        .chunked(|| is_chunked_encoding_from_headers(head.fields()))
 }
 
 /// Find the last comma-separated token in a Transfer-Encoding header value.
@@ -406,12 +445,18 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
 /// HTTP/2 does not use `Content-Length` for framing, but reconciling it here
 /// keeps the H2 and downgraded-H1 paths consistent and rejects genuinely
 /// ambiguous values before they cross a proxy boundary.
-pub(crate) fn validate_content_length(headers: &HMap) -> Result<()> {
-    if headers.get(header::TRANSFER_ENCODING).is_some() {
+///
+/// `has_transfer_encoding` is whether the head has the field, which the caller has
+/// looked up already.
+pub(crate) fn validate_content_length(
+    head: &impl FramedHead,
+    has_transfer_encoding: bool,
+) -> Result<()> {
+    if has_transfer_encoding {
         // HTTP/1: Transfer-Encoding takes precedence over Content-Length.
         return Ok(());
     }
-    content_length_for_framing(headers).map(|_| ())
+    head_content_length(head).map(|_| ())
 }
 
 /// Validate `Content-Length` for transports where `Transfer-Encoding` is not
@@ -454,33 +499,63 @@ mod test {
 
     #[test]
     fn test_validate_content_length() {
-        let mut headers = HMap::new();
+        let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+        let validate = |req: &RequestHeader| {
+            validate_content_length(req, req.headers.contains_key(TRANSFER_ENCODING))
+        };
 
         // no CL header is fine
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate(&req).is_ok());
 
         // a single valid CL is fine
-        headers.append(CONTENT_LENGTH, "1".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        req.append_header(CONTENT_LENGTH, "1").unwrap();
+        assert!(validate(&req).is_ok());
 
         // an identical duplicate is reconciled to a single value (RFC 9110 8.6)
-        headers.append(CONTENT_LENGTH, "1".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        req.append_header(CONTENT_LENGTH, "1").unwrap();
+        assert!(validate(&req).is_ok());
 
-        // a differing duplicate is an unrecoverable framing error
-        headers.append(CONTENT_LENGTH, "2".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_err());
+        // a differing duplicate is an unrecoverable framing error (the length kept
+        // with the head is forgotten when the field changes)
+        req.append_header(CONTENT_LENGTH, "2").unwrap();
+        assert!(validate(&req).is_err());
 
         // Transfer-Encoding overrides Content-Length, so CL is ignored
-        headers.append(TRANSFER_ENCODING, "chunked".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        req.append_header(TRANSFER_ENCODING, "chunked").unwrap();
+        assert!(validate(&req).is_ok());
     }
 
     #[test]
     fn test_validate_content_length_invalid_value() {
-        let mut headers = HMap::new();
-        headers.insert(CONTENT_LENGTH, "not-a-number".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_err());
+        let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+        req.insert_header(CONTENT_LENGTH, "not-a-number").unwrap();
+        assert!(validate_content_length(&req, false).is_err());
+    }
+
+    #[test]
+    fn test_a_heads_framing_is_kept_until_its_fields_change() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header(CONTENT_LENGTH, "10").unwrap();
+        assert_eq!(head_content_length(&resp).unwrap(), Some(10));
+        assert!(!head_is_chunked(&resp));
+        // Kept: a field that does not frame the body changes nothing.
+        resp.insert_header("X-Cache", "MISS").unwrap();
+        resp.remove_header("x-cache");
+        let mut writer = BodyWriter::new();
+        init_body_writer_comm(&mut writer, &resp);
+        assert!(matches!(writer.body_mode, super::super::body::BodyMode::ContentLength(10, 0)));
+        // Seen again: a change of either framing field.
+        resp.insert_header(CONTENT_LENGTH, "12").unwrap();
+        assert_eq!(head_content_length(&resp).unwrap(), Some(12));
+        resp.append_header(TRANSFER_ENCODING, "chunked").unwrap();
+        assert!(head_is_chunked(&resp));
+        let mut writer = BodyWriter::new();
+        init_body_writer_comm(&mut writer, &resp);
+        assert!(matches!(writer.body_mode, super::super::body::BodyMode::ChunkedEncoding(0)));
+        resp.remove_header(&TRANSFER_ENCODING);
+        resp.remove_header(&CONTENT_LENGTH);
+        assert!(!head_is_chunked(&resp));
+        assert_eq!(head_content_length(&resp).unwrap(), None);
     }
 
     #[test]

@@ -522,13 +522,19 @@ impl HttpSession {
         // Reject an ambiguous authority before anything routes on it.
         validate_request_authority(req_header)?;
 
+        let has_transfer_encoding = req_header.headers.contains_key(TRANSFER_ENCODING);
         // Validate/reconcile Content-Length per RFC 9110 section 8.6 (hyper
         // parity): identical duplicates and comma-combined identical values are
         // accepted and collapsed; differing or unparseable values are rejected.
         // This is a no-op when Transfer-Encoding is present (TE overrides CL).
-        super::common::validate_content_length(&req_header.headers)?;
+        super::common::validate_content_length(req_header, has_transfer_encoding)?;
+        // Without the field, whether chunked is the final coding is known already: kept
+        // with the head for its body reader (and writer, when it is sent on).
+        let chunked = req_header.framing().chunked(|| {
+            has_transfer_encoding && is_chunked_encoding_from_headers(&req_header.headers)
+        });
 
-        if req_header.headers.contains_key(TRANSFER_ENCODING) {
+        if has_transfer_encoding {
             // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
             // HTTP/1.0 requests with Transfer-Encoding MUST be treated as having faulty framing.
             // We reject with 400 Bad Request and close the connection.
@@ -540,7 +546,7 @@ impl HttpSession {
             }
             // If chunked is not the final Transfer-Encoding, reject request
             // See https://datatracker.ietf.org/doc/html/rfc9112#section-6.3-2.4.3
-            if !self.is_chunked_encoding() {
+            if !chunked {
                 return Error::e_explain(InvalidHTTPHeader, "non-chunked final Transfer-Encoding");
             }
         }
@@ -985,7 +991,7 @@ impl HttpSession {
         if self.is_upgrade(header) == Some(true) {
             self.body_writer.init_close_delimited();
         } else {
-            init_body_writer_comm(&mut self.body_writer, &header.headers);
+            init_body_writer_comm(&mut self.body_writer, header);
         }
     }
 
@@ -1148,11 +1154,11 @@ impl HttpSession {
     }
 
     fn is_chunked_encoding(&self) -> bool {
-        is_chunked_encoding_from_headers(&self.req_header().headers)
+        head_is_chunked(self.req_header())
     }
 
     fn get_content_length(&self) -> Result<Option<usize>> {
-        content_length_for_framing(&self.req_header().headers)
+        head_content_length(self.req_header())
     }
 
     fn init_body_reader(&mut self) {
