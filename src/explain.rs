@@ -63,10 +63,14 @@ pub(crate) async fn explain(gateway: &Gateway, body: &[u8]) -> Result<Value, Str
     let client_ip = described
         .client_ip
         .map(|peer| forwarding::client_ip(peer, &req.headers, |ip| policy.is_trusted(ip)));
-    let framing = forwarding::normalise(&mut req, policy.server.allow_underscores_in_headers);
+    let framing = forwarding::normalise(
+        &mut req,
+        policy.server.allow_underscores_in_headers,
+        &policy.server.request_id_header,
+    );
     let view = RequestView {
         req: &req,
-        framing,
+        framing: framing.map(|_| ()),
         client_ip,
         peer_trusted,
         arrived: Instant::now(),

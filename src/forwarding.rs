@@ -158,11 +158,48 @@ pub(crate) fn new_request_id() -> http::HeaderValue {
 /// the request otherwise than the gateway did.
 const FRAMING_FIELDS: [&str; 4] = ["content-length", "transfer-encoding", "host", "connection"];
 
+/// The fields the pipeline reads from every request but few requests carry, as the one
+/// pass of [`normalise`] met them: one it did not meet is not looked up again (a
+/// hashed lookup costs more than the comparisons that pass makes). Nothing the
+/// pipeline does to the head before those reads adds any of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// The configured request-id field (`server.request_id_header`).
+    pub request_id: bool,
+    pub traceparent: bool,
+    pub tracestate: bool,
+}
+
+impl Carried {
+    /// For a head `normalise` refused (its pass may not have met every field): any of
+    /// them may be there, so each is looked up (a 400 still echoes the request id).
+    pub const UNCHECKED: Carried = Carried {
+        request_id: true,
+        traceparent: true,
+        tracestate: true,
+    };
+
+    fn note(&mut self, name: &HeaderName, request_id: &HeaderName) {
+        if name == crate::trace::TRACEPARENT {
+            self.traceparent = true;
+        } else if name == crate::trace::TRACESTATE {
+            self.tracestate = true;
+        } else if name == request_id {
+            self.request_id = true;
+        }
+    }
+}
+
 /// Checks a request head and puts it in the one form the whole pipeline and the
 /// upstream then see: an absolute-form target becomes origin-form, a repeated but
 /// identical `Content-Length` one value, and (unless `allow_underscores`) field names
-/// with `_` are dropped. `Err` is the reason for a 400.
-pub fn normalise(req: &mut RequestHeader, allow_underscores: bool) -> Result<(), &'static str> {
+/// with `_` are dropped. `Err` is the reason for a 400; `Ok` says which of the fields
+/// read later the head carries (`request_id` names the request-id field).
+pub fn normalise(
+    req: &mut RequestHeader,
+    allow_underscores: bool,
+    request_id: &HeaderName,
+) -> Result<Carried, &'static str> {
     if let Some((host, origin_form)) = absolute_target(req) {
         req.set_uri(origin_form);
         req.insert_header_alike(&header::HOST, host)
@@ -171,7 +208,8 @@ pub fn normalise(req: &mut RequestHeader, allow_underscores: bool) -> Result<(),
     let Fields {
         underscored,
         one_length,
-    } = inspect(req)?;
+        carried,
+    } = inspect(req, request_id)?;
     if underscored {
         let underscored: Vec<HeaderName> = req
             .headers
@@ -193,7 +231,7 @@ pub fn normalise(req: &mut RequestHeader, allow_underscores: bool) -> Result<(),
         req.insert_header_alike(&header::CONTENT_LENGTH, length)
             .map_err(|_| "invalid Content-Length")?;
     }
-    Ok(())
+    Ok(carried)
 }
 
 /// A `Host` value RFC 9110 §7.2 allows, and no more: one `host[:port]`, where host is
@@ -268,6 +306,7 @@ struct Fields {
     underscored: bool,
     /// The one value a repeated or listed (but agreeing) `Content-Length` becomes.
     one_length: Option<String>,
+    carried: Carried,
 }
 
 /// Framing problems RFC 9112 says a server must reject, found in the parsed header.
@@ -282,7 +321,7 @@ struct Fields {
 /// origin-form (and `*` for OPTIONS; [`normalise`] rewrites absolute-form to
 /// origin-form before this) passes, so the path routing, limits and the cache key decide on is exactly
 /// the one sent upstream.
-fn inspect(req: &RequestHeader) -> Result<Fields, &'static str> {
+fn inspect(req: &RequestHeader, request_id: &HeaderName) -> Result<Fields, &'static str> {
     let target = req.raw_path();
     let asterisk = target == b"*" && req.method == http::Method::OPTIONS;
     if !(target.first() == Some(&b'/') || asterisk) || !req.raw_path_is_utf8() {
@@ -298,6 +337,7 @@ fn inspect(req: &RequestHeader) -> Result<Fields, &'static str> {
     let (mut lengths, mut length, mut length_value, mut lengths_agree) = (0, None, None, true);
     let (mut codings, mut coding) = (0, None);
     let mut underscored = false;
+    let mut carried = Carried::default();
     for (name, value) in &req.headers {
         if name == header::HOST {
             hosts += 1;
@@ -315,6 +355,7 @@ fn inspect(req: &RequestHeader) -> Result<Fields, &'static str> {
             coding.get_or_insert(value);
         } else {
             underscored |= name.as_str().contains('_');
+            carried.note(name, request_id);
         }
     }
     if req.version == http::Version::HTTP_11 && hosts == 0 {
@@ -347,6 +388,7 @@ fn inspect(req: &RequestHeader) -> Result<Fields, &'static str> {
             return Ok(Fields {
                 underscored,
                 one_length: Some(one_length),
+                carried,
             });
         }
     }
@@ -363,6 +405,7 @@ fn inspect(req: &RequestHeader) -> Result<Fields, &'static str> {
     Ok(Fields {
         underscored,
         one_length: None,
+        carried,
     })
 }
 
@@ -537,8 +580,10 @@ mod tests {
         )));
     }
 
+    const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
     fn malformed(req: &RequestHeader) -> Option<&'static str> {
-        inspect(req).err()
+        inspect(req, &X_REQUEST_ID).err()
     }
 
     #[test]
@@ -662,7 +707,7 @@ mod tests {
             r
         };
         let mut req = head(&[("host", "a"), ("content-length", "5, 5"), ("x_tenant", "t")]);
-        normalise(&mut req, false).unwrap();
+        normalise(&mut req, false, &X_REQUEST_ID).unwrap();
         let lengths: Vec<_> = req.headers.get_all("content-length").iter().collect();
         assert_eq!(lengths, ["5"]);
         assert!(!req.headers.contains_key("x_tenant"));
@@ -671,10 +716,10 @@ mod tests {
             ("content-length", "5"),
             ("content-length", "5"),
         ]);
-        normalise(&mut req, false).unwrap();
+        normalise(&mut req, false, &X_REQUEST_ID).unwrap();
         assert_eq!(req.headers.get_all("content-length").iter().count(), 1);
         let mut kept = head(&[("host", "a"), ("x_tenant", "t")]);
-        normalise(&mut kept, true).unwrap();
+        normalise(&mut kept, true, &X_REQUEST_ID).unwrap();
         assert!(kept.headers.contains_key("x_tenant"));
         for (name, refused) in [
             ("transfer_encoding", true),
@@ -682,8 +727,35 @@ mod tests {
             ("x_host", false),
         ] {
             let mut req = head(&[("host", "a"), (name, "chunked")]);
-            assert_eq!(normalise(&mut req, true).is_err(), refused, "{name}");
+            assert_eq!(normalise(&mut req, true, &X_REQUEST_ID).is_err(), refused, "{name}");
         }
+    }
+
+    #[test]
+    fn the_pass_says_which_rare_fields_a_head_carries() {
+        let head = |fields: &[(&str, &str)]| {
+            let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+            r.append_header("host", "a").unwrap();
+            for (k, v) in fields {
+                r.append_header(k.to_string(), *v).unwrap();
+            }
+            r
+        };
+        let carried = |fields: &[(&str, &str)], request_id: &str| {
+            let request_id = HeaderName::from_bytes(request_id.as_bytes()).unwrap();
+            normalise(&mut head(fields), true, &request_id).unwrap()
+        };
+        assert_eq!(carried(&[("accept", "*/*")], "x-request-id"), Carried::default());
+        let all = [
+            ("TraceParent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ("tracestate", "congo=t61rcWkgMzE"),
+            ("x-correlation-id", "abc"),
+        ];
+        assert_eq!(carried(&all, "x-correlation-id"), Carried::UNCHECKED);
+        let only_state = carried(&all[1..], "x-request-id");
+        assert!(only_state.tracestate && !only_state.traceparent && !only_state.request_id);
+        // A standard name can be the request-id field too.
+        assert!(carried(&[("from", "ops@example.com")], "from").request_id);
     }
 
     #[test]

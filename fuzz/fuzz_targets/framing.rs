@@ -1,6 +1,7 @@
 //! Arbitrary request heads through the framing checks (`forwarding::normalise`): never
 //! a panic; what passes is origin-form with at most one Host and one Content-Length
-//! and no `_` in a field name, and passes again unchanged.
+//! and no `_` in a field name, and passes again unchanged; a field it carries is never
+//! reported absent.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -34,7 +35,17 @@ fuzz_target!(|data: &[u8]| {
         let _ = req.append_header(name, value);
     }
     let allow_underscores = flags & 2 == 2;
-    if tollgate::forwarding::normalise(&mut req, allow_underscores).is_ok() {
+    let request_id = http::HeaderName::from_static("x-request-id");
+    if let Ok(carried) = tollgate::forwarding::normalise(&mut req, allow_underscores, &request_id) {
+        // A field the head carries is never reported absent: the pipeline would not
+        // look it up.
+        for (name, said) in [
+            ("traceparent", carried.traceparent),
+            ("tracestate", carried.tracestate),
+            ("x-request-id", carried.request_id),
+        ] {
+            assert!(said || !req.headers.contains_key(name), "{name} carried");
+        }
         let target = req.raw_path();
         assert!(target.starts_with(b"/") || target == b"*", "{target:?}");
         assert!(req.headers.get_all("host").iter().count() <= 1);
@@ -44,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let before = format!("{:?}", req.headers);
         assert!(
-            tollgate::forwarding::normalise(&mut req, allow_underscores).is_ok(),
+            tollgate::forwarding::normalise(&mut req, allow_underscores, &request_id).is_ok(),
             "normalised head refused on a second pass"
         );
         assert_eq!(before, format!("{:?}", req.headers), "not idempotent");

@@ -212,15 +212,21 @@ impl ProxyHttp for Proxy {
         let framing = forwarding::normalise(
             session.req_header_mut(),
             policy.server.allow_underscores_in_headers,
+            &policy.server.request_id_header,
         );
         let req = session.req_header();
+        let carried = framing.unwrap_or(forwarding::Carried::UNCHECKED);
 
-        ctx.client.request_id = Some(match req.headers.get(&policy.server.request_id_header) {
+        let client_id = carried
+            .request_id
+            .then(|| req.headers.get(&policy.server.request_id_header))
+            .flatten();
+        ctx.client.request_id = Some(match client_id {
             Some(id) if forwarding::acceptable_request_id(id) => id.clone(),
             _ => forwarding::new_request_id(),
         });
         let sample = policy.tracing.as_ref().map(|t| t.sample);
-        ctx.client.trace = Some(crate::trace::TraceContext::of(req, sample));
+        ctx.client.trace = Some(crate::trace::TraceContext::of(req, carried, sample));
 
         if let Some(peer) = session
             .client_addr()
@@ -235,7 +241,7 @@ impl ProxyHttp for Proxy {
 
         let view = admission::RequestView {
             req,
-            framing,
+            framing: framing.map(|_| ()),
             client_ip: ctx.client.ip,
             peer_trusted: ctx.client.peer_trusted,
             arrived: ctx.started,

@@ -10,13 +10,14 @@ pub(crate) mod export;
 
 use crate::config::TracingConfig;
 use crate::digest::write_hex;
+use crate::forwarding::Carried;
 use crate::policy::compile::Compile;
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
 // Prebuilt names: looked up without a parse, inserted without a copy.
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// A traceparent is 55 bytes: `00-` trace id (32 hex) `-` parent id (16 hex) `-` flags.
 const LEN: usize = 55;
@@ -69,18 +70,24 @@ pub(crate) struct TraceContext {
     pub(crate) parent: Option<u64>,
     /// The gateway's span for the whole request.
     pub(crate) span: u64,
-    /// Whether the client's trace was continued (its `tracestate` stays valid).
-    pub(crate) continued: bool,
+    /// The client sent a `tracestate` for a trace not continued: it is no longer valid
+    /// and must not go on (with a continued trace it does).
+    stray_state: bool,
 }
 
 impl TraceContext {
     /// Continues the request's trace, or starts one; `sample` is the share of started
-    /// traces marked sampled (`None`: nothing is exported, none is).
-    pub(crate) fn of(request: &RequestHeader, sample: Option<f64>) -> TraceContext {
-        let mut received = request.headers.get_all(&TRACEPARENT).iter();
-        let parent = match (received.next(), received.next()) {
-            (Some(one), None) => parse(one.as_bytes()),
-            _ => None,
+    /// traces marked sampled (`None`: nothing is exported, none is). `carried` says
+    /// whether the request has the trace fields at all.
+    pub(crate) fn of(request: &RequestHeader, carried: Carried, sample: Option<f64>) -> TraceContext {
+        let parent = if carried.traceparent {
+            let mut received = request.headers.get_all(&TRACEPARENT).iter();
+            match (received.next(), received.next()) {
+                (Some(one), None) => parse(one.as_bytes()),
+                _ => None,
+            }
+        } else {
+            None
         };
         let mut traceparent = [0u8; LEN];
         traceparent[..3].copy_from_slice(b"00-");
@@ -111,7 +118,7 @@ impl TraceContext {
             traceparent,
             parent: parent.map(|p| p.span),
             span: 0,
-            continued: parent.is_some(),
+            stray_state: parent.is_none() && carried.tracestate,
         };
         context.span = context.next_span();
         context
@@ -137,8 +144,7 @@ impl TraceContext {
     pub(crate) fn propagate(&self, upstream: &mut RequestHeader) -> pingora::Result<()> {
         let value = HeaderValue::from_bytes(&self.traceparent).expect("hex digits and dashes");
         upstream.insert_header_alike(&TRACEPARENT, value)?;
-        // Looked up first: removing an absent field costs twice the lookup.
-        if !self.continued && upstream.headers.contains_key(&TRACESTATE) {
+        if self.stray_state {
             upstream.remove_header(&TRACESTATE);
         }
         Ok(())
@@ -211,9 +217,18 @@ mod tests {
         if let Some(state) = tracestate {
             request.append_header(TRACESTATE, state).unwrap();
         }
-        let trace = TraceContext::of(&request, None);
+        let trace = TraceContext::of(&request, carried(&request), None);
         trace.propagate(&mut request).unwrap();
         (trace, request)
+    }
+
+    /// What `forwarding::normalise` says of the trace fields (its own tests check it).
+    fn carried(request: &RequestHeader) -> Carried {
+        Carried {
+            traceparent: request.headers.contains_key(TRACEPARENT),
+            tracestate: request.headers.contains_key(TRACESTATE),
+            request_id: false,
+        }
     }
 
     fn sent(request: &RequestHeader) -> (String, Option<String>) {
@@ -232,7 +247,7 @@ mod tests {
     fn a_valid_parent_is_continued_with_a_new_span() {
         let (trace, request) = context(&[CLIENT], Some("congo=t61rcWkgMzE"));
         let (traceparent, state) = sent(&request);
-        assert!(trace.continued);
+        assert!(trace.parent.is_some());
         assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(&traceparent[..36], &CLIENT[..36]);
         assert_ne!(&traceparent[36..52], "00f067aa0ba902b7");
@@ -250,7 +265,7 @@ mod tests {
     fn a_later_version_is_read_as_00_and_unknown_flags_cleared() {
         let later = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff-what-comes-next";
         let (trace, request) = context(&[later], None);
-        assert!(trace.continued);
+        assert!(trace.parent.is_some());
         let (traceparent, _) = sent(&request);
         assert!(traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(traceparent.ends_with("-03"));
@@ -271,14 +286,14 @@ mod tests {
         ] {
             let (trace, request) = context(&[invalid], Some("congo=t61rcWkgMzE"));
             let (traceparent, state) = sent(&request);
-            assert!(!trace.continued, "{invalid}");
+            assert!(trace.parent.is_none(), "{invalid}");
             assert_ne!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
             assert!(parse(traceparent.as_bytes()).is_some(), "{traceparent}");
             assert!(traceparent.ends_with("-00"));
             assert_eq!(state, None, "{invalid}");
         }
         let (trace, _) = context(&[CLIENT, CLIENT], None);
-        assert!(!trace.continued, "two traceparent fields are invalid");
+        assert!(trace.parent.is_none(), "two traceparent fields are invalid");
         let (first, _) = context(&[], None);
         let (second, _) = context(&[], None);
         assert_ne!(first.trace_id(), second.trace_id());
@@ -293,13 +308,17 @@ mod tests {
             }
             request
         };
-        assert!(TraceContext::of(&request(None), Some(1.0)).sampled());
-        assert!(!TraceContext::of(&request(None), Some(0.0)).sampled());
-        assert!(!TraceContext::of(&request(None), None).sampled());
-        assert!(TraceContext::of(&request(Some(CLIENT)), Some(0.0)).sampled());
+        let of = |traceparent, sample| {
+            let request = request(traceparent);
+            TraceContext::of(&request, carried(&request), sample)
+        };
+        assert!(of(None, Some(1.0)).sampled());
+        assert!(!of(None, Some(0.0)).sampled());
+        assert!(!of(None, None).sampled());
+        assert!(of(Some(CLIENT), Some(0.0)).sampled());
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
-        assert!(!TraceContext::of(&request(Some(unsampled)), Some(1.0)).sampled());
-        let mut trace = TraceContext::of(&request(None), Some(1.0));
+        assert!(!of(Some(unsampled), Some(1.0)).sampled());
+        let mut trace = of(None, Some(1.0));
         let first = trace.span;
         assert_ne!(trace.next_span(), first, "each attempt its own span");
     }
