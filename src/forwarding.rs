@@ -727,7 +727,11 @@ mod tests {
             ("x_host", false),
         ] {
             let mut req = head(&[("host", "a"), (name, "chunked")]);
-            assert_eq!(normalise(&mut req, true, &X_REQUEST_ID).is_err(), refused, "{name}");
+            assert_eq!(
+                normalise(&mut req, true, &X_REQUEST_ID).is_err(),
+                refused,
+                "{name}"
+            );
         }
     }
 
@@ -745,9 +749,15 @@ mod tests {
             let request_id = HeaderName::from_bytes(request_id.as_bytes()).unwrap();
             normalise(&mut head(fields), true, &request_id).unwrap()
         };
-        assert_eq!(carried(&[("accept", "*/*")], "x-request-id"), Carried::default());
+        assert_eq!(
+            carried(&[("accept", "*/*")], "x-request-id"),
+            Carried::default()
+        );
         let all = [
-            ("TraceParent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            (
+                "TraceParent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
             ("tracestate", "congo=t61rcWkgMzE"),
             ("x-correlation-id", "abc"),
         ];

@@ -79,7 +79,11 @@ impl TraceContext {
     /// Continues the request's trace, or starts one; `sample` is the share of started
     /// traces marked sampled (`None`: nothing is exported, none is). `carried` says
     /// whether the request has the trace fields at all.
-    pub(crate) fn of(request: &RequestHeader, carried: Carried, sample: Option<f64>) -> TraceContext {
+    pub(crate) fn of(
+        request: &RequestHeader,
+        carried: Carried,
+        sample: Option<f64>,
+    ) -> TraceContext {
         let parent = if carried.traceparent {
             let mut received = request.headers.get_all(&TRACEPARENT).iter();
             match (received.next(), received.next()) {
