@@ -409,6 +409,32 @@ fn inspect(req: &RequestHeader, request_id: &HeaderName) -> Result<Fields, &'sta
     })
 }
 
+/// Why `name` cannot be the request-id field (`server.request_id_header`), which the
+/// gateway takes from the client and writes to the upstream request and the response:
+/// a field that frames or routes the message, lives on one hop, or that the gateway
+/// writes itself would be overwritten with the id, or overwrite it.
+pub(crate) fn reserved_for_request_id(name: &HeaderName) -> Option<&'static str> {
+    if name == header::HOST || name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        Some("it frames or routes the message")
+    } else if is_hop_by_hop(name) {
+        Some("it is hop-by-hop")
+    } else if [
+        X_FORWARDED_FOR,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_HOST,
+        FORWARDED,
+        X_REAL_IP,
+    ]
+    .contains(name)
+    {
+        Some("the gateway sets the forwarding fields itself")
+    } else if name == crate::trace::TRACEPARENT || name == crate::trace::TRACESTATE {
+        Some("it carries the trace context")
+    } else {
+        None
+    }
+}
+
 /// The fields RFC 9110 §7.6.1 ties to one connection, plus the legacy `Keep-Alive` and
 /// `Proxy-Connection` (Pingora frames bodies itself). A `match` on the name: this runs
 /// for every field of every upstream response.

@@ -404,7 +404,16 @@ impl Compiler<'_> {
             }
         }
         let request_id_header = match HeaderName::from_bytes(s.request_id_header.value.as_bytes()) {
-            Ok(h) => Some(h),
+            Ok(h) => match crate::forwarding::reserved_for_request_id(&h) {
+                None => Some(h),
+                Some(why) => {
+                    self.cx.error(
+                        &s.request_id_header.referenced,
+                        format!("`{h}` cannot be the request-id field: {why}"),
+                    );
+                    None
+                }
+            },
             Err(_) => {
                 self.cx.error(
                     &s.request_id_header.referenced,
@@ -700,6 +709,42 @@ mod tests {
             "version: 1\nserver:\n  listen: [\"127.0.0.1:8080\", \"127.0.0.1:8081\"]\n"
         )
         .is_empty());
+    }
+
+    #[test]
+    fn the_request_id_field_is_not_one_the_gateway_frames_routes_or_writes() {
+        let errors = |name: &str| -> Vec<String> {
+            compile(&format!(
+                "version: 1\nserver:\n  request_id_header: {name}\n{}",
+                &BASE["version: 1\n".len()..]
+            ))
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+        };
+        for (name, why) in [
+            ("Host", "it frames or routes the message"),
+            ("content-length", "it frames or routes the message"),
+            ("Connection", "it is hop-by-hop"),
+            (
+                "x-forwarded-for",
+                "the gateway sets the forwarding fields itself",
+            ),
+            ("traceparent", "it carries the trace context"),
+        ] {
+            let found = errors(name);
+            let expected = format!(
+                "3:22: `{}` cannot be the request-id field: {why}",
+                name.to_ascii_lowercase()
+            );
+            assert!(
+                found.len() == 1 && found[0].contains(&expected),
+                "{name}: {found:?}"
+            );
+        }
+        assert!(errors("x-correlation-id").is_empty());
     }
 
     const BASE: &str = "version: 1
