@@ -59,6 +59,9 @@ pub struct HttpSession {
     keepalive_timeout: KeepaliveStatus,
     pub(crate) digest: Box<Digest>,
     response_header: Option<Box<ResponseHeader>>,
+    /// What decides the connection's reuse in the response head last read, kept when
+    /// the head itself is handed over (`read_resp_header_parts`).
+    response_reuse: ReuseFields,
     request_written: Option<Box<RequestHeader>>,
     bytes_sent: usize,
     /// Total response body payload bytes received from upstream
@@ -156,6 +159,7 @@ impl HttpSession {
             body_writer: BodyWriter::new(),
             keepalive_timeout: KeepaliveStatus::Off,
             response_header: None,
+            response_reuse: ReuseFields::default(),
             request_written: None,
             read_timeout: None,
             write_timeout: None,
@@ -415,6 +419,8 @@ impl HttpSession {
                             contains_transfer_encoding
                                 && is_chunked_encoding_from_headers(&response_header.headers)
                         });
+                        self.response_reuse =
+                            ReuseFields::of(&response_header, contains_transfer_encoding);
                         self.response_header = Some(response_header);
                         let content_length =
                             match self.validate_response(contains_transfer_encoding) {
@@ -525,18 +531,24 @@ impl HttpSession {
     }
 
     /// Similar to [`Self::read_response()`], read the response header and then return a copy of it.
+    ///
+    /// The head's fields go to the caller: from then on [`Self::resp_header()`] holds its
+    /// status line only (status, version, reason), and [`Self::get_header()`] finds no
+    /// field. What the session decides from the fields (the connection's reuse) it took
+    /// from them when the head was read.
     pub async fn read_resp_header_parts(&mut self) -> Result<Box<ResponseHeader>> {
         self.read_response().await?;
         // The parsed head has room for the fields a proxy adds, and a clone of a header map
-        // has none (its first insert regrows it): the caller gets the parsed head, and the
-        // session keeps the copy it reads its own decisions from.
+        // has none (its first insert regrows it): the caller gets the parsed head. The
+        // session keeps what it reads later, without copying the fields.
         // safe to unwrap because it is just read
         let parsed = self.response_header.take().unwrap();
-        self.response_header = Some(Box::new((*parsed).clone()));
+        self.response_header = Some(status_line_of(&parsed));
         Ok(parsed)
     }
 
-    /// Return a reference of the [`ResponseHeader`] if the response is read
+    /// Return a reference of the [`ResponseHeader`] if the response is read (its status
+    /// line only once [`Self::read_resp_header_parts()`] handed it over)
     pub fn resp_header(&self) -> Option<&ResponseHeader> {
         self.response_header.as_deref()
     }
@@ -678,10 +690,7 @@ impl HttpSession {
         // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
         // if Transfer-Encoding is received in HTTP/1.0 response, connection MUST be closed after processing.
         if self.resp_header().map(|h| h.version) == Some(Version::HTTP_10)
-            && self
-                .resp_header()
-                .and_then(|h| h.headers.get(header::TRANSFER_ENCODING))
-                .is_some()
+            && self.response_reuse.transfer_encoding
         {
             self.set_keepalive(None);
             return;
@@ -718,7 +727,7 @@ impl HttpSession {
         match request_keepalive {
             // ignore what the server sends if request disables keepalive explicitly
             Some(false) => Some(false),
-            _ => is_buf_keepalive(self.get_header(header::CONNECTION)),
+            _ => is_buf_keepalive(self.response_reuse.connection.as_ref()),
         }
     }
 
@@ -727,9 +736,7 @@ impl HttpSession {
     /// it's behavior is different on different platforms.
     /// https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Keep-Alive
     fn get_keepalive_values(&self) -> (Option<u64>, Option<usize>) {
-        // By a prebuilt name: a `&str` is parsed into a name on every lookup.
-        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
-        let Some(keep_alive_header) = self.get_header(KEEP_ALIVE) else {
+        let Some(keep_alive_header) = self.response_reuse.keep_alive.as_ref() else {
             return (None, None);
         };
 
@@ -1073,6 +1080,40 @@ pub fn http_req_header_to_wire(req: &RequestHeader) -> Option<BytesMut> {
     Some(buf)
 }
 
+/// The fields of a response head that decide whether its connection is reused
+/// ([`HttpSession::respect_keepalive()`]). Their values share the bytes the head was
+/// read into, so keeping them copies none.
+#[derive(Default)]
+struct ReuseFields {
+    connection: Option<HeaderValue>,
+    keep_alive: Option<HeaderValue>,
+    transfer_encoding: bool,
+}
+
+impl ReuseFields {
+    /// `transfer_encoding`: whether `head` has the field (the caller looked it up).
+    fn of(head: &ResponseHeader, transfer_encoding: bool) -> Self {
+        // By a prebuilt name: a `&str` is parsed into a name on every lookup.
+        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+        ReuseFields {
+            connection: head.headers.get(header::CONNECTION).cloned(),
+            keep_alive: head.headers.get(KEEP_ALIVE).cloned(),
+            transfer_encoding,
+        }
+    }
+}
+
+/// `head`'s status line (status, version, reason) without its fields: no allocation
+/// for the fields' map, which stays empty.
+fn status_line_of(head: &ResponseHeader) -> Box<ResponseHeader> {
+    let mut line =
+        ResponseHeader::build_no_case(head.status, Some(0)).expect("the status of a parsed head");
+    line.set_version(head.version);
+    line.set_reason_phrase(head.get_reason_phrase())
+        .expect("the reason of a parsed head");
+    Box::new(line)
+}
+
 impl UniqueID for HttpSession {
     fn id(&self) -> UniqueIDType {
         self.underlying_stream.id()
@@ -1332,9 +1373,54 @@ mod tests_stream {
         let mock_io = Builder::new().read(input).build();
         let mut http_stream = HttpSession::new(Box::new(mock_io));
         let resp = http_stream.read_resp_header_parts().await.unwrap();
-        assert_eq!(1, http_stream.resp_header().unwrap().headers.len());
-        assert_eq!(http_stream.get_header("Server👍").unwrap(), "pingora");
+        assert_eq!(0, http_stream.resp_header().unwrap().headers.len());
         assert_eq!(resp.headers.get("Server👍").unwrap(), "pingora");
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_head_leaves_its_status_line_and_reuse_decision() {
+        init_log();
+        async fn hand_over(input: &'static str) -> (HttpSession, Box<ResponseHeader>) {
+            let mock_io = Builder::new().read(input.as_bytes()).build();
+            let mut http_stream = HttpSession::new(Box::new(mock_io));
+            let resp = http_stream.read_resp_header_parts().await.unwrap();
+            http_stream.respect_keepalive();
+            (http_stream, resp)
+        }
+
+        let (kept, resp) = hand_over(
+            "HTTP/1.1 200 Fine\r\nConnection: keep-alive\r\nKeep-Alive: timeout=7\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(resp.headers.len(), 3);
+        assert_eq!(resp.get_reason_phrase(), Some("Fine"));
+        let line = kept.resp_header().unwrap();
+        assert_eq!(
+            (line.status, line.version, line.get_reason_phrase()),
+            (StatusCode::OK, Version::HTTP_11, Some("Fine"))
+        );
+        assert!(line.headers.is_empty());
+        assert_eq!(kept.get_status(), Some(StatusCode::OK));
+        assert_eq!(
+            kept.keepalive_timeout,
+            KeepaliveStatus::Timeout(Duration::from_secs(7))
+        );
+
+        let (kept, _) = hand_over("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").await;
+        assert_eq!(kept.keepalive_timeout, KeepaliveStatus::Off);
+        let (kept, _) = hand_over("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+        assert_eq!(kept.keepalive_timeout, KeepaliveStatus::Infinite);
+        let (kept, _) =
+            hand_over("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        assert_eq!(kept.keepalive_timeout, KeepaliveStatus::Infinite);
+        let (kept, _) = hand_over("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+        assert_eq!(kept.keepalive_timeout, KeepaliveStatus::Off);
+        let (kept, _) = hand_over(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(kept.keepalive_timeout, KeepaliveStatus::Off);
     }
 
     #[tokio::test]
