@@ -22,8 +22,8 @@ use pingora::apps::ServerApp;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    TimingDigest, UniqueID, UniqueIDType, ALPN,
+    Digest, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    Stream, TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
 use pingora::server::ShutdownWatch;
 use prometheus::IntCounter;
@@ -425,6 +425,14 @@ impl GetSocketDigest for ClientStream {
     fn set_socket_digest(&mut self, digest: SocketDigest) {
         self.inner.set_socket_digest(digest)
     }
+
+    fn take_session_digest(&mut self) -> Option<Box<Digest>> {
+        self.inner.take_session_digest()
+    }
+
+    fn keep_session_digest(&mut self, digest: Box<Digest>) {
+        self.inner.keep_session_digest(digest)
+    }
 }
 
 /// No peeking: the read-ahead bytes are served by `poll_read`, and the h2c app, told
@@ -462,5 +470,26 @@ mod tests {
         assert!(head.contains(&format!("content-length: {}", body.len())));
         let doc: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(doc["error"], "request_timeout");
+    }
+
+    // Pingora's HTTP/1 sessions give their digest back to the connection for the next
+    // request's session: through the wrapper, or each request builds one again.
+    #[tokio::test]
+    async fn a_sessions_digest_is_kept_on_the_connection_beneath() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let inner: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
+        let mut stream = ClientStream::new(inner, Vec::new(), None, None);
+        let digest = Box::new(Digest::default());
+        let at = &*digest as *const Digest;
+        stream.keep_session_digest(digest);
+        let taken = stream
+            .take_session_digest()
+            .expect("kept beneath the wrapper");
+        assert_eq!(&*taken as *const Digest, at);
+        assert!(stream.take_session_digest().is_none());
     }
 }

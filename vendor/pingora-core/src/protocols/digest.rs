@@ -253,7 +253,39 @@ pub trait GetProxyDigest {
 pub trait GetSocketDigest {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>>;
     fn set_socket_digest(&mut self, _socket_digest: SocketDigest) {}
+    /// The [`Digest`] an HTTP session on this connection built and gave back when it
+    /// was done (see [`Self::keep_session_digest`]), for the next session to take.
+    /// `None` when none is kept: a stream that does not keep one always says so.
+    fn take_session_digest(&mut self) -> Option<Box<Digest>> {
+        None
+    }
+    /// Keeps the [`Digest`] an HTTP session built from this connection for the next
+    /// session on it: what it describes does not change from one request to the next,
+    /// and building it again costs two allocations a session. A stream that keeps it
+    /// forgets it when any part it was built from is set again.
+    fn keep_session_digest(&mut self, _digest: Box<Digest>) {}
 }
+
+/// The digest for a new HTTP session on `stream`: the one the last session on the
+/// connection kept there, or else one built from the stream.
+pub(crate) fn session_digest(stream: &mut super::Stream) -> Box<Digest> {
+    stream.take_session_digest().unwrap_or_else(|| {
+        Box::new(Digest {
+            ssl_digest: stream.get_ssl_digest(),
+            timing_digest: stream.get_timing_digest(),
+            proxy_digest: stream.get_proxy_digest(),
+            socket_digest: stream.get_socket_digest(),
+        })
+    })
+}
+
+/// What a session whose digest went back to its connection answers with.
+pub(crate) static NO_DIGEST: Digest = Digest {
+    ssl_digest: None,
+    timing_digest: Vec::new(),
+    proxy_digest: None,
+    socket_digest: None,
+};
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {

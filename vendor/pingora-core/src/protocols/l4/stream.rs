@@ -42,7 +42,7 @@ use crate::protocols::l4::ext::{set_tcp_keepalive, TcpKeepalive};
 use crate::protocols::l4::virt;
 use crate::protocols::raw_connect::ProxyDigest;
 use crate::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    Digest, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
     TimingDigest, UniqueID, UniqueIDType,
 };
 use crate::upstreams::peer::Tracer;
@@ -547,6 +547,9 @@ pub struct Stream {
     read_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The sizes of the L4 buffers, for when the stream is rebuilt around its socket.
     buffers: L4BufferSettings,
+    /// The digest the last HTTP session on this connection built, for the next one
+    /// (see [`GetSocketDigest::keep_session_digest`]).
+    session_digest: Option<Box<Digest>>,
 }
 
 impl Stream {
@@ -579,6 +582,7 @@ impl Stream {
     ) {
         self.establishment_duration = Some(establishment_duration);
         self.offload_wait_duration = offload_wait_duration;
+        self.session_digest = None;
     }
 
     /// set TCP nodelay for this connection if `self` is TCP
@@ -733,6 +737,7 @@ impl From<TcpStream> for Stream {
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
             read_timer: None,
+            session_digest: None,
         }
     }
 }
@@ -758,6 +763,7 @@ impl From<virt::VirtualSocketStream> for Stream {
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
             read_timer: None,
+            session_digest: None,
         }
     }
 }
@@ -784,6 +790,7 @@ impl From<UnixStream> for Stream {
             write_pending_time: AccumulatedDuration::new(),
             rx_ts: None,
             read_timer: None,
+            session_digest: None,
         }
     }
 }
@@ -882,6 +889,7 @@ impl GetProxyDigest for Stream {
 
     fn set_proxy_digest(&mut self, digest: ProxyDigest) {
         self.proxy_digest = Some(Arc::new(digest));
+        self.session_digest = None;
     }
 }
 
@@ -891,7 +899,16 @@ impl GetSocketDigest for Stream {
     }
 
     fn set_socket_digest(&mut self, socket_digest: SocketDigest) {
-        self.socket_digest = Some(Arc::new(socket_digest))
+        self.socket_digest = Some(Arc::new(socket_digest));
+        self.session_digest = None;
+    }
+
+    fn take_session_digest(&mut self) -> Option<Box<Digest>> {
+        self.session_digest.take()
+    }
+
+    fn keep_session_digest(&mut self, digest: Box<Digest>) {
+        self.session_digest = Some(digest);
     }
 }
 

@@ -33,6 +33,7 @@ use tokio::time::{sleep_until, Sleep};
 
 use super::body::{BodyReader, BodyWriter};
 use super::common::*;
+use crate::protocols::digest::{session_digest, NO_DIGEST};
 use crate::protocols::http::HttpTask;
 use crate::protocols::{l4, Digest, SocketAddr, Stream, UniqueID, UniqueIDType};
 use crate::utils::{BufRef, KVRef};
@@ -57,7 +58,8 @@ pub struct HttpSession {
     /// request.
     pub write_timeout: Option<Duration>,
     keepalive_timeout: KeepaliveStatus,
-    pub(crate) digest: Box<Digest>,
+    /// `None` once the session has given its stream up for reuse: the digest went with it.
+    pub(crate) digest: Option<Box<Digest>>,
     response_header: Option<Box<ResponseHeader>>,
     /// What decides the connection's reuse in the response head last read, kept when
     /// the head itself is handed over (`read_resp_header_parts`).
@@ -141,14 +143,8 @@ impl ReadTimer {
 
 impl HttpSession {
     /// Create a new http client session from an established (TCP or TLS) [`Stream`].
-    pub fn new(stream: Stream) -> Self {
-        // TODO: maybe we should put digest in the connection itself
-        let digest = Box::new(Digest {
-            ssl_digest: stream.get_ssl_digest(),
-            timing_digest: stream.get_timing_digest(),
-            proxy_digest: stream.get_proxy_digest(),
-            socket_digest: stream.get_socket_digest(),
-        });
+    pub fn new(mut stream: Stream) -> Self {
+        let digest = Some(session_digest(&mut stream));
         HttpSession {
             underlying_stream: stream,
             buf: Bytes::new(), // zero size, will be replaced by parsed header later
@@ -790,10 +786,14 @@ impl HttpSession {
                 self.shutdown().await;
                 None
             }
-            _ => Some(std::mem::replace(
-                &mut self.underlying_stream,
-                Box::new(tokio::io::empty()),
-            )),
+            _ => {
+                let mut stream =
+                    std::mem::replace(&mut self.underlying_stream, Box::new(tokio::io::empty()));
+                if let Some(digest) = self.digest.take() {
+                    stream.keep_session_digest(digest);
+                }
+                Some(stream)
+            }
         }
     }
 
@@ -977,12 +977,12 @@ impl HttpSession {
     /// For reused connection, the timing in the digest will reflect its initial handshakes
     /// The caller should check if the connection is reused to avoid misuse the timing field.
     pub fn digest(&self) -> &Digest {
-        &self.digest
+        self.digest.as_deref().unwrap_or(&NO_DIGEST)
     }
 
     /// Return a mutable [Digest] reference for the connection.
     pub fn digest_mut(&mut self) -> &mut Digest {
-        &mut self.digest
+        self.digest.get_or_insert_with(Box::default)
     }
 
     /// Return the server (peer) address recorded in the connection digest.
@@ -3234,5 +3234,66 @@ mod test_sync {
         assert!(!request_target_has_forbidden_byte(b"/normal/path?a=b"));
         assert!(request_target_has_forbidden_byte(b"/x HTTP/1.1")); // SP
         assert!(request_target_has_forbidden_byte(b"/a\r\nb")); // CR/LF
+    }
+}
+
+#[cfg(test)]
+mod tests_session_digest {
+    use super::*;
+    use crate::protocols::l4::socket::SocketAddr as L4Addr;
+    use crate::protocols::{GetSocketDigest, SocketDigest};
+    use std::os::unix::io::AsRawFd;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn exchange(http: &mut HttpSession) {
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        http.write_request_header(Box::new(req)).await.unwrap();
+        http.finish_body().await.unwrap();
+        http.read_response().await.unwrap();
+        assert_eq!(http.read_body_ref().await.unwrap(), Some(&b"ok"[..]));
+        http.respect_keepalive();
+    }
+
+    // The digest describes the connection: the session after a reuse takes the one the
+    // session before built, and one is built again only when what it describes is set anew.
+    #[tokio::test]
+    async fn a_connections_digest_is_built_once_for_all_its_sessions() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            for _ in 0..3 {
+                let _ = socket.read(&mut buf).await.unwrap();
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let fd = tcp.as_raw_fd();
+        let mut stream = l4::stream::Stream::from(tcp);
+        stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+        let mut http = HttpSession::new(Box::new(stream));
+        let first = http.digest() as *const Digest;
+        assert_eq!(http.server_addr(), Some(&L4Addr::Inet(addr)));
+        exchange(&mut http).await;
+
+        let stream = http.reuse_in_place().await.expect("reusable");
+        assert!(http.digest().socket_digest.is_none(), "the digest left with the stream");
+        let mut http = HttpSession::new(stream);
+        assert_eq!(http.digest() as *const Digest, first, "the same digest, not a copy");
+        assert_eq!(http.server_addr(), Some(&L4Addr::Inet(addr)));
+        exchange(&mut http).await;
+
+        let mut stream = http.reuse().await.expect("reusable");
+        stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+        let http = HttpSession::new(stream);
+        let rebuilt = http.digest().socket_digest.as_ref().expect("a socket digest");
+        assert_eq!(rebuilt.peer_addr(), Some(&L4Addr::Inet(addr)));
+        drop(http);
+        server.abort();
     }
 }

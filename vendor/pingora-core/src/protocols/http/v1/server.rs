@@ -36,6 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::body::{BodyReader, BodyWriter};
 use super::common::*;
 use super::header::HeaderWriter;
+use crate::protocols::digest::{session_digest, NO_DIGEST};
 use crate::protocols::http::{
     authority::validate_request_authority, body_buffer::FixedBuffer, date, HttpTask,
     ReusableHttpStream,
@@ -116,7 +117,8 @@ pub struct HttpSession {
     /// response header to the client.
     upgraded: bool,
     /// Digest to track underlying connection metrics
-    digest: Box<Digest>,
+    /// `None` once the session has given its stream up for reuse: the digest went with it.
+    digest: Option<Box<Digest>>,
     /// Minimum send rate to the client
     min_send_rate: Option<usize>,
     /// When this is enabled informational response headers will not be proxied downstream
@@ -165,14 +167,8 @@ impl HttpSession {
     /// Create a new http server session from an established (TCP or TLS) [`Stream`].
     /// The created session needs to call [`Self::read_request()`] first before performing
     /// any other operations.
-    pub fn new(underlying_stream: Stream) -> Self {
-        // TODO: maybe we should put digest in the connection itself
-        let digest = Box::new(Digest {
-            ssl_digest: underlying_stream.get_ssl_digest(),
-            timing_digest: underlying_stream.get_timing_digest(),
-            proxy_digest: underlying_stream.get_proxy_digest(),
-            socket_digest: underlying_stream.get_socket_digest(),
-        });
+    pub fn new(mut underlying_stream: Stream) -> Self {
+        let digest = Some(session_digest(&mut underlying_stream));
 
         HttpSession {
             underlying_stream,
@@ -1460,12 +1456,12 @@ impl HttpSession {
 
     /// Return the [Digest] of the connection.
     pub fn digest(&self) -> &Digest {
-        &self.digest
+        self.digest.as_deref().unwrap_or(&NO_DIGEST)
     }
 
     /// Return a mutable [Digest] reference for the connection.
     pub fn digest_mut(&mut self) -> &mut Digest {
-        &mut self.digest
+        self.digest.get_or_insert_with(Box::default)
     }
 
     /// Return the client (peer) address of the underlying connection.
@@ -1516,10 +1512,11 @@ impl HttpSession {
                     .then(|| self.take_body_overread())
                     .flatten()
                     .filter(|prefix| !prefix.is_empty());
-                let stream = std::mem::replace(
-                    &mut self.underlying_stream,
-                    Box::new(tokio::io::empty()),
-                );
+                let mut stream =
+                    std::mem::replace(&mut self.underlying_stream, Box::new(tokio::io::empty()));
+                if let Some(digest) = self.digest.take() {
+                    stream.keep_session_digest(digest);
+                }
                 Ok(Some(ReusableHttpStream::new(stream, pipelined_prefix)))
             }
         }
@@ -4677,5 +4674,52 @@ mod test_pipelining {
         }
 
         assert!(prefix.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests_session_digest {
+    use super::*;
+    use crate::protocols::l4::socket::SocketAddr as L4Addr;
+    use crate::protocols::{l4, GetSocketDigest, SocketDigest};
+    use std::os::unix::io::AsRawFd;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    // A kept-alive connection's next request is served with the digest its first built.
+    #[tokio::test]
+    async fn the_next_request_on_a_connection_takes_its_digest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let fd = tcp.as_raw_fd();
+        let mut stream = l4::stream::Stream::from(tcp);
+        stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+
+        let mut http = HttpSession::new(Box::new(stream));
+        http.set_pipelining_enabled(true);
+        http.read_request().await.unwrap();
+        assert_eq!(http.client_addr(), Some(&L4Addr::Inet(peer)));
+        let first = http.digest() as *const Digest;
+        http.write_response_header(Box::new(ResponseHeader::build(204, None).unwrap()))
+            .await
+            .unwrap();
+        let reusable = http.reuse_in_place().await.unwrap().expect("kept alive");
+        assert!(http.digest().socket_digest.is_none(), "the digest left with the stream");
+
+        let (stream, prefix) = reusable.into_parts();
+        let mut http = HttpSession::new(stream);
+        if let Some(prefix) = prefix {
+            http.set_pipelined_prefix(prefix);
+        }
+        http.read_request().await.unwrap();
+        assert_eq!(http.digest() as *const Digest, first, "the same digest, not a copy");
+        assert_eq!(http.client_addr(), Some(&L4Addr::Inet(peer)));
     }
 }
