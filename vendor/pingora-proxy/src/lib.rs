@@ -2655,15 +2655,15 @@ mod tests {
     fn test_proxy_to_upstream_future_is_small() {
         // Held in place for a connection's whole life, so it must not be sized by the h2
         // and custom upstream paths, which are boxed where they are awaited. Here (rustc
-        // 1.95, a test build) the h1 path takes 5,304 bytes; in place, the h2 path would
-        // take 5,464 and the custom one 6,032.
+        // 1.95, a test build, with the pingora-core patches up to 0026) the h1 path takes
+        // 5,552 bytes; in place, the h2 path would take 5,760.
         let proxy = HttpProxy::new(NoopProxy, Arc::new(ServerConf::default()));
         let stream = L4Stream::from(VirtualSocketStream::new(Box::new(PendingVirtualSocket)));
         let mut session = Session::new_h1(Box::new(stream));
         let mut ctx = ();
         let future = proxy.proxy_to_upstream(&mut session, &mut ctx);
         let size = std::mem::size_of_val(&future);
-        assert!(size <= 5_400, "proxy_to_upstream future is {size} bytes");
+        assert!(size <= 5_600, "proxy_to_upstream future is {size} bytes");
     }
 
     #[tokio::test]
