@@ -12,7 +12,8 @@
 # TARGETS (default "direct tollgate tollgate-2t nginx nginx-2w envoy"; tollgate-2t is the
 # same policy with server.threads: 2, nginx-2w nginx with two workers; also floor, bare
 # Pingora, and probe, the raw tokio proxy, from $BIN/examples: `cargo build --release
-# --examples`), RATE (5000), CONNECTIONS (64), DURATION (seconds measured, 15), WARMUP
+# --examples`; and tollgate-b, the one-thread tollgate of another build, $BIN_B/tollgate,
+# to compare two builds round by round on the same host), RATE (5000), CONNECTIONS (64), DURATION (seconds measured, 15), WARMUP
 # (seconds, 3), ROUNDS (3), BIN (default target/release), ENVOY (the envoy binary; default
 # `envoy` on PATH or $PEERS_VENV/bin/envoy, the shared peer harness's environment). Needs
 # nginx (origin and the nginx row), oha (`cargo install oha`), python3.
@@ -89,10 +90,11 @@ EOF
 # to load in $port.
 start() {
   target='' port=$PROXY_PORT cpus=1
-  case $1 in tollgate | nginx) cpus=$CPUS_1T ;; tollgate-2t | nginx-2w) cpus=$CPUS_2T ;; esac
+  case $1 in tollgate | tollgate-b | nginx) cpus=$CPUS_1T ;; tollgate-2t | nginx-2w) cpus=$CPUS_2T ;; esac
   case $1 in
     direct) port=$ORIGIN_PORT; return ;;
     tollgate) taskset -c "$CPUS_1T" "$BIN/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
+    tollgate-b) taskset -c "$CPUS_1T" "$BIN_B/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
     tollgate-2t) taskset -c "$CPUS_2T" "$BIN/tollgate" run -c "$(tollgate_policy 2)" > "$RUN/$1.log" 2>&1 & ;;
     nginx) taskset -c "$CPUS_1T" nginx -c "$(nginx_conf proxy)" > "$RUN/$1.log" 2>&1 & ;;
     nginx-2w) taskset -c "$CPUS_2T" nginx -c "$(nginx_conf proxy 2)" > "$RUN/$1.log" 2>&1 & ;;
@@ -233,17 +235,27 @@ if pairs:
                                   for n, r in runs[one].items() if n in runs[two]])
     print("\nCPU per request, two threads or workers ÷ one, paired by round: "
           + "; ".join(f"{one} {ratio(one, two):.2f}×" for one, two in pairs) + ".")
+# Two builds of tollgate side by side: how often, round by round, the one beats the other
+# (their medians move more between runs than such a difference).
+if "tollgate" in runs and "tollgate-b" in runs:
+    a, b = runs["tollgate"], runs["tollgate-b"]
+    both = [n for n in a if n in b and n in direct]
+    lower = lambda k: sum(a[n][k] < b[n][k] for n in both)
+    print(f"\ntollgate against tollgate-b, paired by round: added p99 lower in "
+          f"{lower('p99')} of {len(both)} rounds, added p50 lower in {lower('p50')}, "
+          f"CPU a request {med([a[n]['cpu'] / b[n]['cpu'] for n in both]):.3f}× (median ratio).")
+by_number = lambda by_round: sorted(by_round.items(), key=lambda item: int(item[0]))
 # Each round's CPU per request, so that a paired ratio and the ratio of medians can be
 # told apart.
 print("\nCPU µs per request by round: " + "; ".join(
-    f"{name} " + ", ".join(f"{r['cpu']:.1f}" for _, r in sorted(by_round.items()))
+    f"{name} " + ", ".join(f"{r['cpu']:.1f}" for _, r in by_number(by_round))
     for name, by_round in runs.items() if name != "direct") + ".")
 # The same for the added p99: its median over five rounds moves by tens of µs from one
 # run to the next, so the rounds behind it are shown.
 if direct:
     print("\nAdded p99 ms by round: " + "; ".join(
         f"{name} " + ", ".join(f"{r['p99'] - direct[n]['p99']:.3f}"
-                               for n, r in sorted(by_round.items()) if n in direct)
+                               for n, r in by_number(by_round) if n in direct)
         for name, by_round in runs.items() if name != "direct") + ".")
 EOF
 if [ -n "$CAPTURE" ]; then
