@@ -4,8 +4,9 @@
 # (each request timed from when it was due, not from when it was sent), to the origin
 # directly and through each proxy. Reported per target, medians over ROUNDS interleaved
 # rounds: p50/p99/p99.9, the latency added over direct (paired within a round), and the
-# proxy's CPU per request at that rate (utime + stime of the whole process), and the CPU
-# time the hypervisor took from the machine during the run (steal, max over rounds).
+# proxy's CPU per request at that rate (utime + stime of the whole process, and the two
+# apart), and the CPU time the hypervisor took from the machine during the run (steal,
+# max over rounds).
 #
 #   cargo build --release && bash bench/latency/run.sh
 #
@@ -107,14 +108,16 @@ start() {
   wait_port $PROXY_PORT /json
 }
 
-# CPU ticks (user + system) of the target and its children (nginx's workers), so far.
+# CPU ticks of the target and its children (nginx's workers) so far, user and system:
+# "USER SYSTEM".
 ticks() {
-  [ -n "$target" ] || { echo 0; return; }
-  local pid sum=0
+  [ -n "$target" ] || { echo 0 0; return; }
+  local pid user=0 system=0 u s
   for pid in $target $(pgrep -P "$target"); do
-    sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat" 2>/dev/null || echo 0 0)
+    user=$((user + u)) system=$((system + s))
   done
-  echo $sum
+  echo $user $system
 }
 
 # Ticks the hypervisor took from this machine's CPUs so far (the steal column of
@@ -183,12 +186,15 @@ for round in $(seq "$ROUNDS"); do
     load "$WARMUP" "$RUN/warmup.json"
     [ -z "$tracer" ] || wait "$tracer"
     capture_start "$RUN/$name-$round.pcap"
-    before=$(ticks) steal_before=$(steal)
+    read -r user_before system_before < <(ticks)
+    steal_before=$(steal)
     load "$DURATION" "$RUN/$name-$round.json"
-    after=$(ticks) steal_after=$(steal)
+    read -r user_after system_after < <(ticks)
+    steal_after=$(steal)
     capture_stop
     stop
-    echo "$round $name $((after - before)) $((steal_after - steal_before)) $RUN/$name-$round.json" \
+    echo "$round $name $((user_after - user_before)) $((system_after - system_before))" \
+      "$((steal_after - steal_before)) $RUN/$name-$round.json" \
       >> "$RUN/rows"
     echo "round $round: $name done" >&2
   done
@@ -199,7 +205,7 @@ import json, statistics, sys
 rows, hz, rate, conns, duration, rounds = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
 runs = {}
 for line in open(rows):
-    rnd, name, ticks, steal, path = line.split()
+    rnd, name, user, system, steal, path = line.split()
     report = json.load(open(path))
     codes = report.get("statusCodeDistribution", {})
     ok = sum(n for code, n in codes.items() if code.startswith("2"))
@@ -210,20 +216,24 @@ for line in open(rows):
     runs.setdefault(name, {})[rnd] = {
         "p50": p["p50"] * 1e3, "p99": p["p99"] * 1e3, "p99.9": p["p99.9"] * 1e3,
         "rps": report["summary"]["requestsPerSec"], "ok": ok, "total": total,
-        "cpu": int(ticks) * 1e6 / hz / max(ok, 1),
+        "cpu": (int(user) + int(system)) * 1e6 / hz / max(ok, 1),
+        "user": int(user) * 1e6 / hz / max(ok, 1),
+        "system": int(system) * 1e6 / hz / max(ok, 1),
         "steal": int(steal) / hz / float(duration),
     }
 med = lambda xs: statistics.median(xs) if xs else float("nan")
 print(f"Fixed rate {rate} req/s, {conns} connections, {duration} s per run, {rounds} rounds; "
       "latency corrected for coordinated omission (oha --latency-correction); medians over rounds.\n")
-print("| target | req/s | non-2xx or errors (all rounds) | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | CPU µs/req | steal (cores, max) |")
+print("| target | req/s | non-2xx or errors (all rounds) | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | CPU µs/req (user + system) | steal (cores, max) |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 direct = runs.get("direct", {})
 for name, by_round in runs.items():
     col = lambda k: med([r[k] for r in by_round.values()])
     added = lambda k: med([r[k] - direct[n][k] for n, r in by_round.items() if n in direct])
     failed = sum(r["total"] - r["ok"] for r in by_round.values())
-    cpu = "—" if name == "direct" else f"{col('cpu'):.1f}"
+    # Each a median of its own: user and system need not add up to the total.
+    cpu = "—" if name == "direct" else \
+        f"{col('cpu'):.1f} ({col('user'):.1f} + {col('system'):.1f})"
     extra = ("—", "—") if name == "direct" else (f"{added('p50'):.3f}", f"{added('p99'):.3f}")
     print(f"| {name} | {col('rps'):,.0f} | {failed} | {col('p50'):.3f} | {col('p99'):.3f} | "
           f"{col('p99.9'):.3f} | {extra[0]} | {extra[1]} | {cpu} | "

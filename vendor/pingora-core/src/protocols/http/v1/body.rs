@@ -174,7 +174,12 @@ impl BodyReader {
     }
 
     fn prepare_buf(&mut self, buf_to_rewind: &[u8]) {
-        let mut body_buf = BytesMut::with_capacity(self.body_buf_size.max(buf_to_rewind.len()));
+        self.prepare_buf_sized(buf_to_rewind, self.body_buf_size);
+    }
+
+    /// [`Self::prepare_buf`] with a buffer of at least `size` bytes.
+    fn prepare_buf_sized(&mut self, buf_to_rewind: &[u8], size: usize) {
+        let mut body_buf = BytesMut::with_capacity(size.max(buf_to_rewind.len()));
         if !buf_to_rewind.is_empty() {
             self.rewind_buf_len = buf_to_rewind.len();
             // TODO: this is still 1 copy. Make it zero
@@ -246,7 +251,14 @@ impl BodyReader {
                 }
             }
             _ => {
-                self.prepare_buf(buf_to_rewind);
+                // A body that came whole with its head is never read into: a buffer of
+                // what came holds it, where one to read into takes `body_buf_size`.
+                let size = if cl <= buf_to_rewind.len() {
+                    0
+                } else {
+                    self.body_buf_size
+                };
+                self.prepare_buf_sized(buf_to_rewind, size);
                 self.body_state = PS::Partial(0, cl);
             }
         }
@@ -305,6 +317,26 @@ impl BodyReader {
     pub fn get_body(&self, buf_ref: &BufRef) -> &[u8] {
         // TODO: these get_*() could panic. handle them better
         buf_ref.get(self.body_buf.as_ref().unwrap())
+    }
+
+    /// The bytes `buf_ref` points at, as [`Bytes`]: the buffer itself when they fill it
+    /// to its capacity and the body is done (nothing is read into it again), else a copy.
+    /// A buffer with room to spare is never handed out, so the bytes hold no more memory
+    /// than their length.
+    pub fn take_body(&mut self, buf_ref: &BufRef) -> Bytes {
+        let done = self.body_done();
+        match self.body_buf.as_mut() {
+            Some(buf)
+                if done
+                    && buf_ref.0 == 0
+                    && buf_ref.1 == buf.len()
+                    && buf.len() == buf.capacity() =>
+            {
+                // Taken whole: `split` would share it (an allocation) with what is left.
+                std::mem::take(buf).freeze()
+            }
+            _ => Bytes::copy_from_slice(self.get_body(buf_ref)),
+        }
     }
 
     #[allow(dead_code)]
@@ -384,8 +416,9 @@ impl BodyReader {
         let body_buf_mut = self.body_buf.as_mut().expect("must have read body buf");
         // remove unused buffer
         body_buf_mut.truncate(total_read);
-        let overread_bytes = body_buf_mut.split_off(end_of_body);
-        self.body_buf_overread = (!overread_bytes.is_empty()).then_some(overread_bytes);
+        // Splitting at the end shares the buffer (an allocation) only to hand back nothing.
+        self.body_buf_overread =
+            (end_of_body < total_read).then(|| body_buf_mut.split_off(end_of_body));
     }
 
     pub async fn read_body<S>(&mut self, stream: &mut S) -> Result<Option<BufRef>>
@@ -2188,6 +2221,70 @@ mod tests {
         assert_eq!(body_reader.body_state, ParseState::Complete(3));
         assert_eq!(input, body_reader.get_body(&res));
         assert_eq!(body_reader.get_body_overread(), None);
+    }
+
+    #[tokio::test]
+    async fn body_read_whole_with_its_head_gets_a_buffer_its_size() {
+        init_log();
+        // Nothing is read from the stream: the mock fails on any read.
+        let mut mock_io = Builder::new().build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(3, b"abc");
+        assert_eq!(body_reader.body_buf.as_ref().unwrap().capacity(), 3);
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), b"abc");
+        assert_eq!(body_reader.body_state, ParseState::Complete(3));
+        assert_eq!(body_reader.get_body_overread(), None);
+        assert!(body_reader.body_buf_overread.is_none());
+
+        // Bytes past the body are still kept apart as overread.
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(3, b"abcde");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), b"abc");
+        assert_eq!(body_reader.get_body_overread(), Some(&b"de"[..]));
+
+        // A body still to be read gets room to read it into, as before.
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(4, b"abc");
+        assert!(body_reader.body_buf.as_ref().unwrap().capacity() >= BODY_BUFFER_SIZE);
+    }
+
+    #[tokio::test]
+    async fn a_done_body_that_fills_its_buffer_is_taken_not_copied() {
+        init_log();
+        let mut mock_io = Builder::new().read(b"c").build();
+
+        // Whole with its head: the buffer itself.
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(3, b"abc");
+        let at = body_reader.body_buf.as_ref().unwrap().as_ptr();
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        let body = body_reader.take_body(&res);
+        assert_eq!(body, &b"abc"[..]);
+        assert_eq!(body.as_ptr(), at);
+        assert_eq!(body_reader.read_body(&mut mock_io).await.unwrap(), None);
+        // Nothing else holds it: a writer can take it back as its buffer, uncopied.
+        assert_eq!(BytesMut::from(body).as_ptr(), at);
+
+        // Not done yet, then done in a buffer with room to spare: copies.
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(3, b"ab");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        let first = body_reader.take_body(&res);
+        assert_eq!(first, &b"ab"[..]);
+        assert_ne!(
+            first.as_ptr(),
+            body_reader.body_buf.as_ref().unwrap().as_ptr()
+        );
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.body_state, ParseState::Complete(3));
+        let second = body_reader.take_body(&res);
+        assert_eq!(second, &b"c"[..]);
+        assert_ne!(
+            second.as_ptr(),
+            body_reader.body_buf.as_ref().unwrap().as_ptr()
+        );
     }
 
     #[tokio::test]

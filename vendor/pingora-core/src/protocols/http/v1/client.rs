@@ -580,6 +580,12 @@ impl HttpSession {
     /// Return `Ok(Some(ref)) after a successful read.
     /// Return `Ok(None)` if there is no more body to read.
     pub async fn read_body_ref(&mut self) -> Result<Option<&[u8]>> {
+        let read = self.read_body_buf_ref().await?;
+        Ok(read.map(|body_ref| self.body_reader.get_body(&body_ref)))
+    }
+
+    /// [`Self::read_body_ref`], with where the bytes are in the body reader's buffer.
+    async fn read_body_buf_ref(&mut self) -> Result<Option<BufRef>> {
         self.init_body_reader();
         let result = match self.read_timeout {
             // A read that cannot wait needs no timer.
@@ -598,18 +604,17 @@ impl HttpSession {
         };
 
         result.map(|maybe_body| {
-            maybe_body.map(|body_ref| {
-                let slice = self.body_reader.get_body(&body_ref);
-                self.body_recv = self.body_recv.saturating_add(slice.len());
-                slice
+            maybe_body.inspect(|body_ref| {
+                self.body_recv = self.body_recv.saturating_add(body_ref.len());
             })
         })
     }
 
     /// Similar to [`Self::read_body_ref`] but return `Bytes` instead of a slice reference.
+    /// A body that came whole in a buffer its size is handed over without a copy.
     pub async fn read_body_bytes(&mut self) -> Result<Option<Bytes>> {
-        let read = self.read_body_ref().await?;
-        Ok(read.map(Bytes::copy_from_slice))
+        let read = self.read_body_buf_ref().await?;
+        Ok(read.map(|body_ref| self.body_reader.take_body(&body_ref)))
     }
 
     /// Upstream response body bytes received (payload only; excludes headers/framing).

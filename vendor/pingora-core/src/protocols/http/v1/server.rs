@@ -857,7 +857,7 @@ impl HttpSession {
     fn prepare_response_header(
         &mut self,
         header: &mut ResponseHeader,
-    ) -> Result<Option<(Bytes, bool)>> {
+    ) -> Result<Option<(BytesMut, bool)>> {
         // Check if we should ignore informational responses
         if header.status.is_informational() && self.ignore_info_resp(header.status.into()) {
             debug!("ignoring informational headers");
@@ -964,7 +964,9 @@ impl HttpSession {
         let should_flush = header.status.is_informational()
             || header.headers.get(header::CONTENT_LENGTH).is_none();
 
-        Ok(Some((write_buf.freeze(), should_flush)))
+        // Not frozen: a buffer with room to spare becomes `Bytes` through a shared
+        // header, an allocation, and the plain write path only borrows it.
+        Ok(Some((write_buf, should_flush)))
     }
 
     fn init_body_writer(&mut self, header: &ResponseHeader) {
@@ -1596,7 +1598,13 @@ impl HttpSession {
             return;
         };
         if !d.is_empty() && !self.body_writer.finished() {
-            self.body_write_buf.put_slice(&d);
+            if self.body_write_buf.capacity() == 0 {
+                // The first piece becomes the buffer: taken over when nothing else holds
+                // it (a body read upstream), else copied once, as `put_slice` would.
+                self.body_write_buf = BytesMut::from(d);
+            } else {
+                self.body_write_buf.put_slice(&d);
+            }
         }
     }
 
@@ -1744,9 +1752,11 @@ impl HttpSession {
                     };
                     // header only responses will want to flush
                     let flush = should_flush || self.body_writer.finished();
-                    self.proxy_task_state
-                        .header_writer()
-                        .send_header_task(write_buf, flush, None);
+                    self.proxy_task_state.header_writer().send_header_task(
+                        write_buf.freeze(),
+                        flush,
+                        None,
+                    );
                     self.proxy_task_state.current_writer =
                         Some(ProxyTaskWriter::WritingHeader(header, end));
                 }
@@ -3115,6 +3125,49 @@ mod tests_stream {
         http_stream.body_write_buf = BytesMut::from(&b"abc"[..]);
         let res = http_stream.write_body_buf().await;
         assert_eq!(res.unwrap_err().etype(), &WriteTimedout);
+    }
+
+    #[tokio::test]
+    async fn a_response_body_piece_nothing_else_holds_is_written_from_where_it_is() {
+        let read_wire = b"GET / HTTP/1.1\r\n\r\n";
+        let wire = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        let mock_io = Builder::new().read(read_wire).write(wire).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_request().await.unwrap();
+        http_stream.update_resp_headers = false;
+        let mut response = ResponseHeader::build(StatusCode::OK, None).unwrap();
+        response.append_header("Content-Length", "5").unwrap();
+        let body = Bytes::from(b"hello".to_vec());
+        let body_at = body.as_ptr();
+        let tasks = vec![
+            HttpTask::Header(Box::new(response), false),
+            HttpTask::Body(Some(body), true),
+        ];
+        assert!(http_stream.response_duplex_vec(tasks).await.unwrap());
+        // Written from the piece's own allocation, which the cleared buffer keeps.
+        assert_eq!(http_stream.body_write_buf.as_ptr(), body_at);
+    }
+
+    #[tokio::test]
+    async fn response_body_pieces_held_elsewhere_are_copied_and_joined() {
+        let read_wire = b"GET / HTTP/1.1\r\n\r\n";
+        let wire = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhelloworld";
+        let mock_io = Builder::new().read(read_wire).write(wire).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_request().await.unwrap();
+        http_stream.update_resp_headers = false;
+        let mut response = ResponseHeader::build(StatusCode::OK, None).unwrap();
+        response.append_header("Content-Length", "10").unwrap();
+        let held = Bytes::from(b"hello".to_vec());
+        let kept = held.clone();
+        let tasks = vec![
+            HttpTask::Header(Box::new(response), false),
+            HttpTask::Body(Some(held), false),
+            HttpTask::Body(Some(Bytes::from_static(b"world")), true),
+        ];
+        assert!(http_stream.response_duplex_vec(tasks).await.unwrap());
+        assert_ne!(http_stream.body_write_buf.as_ptr(), kept.as_ptr());
+        assert_eq!(kept, &b"hello"[..]);
     }
 
     #[tokio::test]
