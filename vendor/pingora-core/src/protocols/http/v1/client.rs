@@ -36,7 +36,7 @@ use super::common::*;
 use crate::protocols::digest::{session_digest, NO_DIGEST};
 use crate::protocols::http::HttpTask;
 use crate::protocols::{l4, Digest, SocketAddr, Stream, UniqueID, UniqueIDType};
-use crate::utils::{BufRef, KVRef};
+use crate::utils::BufRef;
 
 /// The HTTP 1.x client session
 pub struct HttpSession {
@@ -352,11 +352,8 @@ impl HttpSession {
                     HeaderParseState::Complete(s) => {
                         let total_read = self.response_header_read_buf.len();
                         let base = self.response_header_read_buf.as_ptr() as usize;
-                        let mut header_refs = Vec::<KVRef>::with_capacity(resp.headers.len());
-
-                        // Note: resp.headers has the correct number of headers
-                        // while header_refs doesn't as it is still empty
-                        let _num_headers = populate_headers(base, &mut header_refs, resp.headers);
+                        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+                        let header_refs = populate_headers(base, &mut slots, resp.headers);
 
                         let mut response_header = match ResponseHeader::build(
                             resp.code.unwrap(),

@@ -18,6 +18,7 @@ use http::{header, HeaderValue};
 use log::{debug, warn};
 use pingora_error::{Error, ErrorType::*, Result};
 use pingora_http::{FramingMemo, HMap, RequestHeader, ResponseHeader};
+use std::mem::MaybeUninit;
 use std::str;
 use std::time::Duration;
 
@@ -311,25 +312,32 @@ pub(super) fn is_buf_keepalive(header_value: Option<&HeaderValue>) -> Option<boo
     })
 }
 
+/// Records where each field of a parsed head lies in its buffer, in `slots`, and returns
+/// them. The parser's view borrows the buffer, which must be frozen before its fields
+/// can share it, so they are found again by offset. The offsets live on the stack, as
+/// the parser's slots do: a `Vec` of them was an allocation per head.
 #[inline]
-pub(super) fn populate_headers(
+pub(super) fn populate_headers<'a>(
     base: usize,
-    header_ref: &mut Vec<KVRef>,
+    slots: &'a mut [MaybeUninit<KVRef>; MAX_HEADERS],
     headers: &[httparse::Header],
-) -> usize {
-    let mut used_header_index = 0;
-    for header in headers.iter() {
-        if !header.name.is_empty() {
-            header_ref.push(KVRef::new(
-                header.name.as_ptr() as usize - base,
-                header.name.len(),
-                header.value.as_ptr() as usize - base,
-                header.value.len(),
-            ));
-            used_header_index += 1;
-        }
+) -> &'a [KVRef] {
+    let mut filled = 0;
+    for (slot, header) in slots
+        .iter_mut()
+        .zip(headers.iter().filter(|h| !h.name.is_empty()))
+    {
+        slot.write(KVRef::new(
+            header.name.as_ptr() as usize - base,
+            header.name.len(),
+            header.value.as_ptr() as usize - base,
+            header.value.len(),
+        ));
+        filled += 1;
     }
-    used_header_index
+    // SAFETY: the first `filled` slots were just written, and `MaybeUninit<KVRef>` has
+    // `KVRef`'s layout.
+    unsafe { std::slice::from_raw_parts(slots.as_ptr().cast::<KVRef>(), filled) }
 }
 
 /// Parse a `Content-Length` field value as an ASCII digit string, matching
@@ -498,6 +506,52 @@ mod test {
     use rstest::rstest;
 
     #[test]
+    fn populate_headers_records_every_named_field_by_offset() {
+        // As many fields as the parser has slots: every slot is recorded.
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..MAX_HEADERS {
+            head.extend_from_slice(format!("X-Field-{i}: value {i}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut parsed);
+        assert!(req.parse(&head).unwrap().is_complete());
+        let base = head.as_ptr() as usize;
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let refs = populate_headers(base, &mut slots, req.headers);
+        assert_eq!(refs.len(), MAX_HEADERS);
+        for (i, field) in refs.iter().enumerate() {
+            assert_eq!(field.get_name(&head), format!("X-Field-{i}").as_bytes());
+            assert_eq!(field.get_value(&head), format!("value {i}").as_bytes());
+        }
+
+        // A slot without a name (never filled) is not a field.
+        let buf = b"Host: a\r\nAccept: b\r\n";
+        let name = |range: std::ops::Range<usize>| std::str::from_utf8(&buf[range]).unwrap();
+        let fields = [
+            httparse::Header {
+                name: name(0..4),
+                value: &buf[6..7],
+            },
+            httparse::EMPTY_HEADER,
+            httparse::Header {
+                name: name(9..15),
+                value: &buf[17..18],
+            },
+        ];
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let refs = populate_headers(buf.as_ptr() as usize, &mut slots, &fields);
+        let read: Vec<_> = refs
+            .iter()
+            .map(|f| (f.get_name(buf), f.get_value(buf)))
+            .collect();
+        assert_eq!(
+            read,
+            [(&b"Host"[..], &b"a"[..]), (&b"Accept"[..], &b"b"[..])]
+        );
+    }
+
+    #[test]
     fn test_validate_content_length() {
         let mut req = RequestHeader::build("POST", b"/", None).unwrap();
         let validate = |req: &RequestHeader| {
@@ -543,7 +597,10 @@ mod test {
         resp.remove_header("x-cache");
         let mut writer = BodyWriter::new();
         init_body_writer_comm(&mut writer, &resp);
-        assert!(matches!(writer.body_mode, super::super::body::BodyMode::ContentLength(10, 0)));
+        assert!(matches!(
+            writer.body_mode,
+            super::super::body::BodyMode::ContentLength(10, 0)
+        ));
         // Seen again: a change of either framing field.
         resp.insert_header(CONTENT_LENGTH, "12").unwrap();
         assert_eq!(head_content_length(&resp).unwrap(), Some(12));
@@ -551,7 +608,10 @@ mod test {
         assert!(head_is_chunked(&resp));
         let mut writer = BodyWriter::new();
         init_body_writer_comm(&mut writer, &resp);
-        assert!(matches!(writer.body_mode, super::super::body::BodyMode::ChunkedEncoding(0)));
+        assert!(matches!(
+            writer.body_mode,
+            super::super::body::BodyMode::ChunkedEncoding(0)
+        ));
         resp.remove_header(&TRANSFER_ENCODING);
         resp.remove_header(&CONTENT_LENGTH);
         assert!(!head_is_chunked(&resp));

@@ -42,7 +42,7 @@ use crate::protocols::http::{
     ReusableHttpStream,
 };
 use crate::protocols::{Digest, SocketAddr, Stream};
-use crate::utils::{BufRef, KVRef};
+use crate::utils::BufRef;
 
 /// Tracks which writer is currently processing a task.
 ///
@@ -375,10 +375,8 @@ impl HttpSession {
                         // `KVRef`s to record the offset of each piece of data, drop `req`, convert
                         // buf, the do the 0 copy update
                         let base = buf.as_ptr() as usize;
-                        let mut header_refs = Vec::<KVRef>::with_capacity(req.headers.len());
-                        // Note: req.headers has the correct number of headers
-                        // while header_refs doesn't as it is still empty
-                        let _num_headers = populate_headers(base, &mut header_refs, req.headers);
+                        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+                        let header_refs = populate_headers(base, &mut slots, req.headers);
 
                         let mut request_header = Box::new(RequestHeader::build(
                             req.method.unwrap_or(""),
