@@ -195,6 +195,23 @@ impl RequestHeader {
         Ok(req)
     }
 
+    /// Like [`Self::build()`], with the path as [`bytes::Bytes`] the caller holds (a slice
+    /// of the buffer the head was read into): an origin-form target is kept in the URI as
+    /// those bytes ([`Self::set_raw_path_shared()`]).
+    pub fn build_shared(
+        method: impl TryInto<Method>,
+        path: bytes::Bytes,
+        size_hint: Option<usize>,
+    ) -> Result<Self> {
+        let mut req = Self::new_no_case(size_hint);
+        req.base.method = method
+            .try_into()
+            .explain_err(InvalidHTTPHeader, |_| "invalid method")?;
+        req.set_raw_path_shared(path)?;
+        req.name_case = NameCase::kept();
+        Ok(req)
+    }
+
     /// Append the header name and value to `self`.
     ///
     /// If there are already some headers under the same name, a new value will be added without
@@ -348,6 +365,33 @@ impl RequestHeader {
         // (e.g. a CONNECT mutated into a normal request) cannot serialize a stale
         // target.
         self.raw_target = parsed.raw_target;
+        Ok(())
+    }
+
+    /// Like [`Self::set_raw_path()`], with the target as [`bytes::Bytes`]. A valid UTF-8
+    /// origin-form target (the usual one) becomes the URI's path and query as those bytes,
+    /// where [`Self::set_raw_path()`] copies them into a new buffer. The URI is the same;
+    /// its clones cost less: a slice of a shared buffer is cloned by a reference count,
+    /// where a copy is made shared (an allocation) on its first clone. Any other target is
+    /// set as [`Self::set_raw_path()`] sets it.
+    pub fn set_raw_path_shared(&mut self, path: bytes::Bytes) -> Result<()> {
+        // The fragment is stripped as `parse_request_target` strips it.
+        let end = path
+            .iter()
+            .position(|&byte| byte == b'#')
+            .unwrap_or(path.len());
+        let target = &path[..end];
+        if target.first() != Some(&b'/') || std::str::from_utf8(target).is_err() {
+            return self.set_raw_path(&path);
+        }
+        let invalid = || format!("invalid uri {}", String::from_utf8_lossy(target));
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(
+            http::uri::PathAndQuery::from_maybe_shared(path.slice(..end))
+                .explain_err(InvalidHTTPHeader, |_| invalid())?,
+        );
+        self.base.uri = Uri::from_parts(parts).explain_err(InvalidHTTPHeader, |_| invalid())?;
+        self.raw_target = RawTarget::FromUri;
         Ok(())
     }
 
@@ -1532,6 +1576,48 @@ mod tests {
             // version is linked.
             assert_eq!("/", req.uri.path(), "{label}");
         }
+    }
+
+    #[test]
+    fn set_raw_path_shared_sets_what_set_raw_path_sets_and_keeps_an_origin_form_path_uncopied() {
+        let targets: [&[u8]; 9] = [
+            b"/",
+            b"/api/v1/items?limit=10&q=a%20b",
+            b"/page#fragment",
+            b"/caf\xc3\xa9",
+            b"/\xff\xfe",
+            b"http://example.com/a?b",
+            b"*",
+            b"?only=query",
+            b"",
+        ];
+        for target in targets {
+            let mut copied = RequestHeader::build("GET", b"/", None).unwrap();
+            let copied_result = copied.set_raw_path(target);
+            let mut shared = RequestHeader::build("GET", b"/", None).unwrap();
+            let shared_result = shared.set_raw_path_shared(bytes::Bytes::copy_from_slice(target));
+            assert_eq!(copied_result.is_ok(), shared_result.is_ok(), "{target:?}");
+            assert_eq!(copied.uri, shared.uri, "{target:?}");
+            assert_eq!(copied.raw_path(), shared.raw_path(), "{target:?}");
+            assert_eq!(copied.raw_path_is_utf8(), shared.raw_path_is_utf8());
+        }
+
+        // A target the URI refuses is refused, and leaves the head as it was.
+        let mut req = RequestHeader::build("GET", b"/kept", None).unwrap();
+        assert!(req
+            .set_raw_path_shared(bytes::Bytes::from_static(b"/a b"))
+            .is_err());
+        assert!(req.set_raw_path(b"/a b").is_err());
+        assert_eq!(req.raw_path(), b"/kept");
+
+        // An origin-form path is the bytes given, not a copy of them.
+        let buf = bytes::Bytes::from(b"GET /items?id=7 HTTP/1.1".to_vec());
+        let req = RequestHeader::build_shared("GET", buf.slice(4..15), Some(0)).unwrap();
+        let path = req.uri.path_and_query().unwrap().as_str();
+        assert_eq!(path, "/items?id=7");
+        assert_eq!(path.as_ptr(), buf[4..].as_ptr());
+        assert_eq!(req.method, Method::GET);
+        assert!(req.name_case.is_kept());
     }
 
     #[test]

@@ -378,18 +378,21 @@ impl HttpSession {
                         let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
                         let header_refs = populate_headers(base, &mut slots, req.headers);
 
-                        let mut request_header = Box::new(RequestHeader::build(
-                            req.method.unwrap_or(""),
-                            // we path httparse to allow unsafe bytes in the str
-                            req.path.unwrap_or("").as_bytes(),
-                            Some(req.headers.len() + ADDED_FIELDS_ROOM),
-                        )?);
-
-                        request_header.set_version(match req.version {
+                        // The head is made once the buffer is frozen, so that its path can
+                        // share it: the method and the path's place are taken now.
+                        let method = http::Method::from_bytes(req.method.unwrap_or("").as_bytes())
+                            .explain_err(InvalidHTTPHeader, |_| "invalid method")?;
+                        // we path httparse to allow unsafe bytes in the str
+                        let path = match req.path {
+                            Some(path) => BufRef::new(path.as_ptr() as usize - base, path.len()),
+                            None => BufRef::new(0, 0),
+                        };
+                        let version = match req.version {
                             Some(1) => Version::HTTP_11,
                             Some(0) => Version::HTTP_10,
                             _ => Version::HTTP_09,
-                        });
+                        };
+                        let size_hint = Some(req.headers.len() + ADDED_FIELDS_ROOM);
 
                         // Detach bytes beyond the header in O(1). Keeping them as owned BytesMut
                         // allows body parsing and subsequent pipelined sessions to continue
@@ -410,6 +413,13 @@ impl HttpSession {
                             rest
                         };
                         let buf = buf.freeze();
+
+                        let mut request_header = Box::new(RequestHeader::build_shared(
+                            method,
+                            path.get_bytes(&buf),
+                            size_hint,
+                        )?);
+                        request_header.set_version(version);
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
@@ -1947,6 +1957,21 @@ mod tests_stream {
         let res = http_stream.read_request().await;
         assert_eq!(input.len(), res.unwrap().unwrap());
         assert_eq!(0, http_stream.req_header().headers.len());
+    }
+
+    #[tokio::test]
+    async fn a_request_path_shares_the_buffer_its_head_was_read_into() {
+        init_log();
+        let input = b"GET /items?id=7#top HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mock_io = Builder::new().read(&input[..]).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_request().await.unwrap();
+        let head = http_stream.req_header();
+        assert_eq!(head.method, http::Method::GET);
+        assert_eq!(head.raw_path(), b"/items?id=7");
+        let path = head.uri.path_and_query().unwrap().as_str().as_bytes();
+        // Not a copy: the path's bytes are those of the head's buffer.
+        assert!(http_stream.buf.as_ptr_range().contains(&path.as_ptr()));
     }
 
     #[tokio::test]
