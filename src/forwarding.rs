@@ -4,6 +4,7 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 use pingora::http::{RequestHeader, ResponseHeader};
+use std::cell::RefCell;
 use std::net::IpAddr;
 
 // Prebuilt names: looked up without a parse, inserted without a copy.
@@ -57,16 +58,16 @@ pub(crate) fn set_forwarded_headers(
     peer_trusted: bool,
     scheme: &'static str,
 ) -> pingora::Result<()> {
-    let mut peer_text = [0u8; 46];
-    let peer_text = format_ip(peer, &mut peer_text);
     let existing_chain = peer_trusted
         .then(|| joined(upstream.headers.get_all(&X_FORWARDED_FOR).iter()))
         .flatten();
     match existing_chain {
         Some(chain) => {
+            let mut peer_text = [0u8; 46];
+            let peer_text = format_ip(peer, &mut peer_text);
             upstream.insert_header_alike(&X_FORWARDED_FOR, format!("{chain}, {peer_text}"))?
         }
-        None => upstream.insert_header_alike(&X_FORWARDED_FOR, peer_text)?,
+        None => upstream.insert_header_alike(&X_FORWARDED_FOR, peer_value(peer))?,
     }
     // Other spellings of the client address are believed only as far as the
     // X-Forwarded-* fields are: from anyone but a trusted proxy, they go.
@@ -100,6 +101,26 @@ pub(crate) fn set_forwarded_headers(
         }
     }
     Ok(())
+}
+
+/// `peer` as a field value. A thread keeps the last one it made, as nginx keeps each
+/// connection's address text: a sidecar's requests come from a few peers (the node's
+/// proxy, the mesh), one after another, and a value made per request costs a format, a
+/// validation and an allocation; a kept one, two reference counts.
+fn peer_value(peer: IpAddr) -> http::HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, http::HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((ip, value)) if *ip == peer => value.clone(),
+        _ => {
+            let mut text = [0u8; 46];
+            let value = http::HeaderValue::from_str(format_ip(peer, &mut text))
+                .expect("an address is a valid field value");
+            *last = Some((peer, value.clone()));
+            value
+        }
+    })
 }
 
 fn joined<'a>(values: impl Iterator<Item = &'a http::HeaderValue>) -> Option<String> {
@@ -537,6 +558,20 @@ mod tests {
             let ip: IpAddr = text.parse().unwrap();
             let mut buf = [0u8; 46];
             assert_eq!(format_ip(ip, &mut buf), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn a_peers_value_is_its_own_when_peers_alternate() {
+        for text in [
+            "203.0.113.9",
+            "203.0.113.9",
+            "2001:db8::1",
+            "203.0.113.9",
+            "10.0.0.1",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(peer_value(ip), text);
         }
     }
 

@@ -13,7 +13,9 @@
 // limitations under the License.
 
 use http::header::{self, HeaderName};
-use pingora_core::protocols::http::authority::{raw_target_authority, RawTargetAuthority};
+use pingora_core::protocols::http::authority::{
+    raw_target_authority, validate_request_authority, RawTargetAuthority,
+};
 use pingora_core::upstreams::peer::{H1UpgradePolicy, HttpUpstreamRequestPolicy};
 use pingora_error::{Error, ErrorType::InvalidHTTPHeader, OrErr, Result};
 use pingora_http::RequestHeader;
@@ -268,6 +270,55 @@ pub(crate) fn set_h1_host_from_authority_if_absent(req: &mut RequestHeader) -> R
         .map_or("", |authority| authority.as_str())
         .to_owned();
     req.insert_header(header::HOST, host)
+}
+
+/// The standard policy's authority steps for an HTTP/1 upstream request, once the request
+/// filters have run: a `Host` a filter chose is applied to the target
+/// ([reconcile_upstream_authority]), `Host` is restored when the downstream request had one
+/// or the target names an authority, and the result is validated as ingress validates.
+///
+/// An origin-form target that is not CONNECT, a URI without authority and exactly one `Host`
+/// without userinfo (nearly every request) is what those steps leave as it is and accept:
+/// that is checked first, with one lookup where the steps make four and read the target three
+/// times.
+pub(crate) fn settle_h1_upstream_authority(
+    req: &mut RequestHeader,
+    downstream_had_host: bool,
+) -> Result<()> {
+    if authority_is_settled(req) {
+        return Ok(());
+    }
+    settle_h1_upstream_authority_in_full(req, downstream_had_host)
+}
+
+fn authority_is_settled(req: &RequestHeader) -> bool {
+    if req.method == http::Method::CONNECT
+        || req.uri.authority().is_some()
+        || req.raw_path().first() != Some(&b'/')
+    {
+        return false;
+    }
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => !host.as_bytes().contains(&b'@'),
+        _ => false,
+    }
+}
+
+fn settle_h1_upstream_authority_in_full(
+    req: &mut RequestHeader,
+    downstream_had_host: bool,
+) -> Result<()> {
+    reconcile_upstream_authority(req)?;
+    // A filter may delete Host. Restore it for requests that originally carried one or
+    // whose URI or absolute-form target has an authority, without adding a new empty Host
+    // to Host-less HTTP/1.0 origin-form.
+    let target_has_authority = raw_target_authority(req.raw_path()).authority().is_some();
+    if downstream_had_host || req.uri.authority().is_some() || target_has_authority {
+        set_h1_host_from_authority(req)?;
+    }
+    // The final filter-produced request is invalid if this fails.
+    validate_request_authority(req)
 }
 
 /// Apply a filter-selected `Host` to the outbound authority.
@@ -632,6 +683,84 @@ mod tests {
             .unwrap();
         set_h1_host_from_authority_if_absent(&mut custom).unwrap();
         assert_eq!(custom.headers[header::HOST], "custom.example");
+    }
+
+    #[test]
+    fn settling_authority_answers_as_the_full_steps_do() {
+        let head = |method: &str, target: &[u8], uri: Option<&str>, hosts: &[&str]| {
+            let mut req = RequestHeader::build(method, target, None).unwrap();
+            if let Some(uri) = uri {
+                req.set_uri(uri.parse().unwrap());
+            }
+            for host in hosts {
+                req.append_header(header::HOST, *host).unwrap();
+            }
+            req
+        };
+        let outcome = |req: &RequestHeader, result: Result<()>| {
+            let hosts: Vec<Vec<u8>> = req
+                .headers
+                .get_all(header::HOST)
+                .iter()
+                .map(|h| h.as_bytes().to_vec())
+                .collect();
+            (
+                result.map_err(|e| e.etype().clone()),
+                req.raw_path().to_vec(),
+                req.uri.to_string(),
+                hosts,
+            )
+        };
+        let cases = [
+            (head("GET", b"/", None, &["a.example"]), true),
+            (head("GET", b"/p?q=1", None, &["a.example:8080"]), true),
+            (head("POST", b"//b.example/p", None, &["a.example"]), true),
+            (head("GET", b"/", None, &["user@a.example"]), false),
+            (head("GET", b"/", None, &["a.example", "a.example"]), false),
+            (head("GET", b"/", None, &["a.example", "b.example"]), false),
+            (head("GET", b"/", None, &[]), false),
+            (
+                head("GET", b"http://a.example/p", None, &["a.example"]),
+                false,
+            ),
+            (
+                head("GET", b"http://a.example/p", None, &["b.example"]),
+                false,
+            ),
+            (head("GET", b"http://a.example/p", None, &[]), false),
+            (head("GET", b"://a.example/p", None, &["a.example"]), false),
+            (
+                head("GET", b"/", Some("https://c.example/p"), &["b.example"]),
+                false,
+            ),
+            (head("GET", b"/", Some("https://c.example/p"), &[]), false),
+            (
+                head("CONNECT", b"a.example:443", None, &["a.example:443"]),
+                false,
+            ),
+            (
+                head("CONNECT", b"a.example:443", None, &["b.example:443"]),
+                false,
+            ),
+            (head("CONNECT", b"/", None, &["a.example"]), false),
+            (head("OPTIONS", b"*", None, &["a.example"]), false),
+        ];
+        for (req, settled) in cases {
+            assert_eq!(authority_is_settled(&req), settled, "{req:?}");
+            for downstream_had_host in [true, false] {
+                let mut quick = req.clone();
+                let quick_result = settle_h1_upstream_authority(&mut quick, downstream_had_host);
+                let mut full = req.clone();
+                let full_result =
+                    settle_h1_upstream_authority_in_full(&mut full, downstream_had_host);
+                let quick = outcome(&quick, quick_result);
+                let full = outcome(&full, full_result);
+                assert_eq!(quick, full, "{req:?}");
+                if settled {
+                    assert_eq!(full, outcome(&req, Ok(())), "{req:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ use pingora_error::{Error, ErrorType::*, OrErr, Result, RetryType};
 use pingora_http::{IntoCaseHeaderName, RequestHeader, ResponseHeader};
 use pingora_timeout::fast_timeout::fast_timeout_to_tokio_threshold;
 use pingora_timeout::{timeout, Elapsed};
+use std::cell::OnceCell;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::mem::MaybeUninit;
@@ -60,7 +61,10 @@ pub struct HttpSession {
     keepalive_timeout: KeepaliveStatus,
     /// `None` once the session has given its stream up for reuse: the digest went with it.
     pub(crate) digest: Option<Box<Digest>>,
+    /// The response head last read, until it is handed over (`read_resp_header_parts`).
     response_header: Option<Box<ResponseHeader>>,
+    /// The status line of the response head last read, once the head is handed over.
+    handed_over: Option<StatusLine>,
     /// What decides the connection's reuse in the response head last read, kept when
     /// the head itself is handed over (`read_resp_header_parts`).
     response_reuse: ReuseFields,
@@ -155,6 +159,7 @@ impl HttpSession {
             body_writer: BodyWriter::new(),
             keepalive_timeout: KeepaliveStatus::Off,
             response_header: None,
+            handed_over: None,
             response_reuse: ReuseFields::default(),
             request_written: None,
             read_timeout: None,
@@ -415,6 +420,7 @@ impl HttpSession {
                         self.response_reuse =
                             ReuseFields::of(&response_header, contains_transfer_encoding);
                         self.response_header = Some(response_header);
+                        self.handed_over = None;
                         let content_length =
                             match self.validate_response(contains_transfer_encoding) {
                                 Ok(length) => length,
@@ -536,14 +542,17 @@ impl HttpSession {
         // session keeps what it reads later, without copying the fields.
         // safe to unwrap because it is just read
         let parsed = self.response_header.take().unwrap();
-        self.response_header = Some(status_line_of(&parsed));
+        self.handed_over = Some(StatusLine::of(&parsed));
         Ok(parsed)
     }
 
     /// Return a reference of the [`ResponseHeader`] if the response is read (its status
     /// line only once [`Self::read_resp_header_parts()`] handed it over)
     pub fn resp_header(&self) -> Option<&ResponseHeader> {
-        self.response_header.as_deref()
+        match &self.handed_over {
+            Some(line) => Some(line.head()),
+            None => self.response_header.as_deref(),
+        }
     }
 
     /// Get the header value for the given header name from the response header
@@ -563,7 +572,18 @@ impl HttpSession {
 
     /// Return the status code of the response if read
     pub fn get_status(&self) -> Option<StatusCode> {
-        self.response_header.as_ref().map(|h| h.status)
+        match &self.handed_over {
+            Some(line) => Some(line.status),
+            None => self.response_header.as_ref().map(|h| h.status),
+        }
+    }
+
+    /// The version of the response last read, whether or not its head was handed over.
+    fn resp_version(&self) -> Option<Version> {
+        match &self.handed_over {
+            Some(line) => Some(line.version),
+            None => self.response_header.as_ref().map(|h| h.version),
+        }
     }
 
     async fn do_read_body(&mut self) -> Result<Option<BufRef>> {
@@ -687,9 +707,7 @@ impl HttpSession {
 
         // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
         // if Transfer-Encoding is received in HTTP/1.0 response, connection MUST be closed after processing.
-        if self.resp_header().map(|h| h.version) == Some(Version::HTTP_10)
-            && self.response_reuse.transfer_encoding
-        {
+        if self.resp_version() == Some(Version::HTTP_10) && self.response_reuse.transfer_encoding {
             self.set_keepalive(None);
             return;
         }
@@ -704,7 +722,7 @@ impl HttpSession {
             } else {
                 self.set_keepalive(None);
             }
-        } else if self.resp_header().map(|h| h.version) == Some(Version::HTTP_11) {
+        } else if self.resp_version() == Some(Version::HTTP_11) {
             self.set_keepalive(Some(0)); // on by default for http 1.1
         } else {
             self.set_keepalive(None); // off by default for http 1.0
@@ -890,14 +908,15 @@ impl HttpSession {
     }
 
     fn get_content_length(&self) -> Result<Option<usize>> {
-        match self.resp_header() {
+        match self.response_header.as_deref() {
             Some(h) => head_content_length(h),
             None => Ok(None),
         }
     }
 
     fn is_chunked_encoding(&self) -> bool {
-        self.resp_header()
+        self.response_header
+            .as_deref()
             .map(head_is_chunked)
             .unwrap_or(false)
     }
@@ -1105,15 +1124,45 @@ impl ReuseFields {
     }
 }
 
-/// `head`'s status line (status, version, reason) without its fields: no allocation
-/// for the fields' map, which stays empty.
-fn status_line_of(head: &ResponseHeader) -> Box<ResponseHeader> {
-    let mut line =
-        ResponseHeader::build_no_case(head.status, Some(0)).expect("the status of a parsed head");
-    line.set_version(head.version);
-    line.set_reason_phrase(head.get_reason_phrase())
-        .expect("the reason of a parsed head");
-    Box::new(line)
+/// A handed-over head's status line: what the session reads of it (status, version), and
+/// the head [`HttpSession::resp_header()`] returns. That head is made when it is first asked
+/// for, if the reason is the status's canonical one (nearly always): made per response, to
+/// be dropped unread, it cost an allocation and its fields' map. A head with a reason of its
+/// own has its line made at once, so that the session keeps no copy of the reason.
+struct StatusLine {
+    status: StatusCode,
+    version: Version,
+    head: OnceCell<Box<ResponseHeader>>,
+}
+
+impl StatusLine {
+    fn of(head: &ResponseHeader) -> Self {
+        let line = StatusLine {
+            status: head.status,
+            version: head.version,
+            head: OnceCell::new(),
+        };
+        if head.get_reason_phrase() != head.status.canonical_reason() {
+            line.head
+                .get_or_init(|| line.made(head.get_reason_phrase()));
+        }
+        line
+    }
+
+    /// The status line as a head without fields.
+    fn head(&self) -> &ResponseHeader {
+        self.head
+            .get_or_init(|| self.made(self.status.canonical_reason()))
+    }
+
+    fn made(&self, reason: Option<&str>) -> Box<ResponseHeader> {
+        let mut line = ResponseHeader::build_no_case(self.status, Some(0))
+            .expect("the status of a parsed head");
+        line.set_version(self.version);
+        line.set_reason_phrase(reason)
+            .expect("the reason of a parsed head");
+        Box::new(line)
+    }
 }
 
 impl UniqueID for HttpSession {
@@ -1396,6 +1445,8 @@ mod tests_stream {
         .await;
         assert_eq!(resp.headers.len(), 3);
         assert_eq!(resp.get_reason_phrase(), Some("Fine"));
+        // A reason of the head's own: its line is made at once.
+        assert!(kept.handed_over.as_ref().unwrap().head.get().is_some());
         let line = kept.resp_header().unwrap();
         assert_eq!(
             (line.status, line.version, line.get_reason_phrase()),
@@ -1412,6 +1463,16 @@ mod tests_stream {
         assert_eq!(kept.keepalive_timeout, KeepaliveStatus::Off);
         let (kept, _) = hand_over("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
         assert_eq!(kept.keepalive_timeout, KeepaliveStatus::Infinite);
+        // The canonical reason: the reuse was decided and the status read without making a
+        // head of the line, which is made when asked for.
+        assert_eq!(kept.get_status(), Some(StatusCode::OK));
+        assert!(kept.handed_over.as_ref().unwrap().head.get().is_none());
+        let line = kept.resp_header().unwrap();
+        assert_eq!(
+            (line.status, line.version, line.get_reason_phrase()),
+            (StatusCode::OK, Version::HTTP_11, Some("OK"))
+        );
+        assert!(line.headers.is_empty());
         let (kept, _) =
             hand_over("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
                 .await;
@@ -1423,6 +1484,31 @@ mod tests_stream {
         )
         .await;
         assert_eq!(kept.keepalive_timeout, KeepaliveStatus::Off);
+    }
+
+    #[tokio::test]
+    async fn a_final_head_read_after_an_informational_one_replaces_its_status_line() {
+        init_log();
+        let input =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Gone Fishing\r\nContent-Length: 0\r\n\r\n";
+        let mock_io = Builder::new().read(&input[..]).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        let informational = http_stream.read_resp_header_parts().await.unwrap();
+        assert_eq!(informational.status, StatusCode::CONTINUE);
+        assert_eq!(http_stream.get_status(), Some(StatusCode::CONTINUE));
+        assert_eq!(
+            http_stream.resp_header().unwrap().get_reason_phrase(),
+            Some("Continue")
+        );
+        let last = http_stream.read_resp_header_parts().await.unwrap();
+        assert_eq!(last.status, StatusCode::NOT_FOUND);
+        assert_eq!(http_stream.get_status(), Some(StatusCode::NOT_FOUND));
+        let line = http_stream.resp_header().unwrap();
+        assert_eq!(
+            (line.status, line.get_reason_phrase(), line.headers.len()),
+            (StatusCode::NOT_FOUND, Some("Gone Fishing"), 0)
+        );
+        assert!(http_stream.is_body_done());
     }
 
     #[tokio::test]

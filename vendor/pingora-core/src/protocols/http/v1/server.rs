@@ -109,8 +109,9 @@ pub struct HttpSession {
     total_drain_timeout: Option<Duration>,
     /// A copy of the response that is already written to the client
     response_written: Option<Box<ResponseHeader>>,
-    /// The parsed request header
-    request_header: Option<Box<RequestHeader>>,
+    /// The parsed request header, in place: the session is boxed, and a box of the head's
+    /// own was an allocation and a free per request.
+    request_header: Option<RequestHeader>,
     /// An internal buffer that holds a copy of the request body up to a certain size
     retry_buffer: Option<FixedBuffer>,
     /// Whether this session is an upgraded session. This flag is calculated when sending the
@@ -414,14 +415,15 @@ impl HttpSession {
                         };
                         let buf = buf.freeze();
 
-                        let mut request_header = Box::new(RequestHeader::build_shared(
-                            method,
-                            path.get_bytes(&buf),
-                            size_hint,
-                        )?);
+                        // Built where the session keeps it: each move of a head is a copy
+                        // of it. A field that cannot be added leaves the session without a
+                        // head, as it was.
+                        let request_header = self.request_header.insert(
+                            RequestHeader::build_shared(method, path.get_bytes(&buf), size_hint)?,
+                        );
                         request_header.set_version(version);
 
-                        for header in header_refs {
+                        let fields = header_refs.iter().try_for_each(|header| {
                             let header_name = header.get_name_bytes(&buf);
                             let header_name = header_name.into_case_header_name();
                             let value_bytes = header.get_value_bytes(&buf);
@@ -432,7 +434,12 @@ impl HttpSession {
 
                             request_header
                                 .append_header(header_name, header_value)
-                                .or_err(InvalidHTTPHeader, "while parsing request header")?;
+                                .or_err(InvalidHTTPHeader, "while parsing request header")
+                                .map(drop)
+                        });
+                        if let Err(e) = fields {
+                            self.request_header = None;
+                            return Err(e);
                         }
 
                         let contains_transfer_encoding =
@@ -454,7 +461,6 @@ impl HttpSession {
 
                         self.buf = buf;
                         self.preread_body = Some(preread_body);
-                        self.request_header = Some(request_header);
 
                         self.body_reader.reinit();
                         self.pipelined_idle_bytes_stashed = false;
@@ -616,7 +622,7 @@ impl HttpSession {
 
     /// Is the request a upgrade request
     pub fn is_upgrade_req(&self) -> bool {
-        match self.request_header.as_deref() {
+        match self.request_header.as_ref() {
             Some(req) => is_upgrade_req(req),
             None => false,
         }
@@ -815,7 +821,7 @@ impl HttpSession {
     }
 
     fn is_expect_continue_req(&self) -> bool {
-        match self.request_header.as_deref() {
+        match self.request_header.as_ref() {
             Some(req) => is_expect_continue_req(req),
             None => false,
         }
@@ -2762,6 +2768,18 @@ mod tests_stream {
             .write_response_header_ref(&new_response)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_read_request_head_is_held_in_the_session_not_a_box_of_its_own() {
+        init_log();
+        let input = b"GET / HTTP/1.1\r\nHost: pingora.org\r\n\r\n";
+        let mock_io = Builder::new().read(&input[..]).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_request().await.unwrap();
+        let session = &http_stream as *const HttpSession as usize;
+        let head = http_stream.req_header() as *const RequestHeader as usize;
+        assert!((session..session + std::mem::size_of::<HttpSession>()).contains(&head));
     }
 
     #[tokio::test]
