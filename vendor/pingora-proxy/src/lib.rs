@@ -412,25 +412,32 @@ where
             Err(e) => return (false, Some(e)),
         };
 
-        let client_session = self.client_upstream.get_http_session(&*peer).await;
+        let mut client_session = self.client_upstream.get_http_session(&*peer).await;
+        // An HTTP/1 session (hundreds of bytes) is served where the connector's result
+        // landed: taking it out of the `Result`, the tuple and the enum by value copied it
+        // twice more, per request.
+        if let Ok((ClientSession::H1(h1), client_reused)) = &mut client_session {
+            let client_reused = *client_reused;
+            let (server_reused, client_reuse, error) = self
+                .proxy_to_h1_upstream(session, h1, client_reused, &peer, ctx)
+                .await;
+            if client_reuse {
+                self.client_upstream
+                    .release_http1_session_in_place(h1, &*peer, peer.idle_timeout())
+                    .await;
+            }
+            return (
+                server_reused,
+                error.map(|e| {
+                    self.inner
+                        .error_while_proxy(&peer, session, e, ctx, client_reused)
+                }),
+            );
+        }
         match client_session {
             Ok((client_session, client_reused)) => {
                 let (server_reused, error) = match client_session {
-                    ClientSession::H1(mut h1) => {
-                        let (server_reused, client_reuse, error) = self
-                            .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
-                            .await;
-                        if client_reuse {
-                            self.client_upstream
-                                .release_http1_session_in_place(
-                                    &mut h1,
-                                    &*peer,
-                                    peer.idle_timeout(),
-                                )
-                                .await;
-                        }
-                        (server_reused, error)
-                    }
+                    ClientSession::H1(_) => unreachable!("served in place above"),
                     // The h2 and custom paths are boxed: an async fn's future is as large as
                     // its largest state, and this one is held in place for a connection's
                     // whole life (between requests too), so in place their futures would

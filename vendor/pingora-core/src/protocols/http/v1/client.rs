@@ -193,23 +193,28 @@ impl HttpSession {
         // init body writer
         self.init_req_body_writer(&req);
 
-        let to_wire = http_req_header_to_wire(&req).ok_or_else(|| {
-            Error::explain(
+        let mut to_wire = HeadScratch::take();
+        to_wire.reserve(512);
+        if http_req_header_to_buf(&req, &mut to_wire).is_none() {
+            HeadScratch::give_back(to_wire);
+            return Error::e_explain(
                 InvalidHTTPHeader,
                 "request-line contains forbidden delimiter bytes or unsupported HTTP version",
-            )
-        })?;
+            );
+        }
         trace!("Writing request header: {to_wire:?}");
+        let wire_len = to_wire.len();
 
         let write_fut = self.underlying_stream.write_all(to_wire.as_ref());
-        match self.write_timeout {
+        let written = match self.write_timeout {
             Some(t) => match timeout(t, write_fut).await {
                 Ok(res) => res,
                 Err(_) => Err(std::io::Error::from(ErrorKind::TimedOut)),
             },
             None => write_fut.await,
-        }
-        .map_err(|e| match e.kind() {
+        };
+        HeadScratch::give_back(to_wire);
+        written.map_err(|e| match e.kind() {
             ErrorKind::TimedOut => {
                 Error::because(WriteTimedout, "while writing request headers (timeout)", e)
             }
@@ -223,7 +228,7 @@ impl HttpSession {
 
         // write was successful
         self.request_written = Some(req);
-        Ok(to_wire.len())
+        Ok(wire_len)
     }
 
     async fn do_write_body(&mut self, buf: &[u8]) -> Result<Option<usize>> {
@@ -1070,7 +1075,13 @@ pub(crate) fn request_target_has_forbidden_byte(path: &[u8]) -> bool {
 #[inline]
 pub fn http_req_header_to_wire(req: &RequestHeader) -> Option<BytesMut> {
     let mut buf = BytesMut::with_capacity(512);
+    http_req_header_to_buf(req, &mut buf)?;
+    Some(buf)
+}
 
+/// Serializes `req` into `buf`, after what `buf` holds; `None`, with `buf` partly
+/// written, when the request-line cannot be sent.
+fn http_req_header_to_buf(req: &RequestHeader, buf: &mut BytesMut) -> Option<()> {
     // Request-Line
     let method = req.method.as_str().as_bytes();
     buf.put_slice(method);
@@ -1096,9 +1107,9 @@ pub fn http_req_header_to_wire(req: &RequestHeader) -> Option<BytesMut> {
     buf.put_slice(CRLF);
 
     // headers
-    req.header_to_h1_wire(&mut buf);
+    req.header_to_h1_wire(buf);
     buf.put_slice(CRLF);
-    Some(buf)
+    Some(())
 }
 
 /// The fields of a response head that decide whether its connection is reused
@@ -1960,6 +1971,37 @@ mod tests_stream {
         http_stream.write_body(b"ab").await.unwrap();
 
         assert_eq!(http_stream.body_bytes_sent(), 2);
+    }
+
+    #[tokio::test]
+    async fn request_heads_share_the_threads_buffer() {
+        HeadScratch::forget();
+        // A head that cannot be sent leaves nothing of itself for the next.
+        let mut http_stream = HttpSession::new(Box::new(Builder::new().build()));
+        let mut refused = RequestHeader::build("GET", b"/refused", None).unwrap();
+        refused.set_version(Version::HTTP_3);
+        let res = http_stream.write_request_header(Box::new(refused)).await;
+        assert_eq!(res.unwrap_err().etype(), &InvalidHTTPHeader);
+
+        for (path, wire) in [
+            (
+                &b"/a-longer-path"[..],
+                &b"GET /a-longer-path HTTP/1.1\r\nFoo: Bar\r\n\r\n"[..],
+            ),
+            (b"/b", b"GET /b HTTP/1.1\r\nFoo: Bar\r\n\r\n"),
+        ] {
+            let mock_io = Builder::new().write(wire).build();
+            let mut http_stream = HttpSession::new(Box::new(mock_io));
+            let mut request = RequestHeader::build("GET", path, None).unwrap();
+            request.insert_header("Foo", "Bar").unwrap();
+            let n = http_stream
+                .write_request_header(Box::new(request))
+                .await
+                .unwrap();
+            assert_eq!(n, wire.len());
+            // Kept for the next head on this thread.
+            assert!(HeadScratch::kept_capacity() >= 512);
+        }
     }
 
     #[cfg(feature = "patched_http1")]

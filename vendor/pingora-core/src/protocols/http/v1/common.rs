@@ -14,6 +14,7 @@
 
 //! Common functions and constants
 
+use bytes::BytesMut;
 use http::{header, HeaderValue};
 use log::{debug, warn};
 use pingora_error::{Error, ErrorType::*, Result};
@@ -36,6 +37,52 @@ pub(crate) const BODY_BUF_LIMIT: usize = 1024 * 64;
 /// map sized to exactly what was parsed rehashes on the first field a proxy adds
 /// (`X-Forwarded-*`, `Via`, a request id, `traceparent`, ...) and again as it doubles.
 pub(crate) const ADDED_FIELDS_ROOM: usize = 8;
+
+/// The buffer a thread serializes HTTP/1 heads into where the head is written straight
+/// away (copied into the stream's write buffer, or sent): a new buffer a head, 4 KiB for a
+/// response (over 1 KiB, mimalloc's slower path every time), held a few hundred bytes for
+/// that long.
+pub(super) struct HeadScratch;
+
+thread_local! {
+    static HEAD_SCRATCH: std::cell::Cell<BytesMut> = std::cell::Cell::new(BytesMut::new());
+}
+
+impl HeadScratch {
+    /// A head this long or shorter leaves its buffer for the next: one that grew past it
+    /// is not kept for the thread's life.
+    pub(super) const KEPT_CAPACITY: usize = 4 * INIT_HEADER_BUF_SIZE;
+
+    /// The thread's buffer, empty; an empty new one while a session on this thread is
+    /// writing with it (its write waiting on the socket).
+    pub(super) fn take() -> BytesMut {
+        HEAD_SCRATCH.with(|buf| buf.take())
+    }
+
+    /// Keeps `buf`, emptied, for the next head.
+    pub(super) fn give_back(mut buf: BytesMut) {
+        buf.clear();
+        if buf.capacity() <= Self::KEPT_CAPACITY {
+            HEAD_SCRATCH.with(|kept| kept.set(buf));
+        }
+    }
+
+    /// The capacity of the buffer the thread keeps.
+    #[cfg(test)]
+    pub(super) fn kept_capacity() -> usize {
+        HEAD_SCRATCH.with(|kept| {
+            let buf = kept.take();
+            let capacity = buf.capacity();
+            kept.set(buf);
+            capacity
+        })
+    }
+
+    #[cfg(test)]
+    pub(super) fn forget() {
+        HEAD_SCRATCH.with(|kept| kept.set(BytesMut::new()));
+    }
+}
 
 pub const CRLF: &[u8; 2] = b"\r\n";
 /// The empty line that terminates a message's header section.

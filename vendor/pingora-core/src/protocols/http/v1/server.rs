@@ -707,12 +707,16 @@ impl HttpSession {
     /// This function can be called more than once to send 1xx informational headers excluding 101.
     pub async fn write_response_header(&mut self, mut header: Box<ResponseHeader>) -> Result<()> {
         // Prepare header (handle upgrades, set headers, initialize body writer, serialize to bytes)
-        let Some((write_buf, flush)) = self.prepare_response_header(&mut header)? else {
+        let Some((write_buf, flush)) =
+            self.prepare_response_header(&mut header, HeadScratch::take())?
+        else {
             // Header already sent or should be ignored
             return Ok(());
         };
 
-        match self.underlying_stream.write_all(&write_buf).await {
+        let written = self.underlying_stream.write_all(&write_buf).await;
+        HeadScratch::give_back(write_buf);
+        match written {
             Ok(()) => {
                 // flush the stream if 1xx header or there is no response body
                 if flush || self.body_writer.finished() {
@@ -868,9 +872,11 @@ impl HttpSession {
     /// Prepare response header for writing: handle upgrades, set headers, initialize body writer.
     /// This contains all the synchronous logic that should happen before writing the header.
     /// Returns Ok(Some((bytes, should_flush))) if the header should be written, Ok(None) if should skip.
+    /// The head is serialized into `write_buf` (empty).
     fn prepare_response_header(
         &mut self,
         header: &mut ResponseHeader,
+        mut write_buf: BytesMut,
     ) -> Result<Option<(BytesMut, bool)>> {
         // Check if we should ignore informational responses
         if header.status.is_informational() && self.ignore_info_resp(header.status.into()) {
@@ -966,7 +972,7 @@ impl HttpSession {
         }
 
         // Serialize header to bytes
-        let mut write_buf = BytesMut::with_capacity(INIT_HEADER_BUF_SIZE);
+        write_buf.reserve(INIT_HEADER_BUF_SIZE);
         http_resp_header_to_buf(header, &mut write_buf)
             .map_err(|_| Error::explain(WriteError, "serializing response header"))?;
 
@@ -1759,7 +1765,7 @@ impl HttpSession {
             match task {
                 HttpTask::Header(mut header, end) => {
                     let Some((write_buf, should_flush)) =
-                        self.prepare_response_header(&mut header)?
+                        self.prepare_response_header(&mut header, BytesMut::new())?
                     else {
                         end_stream = end;
                         continue;
@@ -2751,6 +2757,55 @@ mod tests_stream {
             .write_response_header_ref(&new_response)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn response_heads_share_the_threads_buffer() {
+        HeadScratch::forget();
+        // Each head is written whole and alone: the buffer is emptied between them.
+        for (value, expected) in [
+            (
+                "a-longer-value",
+                &b"HTTP/1.1 200 OK\r\nFoo: a-longer-value\r\n\r\n"[..],
+            ),
+            ("b", &b"HTTP/1.1 200 OK\r\nFoo: b\r\n\r\n"[..]),
+        ] {
+            let mock_io = Builder::new()
+                .read(b"GET / HTTP/1.1\r\n\r\n")
+                .write(expected)
+                .build();
+            let mut http_stream = HttpSession::new(Box::new(mock_io));
+            http_stream.read_request().await.unwrap();
+            let mut response = ResponseHeader::build(StatusCode::OK, None).unwrap();
+            response.append_header("Foo", value).unwrap();
+            http_stream.update_resp_headers = false;
+            http_stream
+                .write_response_header_ref(&response)
+                .await
+                .unwrap();
+            // Kept for the next head on this thread.
+            assert!(HeadScratch::kept_capacity() >= INIT_HEADER_BUF_SIZE);
+        }
+
+        // A head that outgrew the kept size leaves no buffer that large behind.
+        let long = "v".repeat(HeadScratch::KEPT_CAPACITY);
+        let mut expected = b"HTTP/1.1 200 OK\r\nFoo: ".to_vec();
+        expected.extend_from_slice(long.as_bytes());
+        expected.extend_from_slice(b"\r\n\r\n");
+        let mock_io = Builder::new()
+            .read(b"GET / HTTP/1.1\r\n\r\n")
+            .write(&expected)
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_request().await.unwrap();
+        let mut response = ResponseHeader::build(StatusCode::OK, None).unwrap();
+        response.append_header("Foo", long.as_str()).unwrap();
+        http_stream.update_resp_headers = false;
+        http_stream
+            .write_response_header_ref(&response)
+            .await
+            .unwrap();
+        assert!(HeadScratch::kept_capacity() <= HeadScratch::KEPT_CAPACITY);
     }
 
     #[tokio::test]
