@@ -196,13 +196,12 @@ impl HttpSession {
         let mut to_wire = HeadScratch::take();
         to_wire.reserve(512);
         if http_req_header_to_buf(&req, &mut to_wire).is_none() {
-            HeadScratch::give_back(to_wire);
             return Error::e_explain(
                 InvalidHTTPHeader,
                 "request-line contains forbidden delimiter bytes or unsupported HTTP version",
             );
         }
-        trace!("Writing request header: {to_wire:?}");
+        trace!("Writing request header: {:?}", *to_wire);
         let wire_len = to_wire.len();
 
         let write_fut = self.underlying_stream.write_all(to_wire.as_ref());
@@ -213,7 +212,7 @@ impl HttpSession {
             },
             None => write_fut.await,
         };
-        HeadScratch::give_back(to_wire);
+        drop(to_wire);
         written.map_err(|e| match e.kind() {
             ErrorKind::TimedOut => {
                 Error::because(WriteTimedout, "while writing request headers (timeout)", e)

@@ -41,8 +41,9 @@ pub(crate) const ADDED_FIELDS_ROOM: usize = 8;
 /// The buffer a thread serializes HTTP/1 heads into where the head is written straight
 /// away (copied into the stream's write buffer, or sent): a new buffer a head, 4 KiB for a
 /// response (over 1 KiB, mimalloc's slower path every time), held a few hundred bytes for
-/// that long.
-pub(super) struct HeadScratch;
+/// that long. Held until dropped, however the write ends (done, failed, skipped or
+/// cancelled), then kept, emptied, for the thread's next head.
+pub(super) struct HeadScratch(BytesMut);
 
 thread_local! {
     static HEAD_SCRATCH: std::cell::Cell<BytesMut> = std::cell::Cell::new(BytesMut::new());
@@ -53,18 +54,10 @@ impl HeadScratch {
     /// is not kept for the thread's life.
     pub(super) const KEPT_CAPACITY: usize = 4 * INIT_HEADER_BUF_SIZE;
 
-    /// The thread's buffer, empty; an empty new one while a session on this thread is
-    /// writing with it (its write waiting on the socket).
-    pub(super) fn take() -> BytesMut {
-        HEAD_SCRATCH.with(|buf| buf.take())
-    }
-
-    /// Keeps `buf`, emptied, for the next head.
-    pub(super) fn give_back(mut buf: BytesMut) {
-        buf.clear();
-        if buf.capacity() <= Self::KEPT_CAPACITY {
-            HEAD_SCRATCH.with(|kept| kept.set(buf));
-        }
+    /// The thread's buffer, empty; an empty new one while a session on this thread holds
+    /// it (its write waiting on the socket).
+    pub(super) fn take() -> Self {
+        HeadScratch(HEAD_SCRATCH.with(|buf| buf.take()))
     }
 
     /// The capacity of the buffer the thread keeps.
@@ -81,6 +74,31 @@ impl HeadScratch {
     #[cfg(test)]
     pub(super) fn forget() {
         HEAD_SCRATCH.with(|kept| kept.set(BytesMut::new()));
+    }
+}
+
+impl std::ops::Deref for HeadScratch {
+    type Target = BytesMut;
+
+    fn deref(&self) -> &BytesMut {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HeadScratch {
+    fn deref_mut(&mut self) -> &mut BytesMut {
+        &mut self.0
+    }
+}
+
+impl Drop for HeadScratch {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.0);
+        buf.clear();
+        if buf.capacity() <= Self::KEPT_CAPACITY {
+            // A session dropped while its thread's locals are torn down keeps nothing.
+            let _ = HEAD_SCRATCH.try_with(|kept| kept.set(buf));
+        }
     }
 }
 

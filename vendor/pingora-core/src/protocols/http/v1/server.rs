@@ -707,15 +707,14 @@ impl HttpSession {
     /// This function can be called more than once to send 1xx informational headers excluding 101.
     pub async fn write_response_header(&mut self, mut header: Box<ResponseHeader>) -> Result<()> {
         // Prepare header (handle upgrades, set headers, initialize body writer, serialize to bytes)
-        let Some((write_buf, flush)) =
-            self.prepare_response_header(&mut header, HeadScratch::take())?
-        else {
+        let mut write_buf = HeadScratch::take();
+        let Some(flush) = self.prepare_response_header(&mut header, &mut write_buf)? else {
             // Header already sent or should be ignored
             return Ok(());
         };
 
         let written = self.underlying_stream.write_all(&write_buf).await;
-        HeadScratch::give_back(write_buf);
+        drop(write_buf);
         match written {
             Ok(()) => {
                 // flush the stream if 1xx header or there is no response body
@@ -871,13 +870,13 @@ impl HttpSession {
 
     /// Prepare response header for writing: handle upgrades, set headers, initialize body writer.
     /// This contains all the synchronous logic that should happen before writing the header.
-    /// Returns Ok(Some((bytes, should_flush))) if the header should be written, Ok(None) if should skip.
-    /// The head is serialized into `write_buf` (empty).
+    /// Returns Ok(Some(should_flush)) if the header should be written, serialized into
+    /// `write_buf` (empty), Ok(None) if should skip.
     fn prepare_response_header(
         &mut self,
         header: &mut ResponseHeader,
-        mut write_buf: BytesMut,
-    ) -> Result<Option<(BytesMut, bool)>> {
+        write_buf: &mut BytesMut,
+    ) -> Result<Option<bool>> {
         // Check if we should ignore informational responses
         if header.status.is_informational() && self.ignore_info_resp(header.status.into()) {
             debug!("ignoring informational headers");
@@ -973,7 +972,7 @@ impl HttpSession {
 
         // Serialize header to bytes
         write_buf.reserve(INIT_HEADER_BUF_SIZE);
-        http_resp_header_to_buf(header, &mut write_buf)
+        http_resp_header_to_buf(header, write_buf)
             .map_err(|_| Error::explain(WriteError, "serializing response header"))?;
 
         // Determine if we should flush
@@ -986,7 +985,7 @@ impl HttpSession {
 
         // Not frozen: a buffer with room to spare becomes `Bytes` through a shared
         // header, an allocation, and the plain write path only borrows it.
-        Ok(Some((write_buf, should_flush)))
+        Ok(Some(should_flush))
     }
 
     fn init_body_writer(&mut self, header: &ResponseHeader) {
@@ -1764,8 +1763,9 @@ impl HttpSession {
 
             match task {
                 HttpTask::Header(mut header, end) => {
-                    let Some((write_buf, should_flush)) =
-                        self.prepare_response_header(&mut header, BytesMut::new())?
+                    let mut write_buf = BytesMut::new();
+                    let Some(should_flush) =
+                        self.prepare_response_header(&mut header, &mut write_buf)?
                     else {
                         end_stream = end;
                         continue;
@@ -2806,6 +2806,24 @@ mod tests_stream {
             .await
             .unwrap();
         assert!(HeadScratch::kept_capacity() <= HeadScratch::KEPT_CAPACITY);
+    }
+
+    #[tokio::test]
+    async fn an_ignored_informational_head_gives_the_buffer_back() {
+        HeadScratch::forget();
+        HeadScratch::take().reserve(INIT_HEADER_BUF_SIZE);
+        assert!(HeadScratch::kept_capacity() >= INIT_HEADER_BUF_SIZE);
+
+        let mock_io = Builder::new().read(b"GET / HTTP/1.1\r\n\r\n").build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.ignore_info_resp = true;
+        http_stream.read_request().await.unwrap();
+        let response_100 = ResponseHeader::build(StatusCode::CONTINUE, None).unwrap();
+        http_stream
+            .write_response_header_ref(&response_100)
+            .await
+            .unwrap();
+        assert!(HeadScratch::kept_capacity() >= INIT_HEADER_BUF_SIZE);
     }
 
     #[tokio::test]
