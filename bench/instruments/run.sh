@@ -14,7 +14,11 @@
 # CALLGRIND_OUT (a directory to keep the callgrind profiles in, for callgrind_annotate),
 # CACHE_SIM (when 1, callgrind also simulates a 32 KiB L1i, 48 KiB L1d and 2 MiB last
 # level, and two columns more give the first-level misses a request: instruction and data
-# lines the request's code and data did not find there, its footprint beyond L1).
+# lines the request's code and data did not find there, its footprint beyond L1),
+# IN_FLIGHT (when set, e.g. 32, a last column: instructions a request with that many
+# keep-alive connections loading the target for DURATION seconds under callgrind, wrk's
+# count; the sequential count pays a poll of the event loop, a park and the timer
+# wheel's turn on every request, where a loaded proxy pays them once for several).
 # Needs perf, valgrind, wrk, python3; nginx for the origin and the
 # nginx row (without nginx, tollgate-upstream is the origin and the nginx row is skipped).
 set -euo pipefail
@@ -67,12 +71,17 @@ ticks() { awk '{print $14 + $15, $14, $15}' "/proc/$1/stat"; }
 cache_sim=()
 if [ "${CACHE_SIM:-0}" = 1 ]; then
   cache_sim=(--cache-sim=yes --I1=32768,8,64 --D1=49152,12,64 --LL=2097152,16,64)
-  printf '| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req | L1i misses/req | L1d misses/req |\n'
-  printf '|---|---:|---:|---:|---:|---:|---:|---:|\n'
+  header='| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req | L1i misses/req | L1d misses/req |'
+  rule='|---|---:|---:|---:|---:|---:|---:|---:|'
 else
-  printf '| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req |\n'
-  printf '|---|---:|---:|---:|---:|---:|\n'
+  header='| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req |'
+  rule='|---|---:|---:|---:|---:|---:|'
 fi
+if [ -n "${IN_FLIGHT:-}" ]; then
+  header="$header instructions/req, $IN_FLIGHT in flight |"
+  rule="$rule---:|"
+fi
+printf '%s\n%s\n' "$header" "$rule"
 for name in $TARGETS; do
   start "$name"
   taskset -c 0 wrk -t1 -c64 -d1s "http://127.0.0.1:$PROXY_PORT$ORIGIN_PATH" >/dev/null
@@ -103,17 +112,26 @@ for _ in range(int(sys.argv[3])):
 EOF
   callgrind_control -d "$target" >/dev/null 2>&1
   # totals: Ir, and with the cache simulation Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
-  read -r instructions i1_misses d1_misses < <(awk '/^totals:/ {print $2, $5, $6 + $7}' "$RUN/$name".cg.* | tail -1)
+  read -r instructions i1_misses d1_misses < <(awk '/^totals:/ {print $2, $5, $6 + $7}' "$RUN/$name".cg.1)
+  in_flight=
+  if [ -n "${IN_FLIGHT:-}" ]; then
+    callgrind_control -z "$target" >/dev/null 2>&1
+    taskset -c 0 wrk -t1 -c"$IN_FLIGHT" -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT$ORIGIN_PATH" \
+      > "$RUN/$name.wrk-in-flight"
+    callgrind_control -d "$target" >/dev/null 2>&1
+    in_flight=$(awk -v r="$(awk '/requests in/ {print $1}' "$RUN/$name.wrk-in-flight")" \
+      '/^totals:/ {printf " %d |", $2 / r}' "$RUN/$name".cg.2)
+  fi
   if [ -n "${CALLGRIND_OUT:-}" ]; then mkdir -p "$CALLGRIND_OUT" && cp "$RUN/$name".cg.* "$CALLGRIND_OUT/"; fi
   stop
 
   awk -v n="$name" -v r="$requests" -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$hz" \
     -v sc="$(count raw_syscalls:sys_enter)" -v cs="$(count context-switches)" \
     -v wk="$(count sched:sched_wakeup)" -v ins="$instructions" -v q="$REQUESTS" \
-    -v sim="${#cache_sim[@]}" -v i1="$i1_misses" -v d1="$d1_misses" 'BEGIN {
+    -v sim="${#cache_sim[@]}" -v i1="$i1_misses" -v d1="$d1_misses" -v in_flight="$in_flight" 'BEGIN {
       us = 1e6 / hz / r
       printf "| %s | %.1f (%.1f + %.1f) | %.2f | %.3f | %.3f | %d |", n, (u + s) * us, u * us, s * us,
         sc / r, cs / r, wk / r, ins / q
       if (sim > 0) printf " %d | %d |", i1 / q, d1 / q
-      printf "\n" }'
+      printf "%s\n", in_flight }'
 done

@@ -29,7 +29,7 @@ use std::pin::{pin, Pin};
 use std::str;
 use std::task::Poll;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::{sleep_until, Sleep};
 
 use super::body::{BodyReader, BodyWriter};
@@ -385,7 +385,8 @@ impl HttpSession {
                             return self.fail_response_header_read(e);
                         }
 
-                        let buf = std::mem::take(&mut self.response_header_read_buf).freeze();
+                        let read = std::mem::take(&mut self.response_header_read_buf);
+                        let buf = HeadReadBuffer::copy_out(read).freeze();
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
@@ -466,21 +467,13 @@ impl HttpSession {
                 ));
             }
 
-            if self
-                .response_header_read_buf
-                .capacity()
-                .saturating_sub(self.response_header_read_buf.len())
-                < INIT_HEADER_BUF_SIZE
-            {
-                self.response_header_read_buf.reserve(INIT_HEADER_BUF_SIZE);
-            }
-
             let read_result = match self.read_timeout {
                 Some(t) => {
                     let mut timer = ReadTimer::take(&mut self.underlying_stream, t);
-                    let read_fut = self
-                        .underlying_stream
-                        .read_buf(&mut self.response_header_read_buf);
+                    let read_fut = HeadReadBuffer::read(
+                        &mut self.underlying_stream,
+                        &mut self.response_header_read_buf,
+                    );
                     let read_result = timer.within(t, read_fut).await;
                     timer.keep(&mut self.underlying_stream);
                     match read_result {
@@ -494,9 +487,11 @@ impl HttpSession {
                     }
                 }
                 None => {
-                    self.underlying_stream
-                        .read_buf(&mut self.response_header_read_buf)
-                        .await
+                    HeadReadBuffer::read(
+                        &mut self.underlying_stream,
+                        &mut self.response_header_read_buf,
+                    )
+                    .await
                 }
             };
 
@@ -1970,6 +1965,36 @@ mod tests_stream {
         http_stream.write_body(b"ab").await.unwrap();
 
         assert_eq!(http_stream.body_bytes_sent(), 2);
+    }
+
+    #[tokio::test]
+    async fn response_heads_are_read_in_the_threads_buffer() {
+        use tokio::io::AsyncWriteExt;
+        HeadReadBuffer::forget();
+        let (client, mut upstream) = tokio::io::duplex(1024);
+        let mut first = HttpSession::new(Box::new(client));
+        {
+            let mut read = std::pin::pin!(first.read_response());
+            // Waiting for the head, the session holds no buffer: the thread's went back.
+            assert!(futures::poll!(read.as_mut()).is_pending());
+            assert!(HeadReadBuffer::kept_capacity() >= INIT_HEADER_BUF_SIZE);
+            upstream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nFoo: one\r\n\r\nabc")
+                .await
+                .unwrap();
+            read.await.unwrap();
+        }
+        // Given back once the head is read.
+        assert!(HeadReadBuffer::kept_capacity() >= INIT_HEADER_BUF_SIZE);
+
+        // The next head on this thread is read in that buffer, and the first head's
+        // fields and body, copied out of it, are still its own.
+        let wire = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nFoo: two\r\n\r\n";
+        let mut second = HttpSession::new(Box::new(Builder::new().read(wire).build()));
+        second.read_response().await.unwrap();
+        assert_eq!(second.resp_header().unwrap().headers["Foo"], "two");
+        assert_eq!(first.resp_header().unwrap().headers["Foo"], "one");
+        assert_eq!(first.read_body_bytes().await.unwrap().unwrap(), "abc");
     }
 
     #[tokio::test]

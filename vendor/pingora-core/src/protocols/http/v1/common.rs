@@ -19,11 +19,17 @@ use http::{header, HeaderValue};
 use log::{debug, warn};
 use pingora_error::{Error, ErrorType::*, Result};
 use pingora_http::{FramingMemo, HMap, RequestHeader, ResponseHeader};
+use std::cell::RefCell;
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::str;
+use std::task::Poll;
+use std::thread::LocalKey;
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
 
 use super::body::BodyWriter;
+use crate::protocols::Stream;
 use crate::utils::KVRef;
 
 pub(super) const MAX_HEADERS: usize = 256;
@@ -46,35 +52,45 @@ pub(crate) const ADDED_FIELDS_ROOM: usize = 8;
 pub(super) struct HeadScratch(BytesMut);
 
 thread_local! {
-    static HEAD_SCRATCH: std::cell::Cell<BytesMut> = std::cell::Cell::new(BytesMut::new());
+    static HEAD_SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    static READ_SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// A buffer this long or shorter is kept for the thread's next head: one that grew past
+/// it (a head of many KiB) is not kept for the thread's life.
+pub(super) const KEPT_CAPACITY: usize = 4 * INIT_HEADER_BUF_SIZE;
+
+/// Keeps `buf`, emptied, in `home` for the thread's next head, in place of what is there.
+fn keep(home: &'static LocalKey<RefCell<BytesMut>>, mut buf: BytesMut) {
+    buf.clear();
+    if buf.capacity() != 0 && buf.capacity() <= KEPT_CAPACITY {
+        // A session dropped while its thread's locals are torn down keeps nothing.
+        let _ = home.try_with(|kept| *kept.borrow_mut() = buf);
+    }
 }
 
 impl HeadScratch {
-    /// A head this long or shorter leaves its buffer for the next: one that grew past it
-    /// is not kept for the thread's life.
-    pub(super) const KEPT_CAPACITY: usize = 4 * INIT_HEADER_BUF_SIZE;
-
     /// The thread's buffer, empty; an empty new one while a session on this thread holds
     /// it (its write waiting on the socket).
     pub(super) fn take() -> Self {
-        HeadScratch(HEAD_SCRATCH.with(|buf| buf.take()))
+        HeadScratch(HEAD_SCRATCH.with_borrow_mut(std::mem::take))
     }
 
     /// The capacity of the buffer the thread keeps.
     #[cfg(test)]
     pub(super) fn kept_capacity() -> usize {
-        HEAD_SCRATCH.with(|kept| {
-            let buf = kept.take();
-            let capacity = buf.capacity();
-            kept.set(buf);
-            capacity
-        })
+        kept_capacity(&HEAD_SCRATCH)
     }
 
     #[cfg(test)]
     pub(super) fn forget() {
-        HEAD_SCRATCH.with(|kept| kept.set(BytesMut::new()));
+        HEAD_SCRATCH.set(BytesMut::new());
     }
+}
+
+#[cfg(test)]
+fn kept_capacity(home: &'static LocalKey<RefCell<BytesMut>>) -> usize {
+    home.with_borrow(BytesMut::capacity)
 }
 
 impl std::ops::Deref for HeadScratch {
@@ -93,12 +109,67 @@ impl std::ops::DerefMut for HeadScratch {
 
 impl Drop for HeadScratch {
     fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.0);
-        buf.clear();
-        if buf.capacity() <= Self::KEPT_CAPACITY {
-            // A session dropped while its thread's locals are torn down keeps nothing.
-            let _ = HEAD_SCRATCH.try_with(|kept| kept.set(buf));
+        keep(&HEAD_SCRATCH, std::mem::take(&mut self.0));
+    }
+}
+
+/// The buffer a thread reads HTTP/1 heads into. A head's first bytes are read into it,
+/// then copied into a buffer of their own length, which the parsed head shares: a
+/// request or response head of a few hundred bytes holds that many, not a 4 KiB read
+/// buffer (over 1 KiB, mimalloc's slower path, on every head). Each read attempt reads
+/// into it where the thread keeps it, and a session takes it only once a read found
+/// bytes: one waiting for its head (for the upstream's answer, for a kept-alive client's
+/// next request) holds none.
+pub(super) struct HeadReadBuffer;
+
+impl HeadReadBuffer {
+    /// Reads a head's next bytes into `buf`, with room for [`INIT_HEADER_BUF_SIZE`] more.
+    /// A `buf` without a buffer yet takes the thread's read buffer once a read finds
+    /// bytes (a new one while a session on this thread holds it, its head arriving in
+    /// several reads); the head is then read on in it, and [`Self::copy_out()`] gives it
+    /// back.
+    pub(super) async fn read(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
+        if buf.capacity() != 0 {
+            if buf.capacity() - buf.len() < INIT_HEADER_BUF_SIZE {
+                buf.reserve(INIT_HEADER_BUF_SIZE);
+            }
+            return stream.read_buf(buf).await;
         }
+        std::future::poll_fn(|cx| {
+            READ_SCRATCH.with_borrow_mut(|kept| {
+                // Empty: an attempt that reads nothing leaves nothing in it.
+                if kept.capacity() < INIT_HEADER_BUF_SIZE {
+                    kept.reserve(INIT_HEADER_BUF_SIZE);
+                }
+                let polled = std::pin::pin!(stream.read_buf(kept)).poll(cx);
+                if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+                    *buf = std::mem::take(kept);
+                }
+                polled
+            })
+        })
+        .await
+    }
+
+    /// The bytes a head was read with, `read` itself kept for the thread's next head.
+    pub(super) fn copy_out(read: BytesMut) -> BytesMut {
+        // A byte of room more than the bytes: a buffer with room left freezes into a
+        // shared `Bytes` at once, where a full one freezes into a promotable one, whose
+        // every slice and clone (a head's fields are slices of it) checks for promotion.
+        let mut copy = BytesMut::with_capacity(read.len() + 1);
+        copy.extend_from_slice(&read);
+        keep(&READ_SCRATCH, read);
+        copy
+    }
+
+    #[cfg(test)]
+    pub(super) fn kept_capacity() -> usize {
+        kept_capacity(&READ_SCRATCH)
+    }
+
+    #[cfg(test)]
+    pub(super) fn forget() {
+        READ_SCRATCH.set(BytesMut::new());
     }
 }
 

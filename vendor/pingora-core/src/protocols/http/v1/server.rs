@@ -246,7 +246,7 @@ impl HttpSession {
         already_read: usize,
     ) -> Result<Option<usize>> {
         let (keepalive, read_timeout) = (self.keepalive_timeout.clone(), self.read_timeout);
-        let read_event = self.underlying_stream.read_buf(buf);
+        let read_event = HeadReadBuffer::read(&mut self.underlying_stream, buf);
         let Some(read_result) = Self::timed_head_read(keepalive, read_timeout, read_event).await?
         else {
             return Ok(None);
@@ -307,6 +307,8 @@ impl HttpSession {
         // below tries to parse first when we already have pipelined bytes —
         // a pipelined prefix can contain a complete request header, in which
         // case we must NOT issue another stream read (which would block).
+        // Whether `buf` is the thread's read buffer, which the head does not keep.
+        let mut from_thread = false;
         let mut buf = match self
             .pipelined_prefix
             .take()
@@ -328,7 +330,8 @@ impl HttpSession {
                     }
                     None => return Ok(None),
                 }
-                BytesMut::with_capacity(INIT_HEADER_BUF_SIZE)
+                from_thread = true;
+                BytesMut::new()
             }
         };
         let mut already_read = buf.len();
@@ -394,6 +397,9 @@ impl HttpSession {
                             _ => Version::HTTP_09,
                         };
                         let size_hint = Some(req.headers.len() + ADDED_FIELDS_ROOM);
+                        if from_thread {
+                            buf = HeadReadBuffer::copy_out(std::mem::take(&mut buf));
+                        }
 
                         // Detach bytes beyond the header in O(1). Keeping them as owned BytesMut
                         // allows body parsing and subsequent pipelined sessions to continue
@@ -496,6 +502,7 @@ impl HttpSession {
                             // try to escape URI
                             if let Some(new_buf) = escape_illegal_request_line(&buf) {
                                 buf = new_buf;
+                                from_thread = false;
                                 already_read = buf.len();
                             } else {
                                 debug!("Invalid request header from {:?}", self.underlying_stream);
@@ -2760,6 +2767,32 @@ mod tests_stream {
     }
 
     #[tokio::test]
+    async fn request_heads_are_read_in_the_threads_buffer() {
+        HeadReadBuffer::forget();
+        // The head arrives in two reads, and is read on in the buffer it began in.
+        let mock_io = Builder::new()
+            .read(b"POST /a HTTP/1.1\r\nFoo: one\r\n")
+            .read(b"Content-Length: 3\r\n\r\nabc")
+            .build();
+        let mut first = HttpSession::new(Box::new(mock_io));
+        first.read_request().await.unwrap();
+        // Given back once the head is read.
+        assert!(HeadReadBuffer::kept_capacity() >= INIT_HEADER_BUF_SIZE);
+
+        // The next head on this thread is read in that buffer, and the first head's
+        // fields and body, copied out of it, are still its own.
+        let mock_io = Builder::new()
+            .read(b"GET /b HTTP/1.1\r\nFoo: two\r\n\r\n")
+            .build();
+        let mut second = HttpSession::new(Box::new(mock_io));
+        second.read_request().await.unwrap();
+        assert_eq!(second.req_header().headers["Foo"], "two");
+        assert_eq!(first.req_header().uri.path(), "/a");
+        assert_eq!(first.req_header().headers["Foo"], "one");
+        assert_eq!(first.read_body_bytes().await.unwrap().unwrap(), "abc");
+    }
+
+    #[tokio::test]
     async fn response_heads_share_the_threads_buffer() {
         HeadScratch::forget();
         // Each head is written whole and alone: the buffer is emptied between them.
@@ -2788,7 +2821,7 @@ mod tests_stream {
         }
 
         // A head that outgrew the kept size leaves no buffer that large behind.
-        let long = "v".repeat(HeadScratch::KEPT_CAPACITY);
+        let long = "v".repeat(KEPT_CAPACITY);
         let mut expected = b"HTTP/1.1 200 OK\r\nFoo: ".to_vec();
         expected.extend_from_slice(long.as_bytes());
         expected.extend_from_slice(b"\r\n\r\n");
@@ -2805,7 +2838,7 @@ mod tests_stream {
             .write_response_header_ref(&response)
             .await
             .unwrap();
-        assert!(HeadScratch::kept_capacity() <= HeadScratch::KEPT_CAPACITY);
+        assert!(HeadScratch::kept_capacity() <= KEPT_CAPACITY);
     }
 
     #[tokio::test]
