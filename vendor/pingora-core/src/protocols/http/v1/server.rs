@@ -300,6 +300,8 @@ impl HttpSession {
             tokio::task::consume_budget().await;
         }
 
+        // Whether `buf` is the thread's read buffer, which the head does not keep.
+        let mut from_thread = false;
         // If the caller (e.g. the proxy layer completing a pipelined request on
         // a reused keep-alive connection) handed us bytes that were read past
         // the end of the previous request's body, pre-fill our parse buffer so
@@ -307,8 +309,6 @@ impl HttpSession {
         // below tries to parse first when we already have pipelined bytes —
         // a pipelined prefix can contain a complete request header, in which
         // case we must NOT issue another stream read (which would block).
-        // Whether `buf` is the thread's read buffer, which the head does not keep.
-        let mut from_thread = false;
         let mut buf = match self
             .pipelined_prefix
             .take()
