@@ -437,26 +437,7 @@ impl GetSocketDigest for ClientStream {
 
 /// No peeking: the read-ahead bytes are served by `poll_read`, and the h2c app, told
 /// peeking is unsupported, keeps to HTTP/2 as it was asked to.
-#[async_trait]
-impl Peek for ClientStream {
-    /// Pingora waits here, before it takes a buffer for the next request head; the idle
-    /// deadline applies as it does to a read. Once a head has begun, the read that follows
-    /// applies the head deadline.
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.replayed < self.read_ahead.len() {
-            return Poll::Ready(Ok(()));
-        }
-        let ready = self.inner.poll_read_ready(cx);
-        match &mut self.head {
-            Some(head) if ready.is_pending() => match head.phase.load(Ordering::Relaxed) {
-                IDLE | WAITING if !head.idle_wait_over(cx) => Poll::Pending,
-                // The read reports the idle timeout (an end of stream) or the head's.
-                _ => Poll::Ready(Ok(())),
-            },
-            _ => ready,
-        }
-    }
-}
+impl Peek for ClientStream {}
 
 #[cfg(test)]
 mod tests {

@@ -79,18 +79,6 @@ pub trait Peek {
     async fn try_peek(&mut self, _buf: &mut [u8]) -> std::io::Result<bool> {
         Ok(false)
     }
-
-    /// Polls until a read would find bytes, the end of the stream or an error, without
-    /// reading: a caller that may wait long for the first bytes (a kept-alive connection
-    /// between requests) takes its read buffer only once there is something to read.
-    /// By default the stream is taken to be ready at once: the caller reads, and waits
-    /// in the read.
-    fn poll_read_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
 }
 
 use std::any::Any;

@@ -834,23 +834,6 @@ impl Peek for Stream {
         self.rewind(buf);
         Ok(true)
     }
-
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.rewind_read_buf.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        if let BufferedStream::BufferedRead(reader) = self.stream() {
-            if !reader.buffer().is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-        }
-        match &self.stream().get_ref().stream {
-            RawStream::Tcp(s) => s.poll_read_ready(cx),
-            #[cfg(unix)]
-            RawStream::Unix(s) => s.poll_read_ready(cx),
-            RawStream::Virtual(_) => Poll::Ready(Ok(())),
-        }
-    }
 }
 
 #[async_trait]
@@ -1146,35 +1129,6 @@ mod tests {
         let mut pong = [0; 4];
         std::io::Read::read_exact(&mut peer, &mut pong).unwrap();
         assert_eq!(&pong, b"pong");
-    }
-
-    #[tokio::test]
-    async fn test_poll_read_ready() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let mut stream: Stream = listener.accept().await.unwrap().0.into();
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        // Readiness is tokio's: a read that finds nothing clears it.
-        let mut byte = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut byte);
-        assert!(Pin::new(&mut stream)
-            .poll_read(&mut cx, &mut buf)
-            .is_pending());
-        assert!(stream.poll_read_ready(&mut cx).is_pending());
-
-        client.write_all(b"x").await.unwrap();
-        let ready = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
-        tokio::time::timeout(Duration::from_secs(5), ready)
-            .await
-            .unwrap()
-            .unwrap();
-        stream.read_exact(&mut byte).await.unwrap();
-
-        // Bytes put back are there to read at once.
-        stream.rewind(&byte);
-        assert!(stream.poll_read_ready(&mut cx).is_ready());
     }
 
     #[cfg(target_os = "linux")]

@@ -24,9 +24,9 @@ pub mod server;
 #[cfg(test)]
 pub(crate) mod test_util {
     use std::pin::Pin;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::task::{Context, Poll, Waker};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
     use tokio_test::io::Mock;
 
@@ -34,33 +34,10 @@ pub(crate) mod test_util {
     ///
     /// `tokio_test::io::Mock`'s `poll_flush` always returns `Ready(Ok(()))`,
     /// so we can't detect flush calls via mock alone. This wrapper counts them.
-    /// Made [`gated`](Self::gated), it also reports itself readable only once its
-    /// [`ReadGate`] opens, and records a read attempted before.
     #[derive(Debug)]
     pub(crate) struct FlushTrackingMock {
         inner: Mock,
         flush_count: Arc<AtomicUsize>,
-        gate: Option<Arc<ReadGate>>,
-    }
-
-    #[derive(Debug, Default)]
-    pub(crate) struct ReadGate {
-        open: AtomicBool,
-        read_while_closed: AtomicBool,
-        waker: Mutex<Option<Waker>>,
-    }
-
-    impl ReadGate {
-        pub(crate) fn open(&self) {
-            self.open.store(true, Ordering::SeqCst);
-            if let Some(waker) = self.waker.lock().unwrap().take() {
-                waker.wake();
-            }
-        }
-
-        pub(crate) fn read_while_closed(&self) -> bool {
-            self.read_while_closed.load(Ordering::SeqCst)
-        }
     }
 
     impl FlushTrackingMock {
@@ -70,17 +47,9 @@ pub(crate) mod test_util {
                 FlushTrackingMock {
                     inner: mock,
                     flush_count: flush_count.clone(),
-                    gate: None,
                 },
                 flush_count,
             )
-        }
-
-        pub(crate) fn gated(mock: Mock) -> (Self, Arc<ReadGate>) {
-            let gate = Arc::new(ReadGate::default());
-            let (mut this, _) = Self::new(mock);
-            this.gate = Some(gate.clone());
-            (this, gate)
         }
 
         pub(crate) fn flush_count(counter: &Arc<AtomicUsize>) -> usize {
@@ -94,13 +63,7 @@ pub(crate) mod test_util {
             cx: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
-            let this = self.get_mut();
-            if let Some(gate) = &this.gate {
-                if !gate.open.load(Ordering::SeqCst) {
-                    gate.read_while_closed.store(true, Ordering::SeqCst);
-                }
-            }
-            Pin::new(&mut this.inner).poll_read(cx, buf)
+            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
         }
     }
 
@@ -159,19 +122,5 @@ pub(crate) mod test_util {
             None
         }
     }
-    impl Peek for FlushTrackingMock {
-        fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            match &self.gate {
-                Some(gate) if !gate.open.load(Ordering::SeqCst) => {
-                    *gate.waker.lock().unwrap() = Some(cx.waker().clone());
-                    // Opened between the check and the waker's store: not left waiting.
-                    if gate.open.load(Ordering::SeqCst) {
-                        return Poll::Ready(Ok(()));
-                    }
-                    Poll::Pending
-                }
-                _ => Poll::Ready(Ok(())),
-            }
-        }
-    }
+    impl Peek for FlushTrackingMock {}
 }

@@ -207,49 +207,36 @@ impl HttpSession {
         }
     }
 
-    /// Awaits `read_event`, a read of the stream for a request head's bytes, within the
-    /// time the session gives them: the keep-alive timeout, or with keep-alive off the
-    /// read timeout. `Ok(None)`: the keep-alive timeout passed first.
-    async fn timed_head_read<T>(
-        keepalive: KeepaliveStatus,
-        read_timeout: Option<Duration>,
-        read_event: impl std::future::Future<Output = T>,
-    ) -> Result<Option<T>> {
-        match keepalive {
-            KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
-                Ok(res) => Ok(Some(res)),
-                Err(e) => {
-                    debug!("keepalive timeout {d:?} reached, {e}");
-                    Ok(None)
-                }
-            },
-            KeepaliveStatus::Infinite => {
-                // FIXME: this should only apply to reads between requests
-                Ok(Some(read_event.await))
-            }
-            KeepaliveStatus::Off => match read_timeout {
-                Some(t) => match timeout(t, read_event).await {
-                    Ok(res) => Ok(Some(res)),
-                    Err(e) => {
-                        debug!("read timeout {t:?} reached, {e}");
-                        Error::e_explain(ReadTimedout, format!("timeout: {t:?}"))
-                    }
-                },
-                None => Ok(Some(read_event.await)),
-            },
-        }
-    }
-
     async fn read_request_buf(
         &mut self,
         buf: &mut BytesMut,
         already_read: usize,
     ) -> Result<Option<usize>> {
-        let (keepalive, read_timeout) = (self.keepalive_timeout.clone(), self.read_timeout);
-        let read_event = HeadReadBuffer::read(&mut self.underlying_stream, buf);
-        let Some(read_result) = Self::timed_head_read(keepalive, read_timeout, read_event).await?
-        else {
-            return Ok(None);
+        let read_result = {
+            let read_event = HeadReadBuffer::read(&mut self.underlying_stream, buf);
+            match self.keepalive_timeout {
+                KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
+                    Ok(res) => res,
+                    Err(e) => {
+                        debug!("keepalive timeout {d:?} reached, {e}");
+                        return Ok(None);
+                    }
+                },
+                KeepaliveStatus::Infinite => {
+                    // FIXME: this should only apply to reads between requests
+                    read_event.await
+                }
+                KeepaliveStatus::Off => match self.read_timeout {
+                    Some(t) => match timeout(t, read_event).await {
+                        Ok(res) => res,
+                        Err(e) => {
+                            debug!("read timeout {t:?} reached, {e}");
+                            return Error::e_explain(ReadTimedout, format!("timeout: {t:?}"));
+                        }
+                    },
+                    None => read_event.await,
+                },
+            }
         };
 
         match read_result {
@@ -316,20 +303,8 @@ impl HttpSession {
         {
             Some(prefix) => prefix,
             None => {
-                // A kept-alive connection may wait long for its next request: it takes
-                // its head buffer once there is something to read (nginx does the same).
-                let (keepalive, read_timeout) = (self.keepalive_timeout.clone(), self.read_timeout);
-                let stream = &mut self.underlying_stream;
-                let readable = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
-                match Self::timed_head_read(keepalive, read_timeout, readable).await? {
-                    Some(Ok(())) => {}
-                    // Nothing read yet: closed quietly, as a failed first read is.
-                    Some(Err(e)) => {
-                        debug!("error while waiting for a request head: {e}");
-                        return Ok(None);
-                    }
-                    None => return Ok(None),
-                }
+                // No buffer yet: a kept-alive connection waiting for its next request
+                // holds none, as the thread's is taken only by a read that finds bytes.
                 from_thread = true;
                 BytesMut::new()
             }
@@ -1993,27 +1968,6 @@ mod tests_stream {
         assert!(http_stream.buf.as_ptr_range().contains(&path.as_ptr()));
     }
 
-    #[tokio::test]
-    async fn read_request_reads_nothing_until_the_stream_is_readable() {
-        init_log();
-        let input = b"GET / HTTP/1.1\r\n\r\n";
-        let mock_io = Builder::new().read(&input[..]).build();
-        let (mock_io, gate) =
-            crate::protocols::http::v1::test_util::FlushTrackingMock::gated(mock_io);
-        let mut http_stream = HttpSession::new(Box::new(mock_io));
-        let mut read = tokio_test::task::spawn(http_stream.read_request());
-        // Waiting for its first bytes, the session has not taken a head buffer to read into.
-        assert!(read.poll().is_pending());
-        assert!(!gate.read_while_closed());
-        gate.open();
-        assert!(read.is_woken());
-        match read.poll() {
-            std::task::Poll::Ready(res) => assert_eq!(input.len(), res.unwrap().unwrap()),
-            std::task::Poll::Pending => panic!("the request is not read once readable"),
-        }
-        assert!(!gate.read_while_closed());
-    }
-
     #[cfg(feature = "patched_http1")]
     #[tokio::test]
     async fn read_invalid_path() {
@@ -2764,6 +2718,20 @@ mod tests_stream {
             .write_response_header_ref(&new_response)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_waiting_for_its_request_holds_no_buffer() {
+        HeadReadBuffer::forget();
+        let (server, mut client) = tokio::io::duplex(1024);
+        let mut http_stream = HttpSession::new(Box::new(server));
+        let mut read = std::pin::pin!(http_stream.read_request());
+        // The read that found nothing gave the thread's buffer back.
+        assert!(futures::poll!(read.as_mut()).is_pending());
+        assert!(HeadReadBuffer::kept_capacity() >= INIT_HEADER_BUF_SIZE);
+        let input = b"GET / HTTP/1.1\r\n\r\n";
+        client.write_all(input).await.unwrap();
+        assert_eq!(read.await.unwrap(), Some(input.len()));
     }
 
     #[tokio::test]
