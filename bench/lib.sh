@@ -86,3 +86,10 @@ stop() {
   kill -KILL "$target" 2>/dev/null || true
   { wait "$target"; } 2>/dev/null || true
 }
+
+# find_oha: sets OHA (unless set: oha on PATH, else cargo's bin directory) and exits if
+# there is none.
+find_oha() {
+  OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
+  [ -x "$OHA" ] || { echo "needs oha: cargo install oha" >&2; exit 1; }
+}

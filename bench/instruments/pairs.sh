@@ -35,7 +35,7 @@ policy=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}")
 policy_2t=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}" -e "s/threads: 1/threads: 2/")
 CPUS_2T=${CPUS_2T:-1}
 CPUS_1T=${CPUS_1T:-1}
-OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
+[ -z "${RATE:-}" ] || find_oha
 
 load() { # load SECONDS: prints the number of requests answered
   if [ -n "${RATE:-}" ]; then

@@ -42,8 +42,7 @@ ENVOY=${ENVOY:-$(command -v envoy || echo "${PEERS_VENV:-/nonexistent}/bin/envoy
 ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
 source bench/lib.sh
 export TOLLGATE_RUN_DIR=$RUN
-OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
-[ -x "$OHA" ] || { echo "needs oha: cargo install oha" >&2; exit 1; }
+find_oha
 if [[ " $TARGETS " == *" envoy "* && ! -x $ENVOY ]]; then
   echo "no envoy ($ENVOY): the envoy row is skipped" >&2
   TARGETS=${TARGETS//envoy/}

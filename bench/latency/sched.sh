@@ -23,8 +23,7 @@ WARMUP=${WARMUP:-3}
 ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
 source bench/lib.sh
 export TOLLGATE_RUN_DIR=$RUN
-OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
-[ -x "$OHA" ] || { echo "needs oha: cargo install oha" >&2; exit 1; }
+find_oha
 
 taskset -c 0 nginx -c "$(nginx_conf origin)" &
 pids+=($!)
