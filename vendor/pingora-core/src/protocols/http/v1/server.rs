@@ -30,6 +30,7 @@ use regex::bytes::Regex;
 use std::any::Any;
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
+use std::num::NonZeroUsize;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -82,8 +83,10 @@ pub struct HttpSession {
     /// Request body can appear here because they could arrive with the same read() that
     /// sends the request header.
     buf: Bytes,
-    /// A slice reference to `buf` which points to the exact range of request header
-    raw_header: Option<BufRef>,
+    /// The length of the request header, which `buf` begins with (a complete header is never
+    /// empty): a length, not a range, keeps the boxed session within mimalloc's small
+    /// objects (1 KiB), whose allocation takes the fast path.
+    raw_header_len: Option<NonZeroUsize>,
     /// Request bytes read beyond the header, owned separately so they can move through the body
     /// reader and into the next pipelined session without copying.
     preread_body: Option<BytesMut>,
@@ -121,7 +124,7 @@ pub struct HttpSession {
     /// `None` once the session has given its stream up for reuse: the digest went with it.
     digest: Option<Box<Digest>>,
     /// Minimum send rate to the client
-    min_send_rate: Option<usize>,
+    min_send_rate: Option<NonZeroUsize>,
     /// When this is enabled informational response headers will not be proxied downstream
     ignore_info_resp: bool,
     /// Disable keepalive if response is sent before downstream body is finished
@@ -174,7 +177,7 @@ impl HttpSession {
         HttpSession {
             underlying_stream,
             buf: Bytes::new(), // zero size, with be replaced by parsed header later
-            raw_header: None,
+            raw_header_len: None,
             preread_body: None,
             body_reader: BodyReader::new(false),
             body_writer: BodyWriter::new(),
@@ -346,7 +349,7 @@ impl HttpSession {
                 let parsed = parse_req_buffer(&mut req, &buf, &mut headers);
                 match parsed {
                     HeaderParseState::Complete(s) => {
-                        self.raw_header = Some(BufRef(0, s));
+                        self.raw_header_len = NonZeroUsize::new(s);
 
                         // We have the header name and values we parsed to be just 0 copy Bytes
                         // referencing the original buf. That requires we convert the buf from
@@ -818,7 +821,7 @@ impl HttpSession {
 
     // calculate write timeout from min_send_rate if set, otherwise return write_timeout
     fn write_timeout(&self, buf_len: usize) -> Option<Duration> {
-        let Some(min_send_rate) = self.min_send_rate.filter(|r| *r > 0) else {
+        let Some(min_send_rate) = self.min_send_rate.map(NonZeroUsize::get) else {
             return self.write_timeout;
         };
 
@@ -1350,7 +1353,7 @@ impl HttpSession {
 
     /// Return the raw bytes of the request header.
     pub fn get_headers_raw_bytes(&self) -> Bytes {
-        self.raw_header.as_ref().unwrap().get_bytes(&self.buf)
+        self.buf.slice(..self.raw_header_len.unwrap().get())
     }
 
     /// Close the connection abruptly. This allows to signal the client that the connection is closed
@@ -1422,11 +1425,7 @@ impl HttpSession {
     /// Calculated write timeout is guaranteed to be at least 1s if `min_send_rate`
     /// is greater than zero, a send rate of zero is equivalent to disabling.
     pub fn set_min_send_rate(&mut self, min_send_rate: Option<usize>) {
-        if let Some(rate) = min_send_rate.filter(|r| *r > 0) {
-            self.min_send_rate = Some(rate);
-        } else {
-            self.min_send_rate = None;
-        }
+        self.min_send_rate = min_send_rate.and_then(NonZeroUsize::new);
     }
 
     /// Sets whether we ignore writing informational responses downstream.
@@ -1992,7 +1991,7 @@ mod tests_stream {
         assert_eq!(input1.len() + input2.len(), res.unwrap().unwrap());
         assert_eq!(
             input1.len() + input2.len(),
-            http_stream.raw_header.as_ref().unwrap().len()
+            http_stream.raw_header_len.unwrap().get()
         );
         assert_eq!(1, http_stream.req_header().headers.len());
         assert_eq!(Some(&Method::GET), http_stream.get_method());
@@ -3308,6 +3307,13 @@ mod tests_stream {
     fn test_get_write_timeout_none() {
         let http_stream = HttpSession::new(Box::new(Builder::new().build()));
         assert!(http_stream.write_timeout(50).is_none());
+    }
+
+    #[test]
+    fn a_session_is_one_of_mimallocs_small_objects() {
+        // The keep-alive loop boxes a session for each request; up to 1 KiB, the
+        // allocation and its free take mimalloc's fast path for small objects.
+        assert!(std::mem::size_of::<crate::protocols::http::ServerSession>() <= 1024);
     }
 
     #[test]
