@@ -47,6 +47,10 @@ gateway_policy() {
   echo "$out"
 }
 
+# SED_ARGS for gateway_policy that turn a template's access log on, to a file in $RUN:
+# the configuration production runs.
+access_log_on=(-e "s#^  enabled: false#  enabled: true\n  path: $RUN/access.log#")
+
 # nginx_conf ROLE [WORKERS]: an nginx configuration (one worker unless WORKERS, access log
 # off, keep-alive without end) for the origin on $ORIGIN_PORT (100-byte JSON) or a proxy to
 # it on $PROXY_PORT. More than one worker takes a master process, which stays in the

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The profile the release build is optimised with (README, "Profile-guided build"): an
 # instrumented build of tollgate serves the benchmark workloads on loopback (plain proxy,
-# the reference rate-limit rules, 1 KiB cache hits: bench/gateway*.yaml), and what those
+# the reference rate-limit rules, 1 KiB cache hits: bench/gateway*.yaml; and the plain
+# proxy again with the access log on, to a file, as production runs it), and what those
 # runs counted is merged into pgo/tollgate.profdata, the profile the Dockerfile and
 # .ci/delivery build with (pgo/release.sh), and what it was recorded with into
 # pgo/tollgate.stamp. Refresh and commit both when the request path, Cargo.lock or the
@@ -59,15 +60,18 @@ fi
 wait_port $ORIGIN_PORT $path
 
 export TOLLGATE_RUN_DIR=$RUN
-for policy in bench/gateway.yaml bench/gateway-ratelimit.yaml bench/gateway-cache.yaml; do
-  "${cpu1[@]}" "$OUT/instrumented/$host/release/tollgate" run -c "$(gateway_policy "$policy")" > "$RUN/tollgate.log" 2>&1 &
+for workload in gateway gateway-ratelimit gateway-cache gateway+log; do
+  policy=bench/${workload%+log}.yaml
+  edits=()
+  if [ "$workload" != "${workload%+log}" ]; then edits=("${access_log_on[@]}"); fi
+  "${cpu1[@]}" "$OUT/instrumented/$host/release/tollgate" run -c "$(gateway_policy "$policy" "${edits[@]}")" > "$RUN/tollgate.log" 2>&1 &
   target=$!
   pids+=($target)
   wait_port $PROXY_PORT $path
   REQUESTS=$REQUESTS_PER_WORKLOAD "${cpu0[@]}" wrk -t1 -c64 -d"${SECONDS_PER_WORKLOAD}s" \
     -s pgo/requests.lua "http://127.0.0.1:$PROXY_PORT$path" > "$RUN/wrk.out"
   served=$(awk '/requests in/ {print $1}' "$RUN/wrk.out")
-  echo "$policy: $served requests"
+  echo "$workload: $served requests"
   if [ "$served" -lt "$REQUESTS_PER_WORKLOAD" ]; then
     echo "only $served of $REQUESTS_PER_WORKLOAD requests in ${SECONDS_PER_WORKLOAD}s: raise SECONDS_PER_WORKLOAD" >&2
     exit 1

@@ -50,6 +50,9 @@ pub(crate) struct Output {
 pub(crate) struct Sink {
     queue: Arc<Queue>,
     dropped: IntCounter,
+    /// Whether `TOLLGATE_LOG` lets the `access` target through. Its filter is set once,
+    /// before the sink starts, so it is asked once rather than on every request.
+    wanted: bool,
 }
 
 #[derive(Default)]
@@ -103,7 +106,11 @@ impl Sink {
         std::thread::Builder::new()
             .name("access log".into())
             .spawn(move || writer.run())?;
-        Ok(Sink { queue, dropped })
+        Ok(Sink {
+            queue,
+            dropped,
+            wanted: tracing::enabled!(target: "access", tracing::Level::INFO),
+        })
     }
 
     /// Queues the line `render` appends to the thread's shard; drops (and counts) it
@@ -122,6 +129,12 @@ impl Sink {
         if self.queue.idle.load(Ordering::SeqCst) && self.queue.idle.swap(false, Ordering::SeqCst) {
             self.queue.wake_writer();
         }
+    }
+
+    /// Whether lines are wanted at all (the process's log filter); when not, rendering
+    /// them would be wasted.
+    pub(crate) fn wanted(&self) -> bool {
+        self.wanted
     }
 
     pub(crate) fn dropped(&self) -> u64 {

@@ -26,6 +26,7 @@ mod histogram;
 mod history;
 mod identity;
 pub mod inject;
+mod json;
 pub mod logs;
 pub mod metrics;
 mod placement;

@@ -84,20 +84,32 @@ pub(crate) fn request_host(req: &RequestHeader) -> Option<&str> {
         Some(value) => value.to_str().ok()?,
         None => req.uri.authority()?.as_str(),
     };
-    Some(strip_port(raw))
+    Some(&raw[..host_len(raw.as_bytes())])
 }
 
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
+/// [`request_host`] in the bytes the client sent, not checked: for the access log, which
+/// escapes them, and which would rather show a malformed host than none.
+pub(crate) fn request_host_bytes(req: &RequestHeader) -> Option<&[u8]> {
+    let raw = match req.headers.get(http::header::HOST) {
+        Some(value) => value.as_bytes(),
+        None => req.uri.authority()?.as_str().as_bytes(),
+    };
+    Some(&raw[..host_len(raw)])
+}
+
+/// How much of `host` is left without its port.
+fn host_len(host: &[u8]) -> usize {
+    if host.starts_with(b"[") {
         // IPv6 literal: keep the brackets, drop what follows them.
-        return host.find(']').map_or(host, |end| &host[..=end]);
+        return host
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(host.len(), |end| end + 1);
     }
     // Bytes, not `rsplit_once(':')`: its char searcher costs more than the whole name.
-    match host.bytes().rposition(|b| b == b':') {
-        Some(colon) if host.as_bytes()[colon + 1..].iter().all(u8::is_ascii_digit) => {
-            &host[..colon]
-        }
-        _ => host,
+    match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if host[colon + 1..].iter().all(u8::is_ascii_digit) => colon,
+        _ => host.len(),
     }
 }
 
@@ -241,11 +253,24 @@ mod tests {
 
     #[test]
     fn host_ports() {
+        fn strip_port(host: &str) -> &str {
+            &host[..host_len(host.as_bytes())]
+        }
         assert_eq!(strip_port("example.com:80"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("example.com:"), "example.com");
         assert_eq!(strip_port("a:b:8080"), "a:b");
         assert_eq!(strip_port("example.com:http"), "example.com:http");
+    }
+
+    #[test]
+    fn the_access_log_sees_the_host_the_route_match_sees_or_a_malformed_one() {
+        let mut req = request("GET", "/", Some("API.example.com:8443"));
+        assert_eq!(request_host_bytes(&req), Some(&b"API.example.com"[..]));
+        req.insert_header("host", &b"caf\xe9.example.com:80"[..])
+            .unwrap();
+        assert_eq!(request_host(&req), None);
+        assert_eq!(request_host_bytes(&req), Some(&b"caf\xe9.example.com"[..]));
     }
 }

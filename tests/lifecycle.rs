@@ -388,6 +388,54 @@ fn access_log_has_one_json_line_per_request_with_redaction() {
     assert!(!gw.stdout().iter().any(|l| l.contains("top-secret")));
 }
 
+/// What the line copies without escaping (pool names the policy compiled, methods,
+/// field names) and what it escapes (the client's values) both leave it valid JSON.
+#[test]
+fn access_log_lines_stay_json_whatever_the_names_and_values() {
+    let app = upstream("app");
+    let gw = Tollgate::start(&format!(
+        "upstreams:\n  'back\\slash':\n    servers: [\"{}\"]\nroutes:\n  - name: all\n    upstream: 'back\\slash'\n",
+        app.addr
+    ));
+    let response = gw
+        .client
+        .get(gw.url("/a%22b"))
+        .header("user-agent", "quote \" back\\slash \t tab")
+        .header("x-custom", &b"caf\xc3\xa9 \xff"[..])
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        wait_for(Duration::from_secs(5), || gw
+            .access_log()
+            .iter()
+            .any(|l| l["request_id"] == id.as_str())),
+        "no line that parses: {:?}",
+        gw.stdout()
+    );
+    let line = gw
+        .access_log()
+        .into_iter()
+        .find(|l| l["request_id"] == id.as_str())
+        .unwrap();
+    assert_eq!(line["status"], status);
+    assert_eq!(line["route"], "all");
+    assert_eq!(line["upstream"], "back\\slash");
+    assert_eq!(line["upstream_addr"], app.addr.to_string());
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["authority"], "127.0.0.1");
+    assert_eq!(line["path"], "/a%22b");
+    assert_eq!(
+        line["request_headers"]["user-agent"],
+        "quote \" back\\slash \t tab"
+    );
+    assert_eq!(line["request_headers"]["x-custom"], "café \u{fffd}");
+}
+
 #[test]
 fn graceful_upgrade_hands_the_sockets_over_without_failed_requests() {
     let app = upstream("app");
@@ -515,6 +563,34 @@ fn the_last_access_log_lines_are_written_by_a_clean_stop() {
         "the last line was lost: {:?}",
         gw.stdout()
     );
+}
+
+/// `TOLLGATE_LOG` governs the lines through the `access` target: filtered out, none is
+/// written, not even by the flush of a clean stop; the process's own logs still are.
+#[test]
+fn the_log_filter_can_turn_the_access_log_off() {
+    let app = upstream("app");
+    let mut gw = Tollgate::start_with(
+        &simple_policy(&[app.addr.to_string()]),
+        "",
+        &[("TOLLGATE_LOG", "info,access=off")],
+    );
+    assert_eq!(gw.get("/api/search?q=x").status(), 200);
+    gw.wait_idle();
+    gw.signal("TERM");
+    assert!(gw
+        .wait_exit(Duration::from_secs(8))
+        .expect("exits")
+        .success());
+    assert!(
+        wait_for(Duration::from_secs(2), || gw
+            .stdout()
+            .iter()
+            .any(|l| l.contains("\"level\":\"INFO\""))),
+        "the process logs nothing: {:?}",
+        gw.stdout()
+    );
+    assert!(gw.access_log().is_empty(), "{:?}", gw.access_log());
 }
 
 #[test]

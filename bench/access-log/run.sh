@@ -4,18 +4,23 @@
 # demo application on CPU 0 (as the peer harness does). Prints each run's req/s and
 # the median ratio on ÷ off. Loopback only; everything it starts is stopped when it
 # ends. Needs a release build of both binaries (`cargo build --release --workspace`)
-# and wrk.
+# and wrk. BIN (default target/release) is where tollgate is; UPSTREAM_BIN, the demo
+# application (default: BIN's tollgate-upstream, else target/release's), for a BIN from
+# pgo/release.sh, which builds tollgate alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 BIN=${BIN:-target/release}
+UPSTREAM_BIN=${UPSTREAM_BIN:-$BIN/tollgate-upstream}
+[ -x "$UPSTREAM_BIN" ] || UPSTREAM_BIN=target/release/tollgate-upstream
+[ -x "$UPSTREAM_BIN" ] || { echo "no tollgate-upstream: cargo build --release -p tollgate-upstreams" >&2; exit 1; }
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 PORT=29580 ADMIN_PORT=29581 UPSTREAM=29590
 
 source bench/lib.sh
 
-taskset -c 0 "$BIN/tollgate-upstream" --listen "127.0.0.1:$UPSTREAM" > "$RUN/upstream.log" 2>&1 &
+taskset -c 0 "$UPSTREAM_BIN" --listen "127.0.0.1:$UPSTREAM" > "$RUN/upstream.log" 2>&1 &
 pids+=($!)
 
 # measure ENABLED: req/s of one wrk run against a fresh gateway.
@@ -39,7 +44,7 @@ measure() {
   wait "$gw" || true
   rm -f "$RUN/access.log"
   if grep -q "Non-2xx" "$RUN/wrk.out"; then
-    echo "the gateway answered errors (is $BIN/tollgate-upstream built?):" >&2
+    echo "the gateway answered errors:" >&2
     cat "$RUN/wrk.out" >&2
     exit 1
   fi

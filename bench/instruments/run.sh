@@ -11,6 +11,7 @@
 # (wrk seconds, 5), BIN (where the binaries are, default target/release: another build
 # to compare with), GATEWAY_CONF (tollgate's policy template, default bench/gateway.yaml;
 # bench/gateway-cache.yaml for 1 KiB hits, bench/gateway-ratelimit.yaml for the rules),
+# ACCESS_LOG (when 1, tollgate's access log is on, to a file: the policy production runs),
 # CALLGRIND_OUT (a directory to keep the callgrind profiles in, for callgrind_annotate),
 # CACHE_SIM (when 1, callgrind also simulates a 32 KiB L1i, 48 KiB L1d and 2 MiB last
 # level, and two columns more give the first-level misses a request: instruction and data
@@ -48,7 +49,9 @@ wait_port $ORIGIN_PORT "$ORIGIN_PATH"
 command_of() {
   case $1 in
     tollgate)
-      echo "$BIN/tollgate run -c $(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}")" ;;
+      local edits=()
+      if [ "${ACCESS_LOG:-0}" = 1 ]; then edits=("${access_log_on[@]}"); fi
+      echo "$BIN/tollgate run -c $(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}" "${edits[@]}")" ;;
     floor) echo "$BIN/examples/pingora_floor 127.0.0.1:$PROXY_PORT proxy 127.0.0.1:$ORIGIN_PORT" ;;
     probe) echo "$BIN/examples/tokio_probe 127.0.0.1:$PROXY_PORT 127.0.0.1:$ORIGIN_PORT" ;;
     nginx) echo "nginx -c $(nginx_conf proxy)" ;;

@@ -129,7 +129,13 @@ impl TraceContext {
     }
 
     pub(crate) fn trace_id(&self) -> &str {
-        std::str::from_utf8(&self.traceparent[3..35]).expect("hex digits")
+        std::str::from_utf8(self.trace_id_hex()).expect("hex digits")
+    }
+
+    /// The trace id's 32 lowercase hex digits, as bytes: for the access log, which needs
+    /// neither their UTF-8 check nor their escaping.
+    pub(crate) fn trace_id_hex(&self) -> &[u8] {
+        &self.traceparent[3..35]
     }
 
     pub(crate) fn sampled(&self) -> bool {

@@ -93,6 +93,8 @@ pub(crate) struct Server {
     pub(crate) addr: SocketAddr,
     /// The address as written in the policy: the `server` label and what `/status` shows.
     pub(crate) label: Arc<str>,
+    /// `label` escaped for the access log's lines.
+    pub(crate) json_label: crate::json::Escaped,
     pub(crate) weight: u32,
     pub(crate) backup: bool,
     pub(crate) state: Arc<ServerState>,
@@ -109,6 +111,8 @@ pub(crate) struct PoolState {
 #[derive(Debug)]
 pub(crate) struct Pool {
     pub(crate) name: Arc<str>,
+    /// `name` escaped for the access log's lines.
+    pub(crate) json_name: crate::json::Escaped,
     pub(crate) servers: Vec<Server>,
     pub(crate) balance: Balance,
     pub(crate) hash_on: Option<HashOn>,
@@ -178,6 +182,7 @@ impl Pool {
                         spec.ca.clone(),
                         &spec.timeouts,
                     )),
+                    json_label: crate::json::Escaped::new(&label),
                     label,
                     weight,
                     backup,
@@ -190,6 +195,7 @@ impl Pool {
         let schedule = smooth_weighted_schedule(&servers, &primaries);
         Pool {
             name: spec.name.into(),
+            json_name: crate::json::Escaped::new(spec.name),
             servers,
             balance: spec.balance,
             hash_on: spec.hash_on,
