@@ -509,9 +509,7 @@ fn signals_sent_while_a_new_instance_waits_for_the_hand_over_are_not_lost() {
         .stdout()
         .iter()
         .any(|l| l.contains("\"trigger\":\"sighup\"")));
-    new.signal("TERM");
-    let status = new.wait_exit(Duration::from_secs(5)).expect("exits");
-    assert!(status.success(), "{status:?}");
+    new.stop_cleanly(Duration::from_secs(5));
 }
 
 #[test]
@@ -550,11 +548,7 @@ fn the_last_access_log_lines_are_written_by_a_clean_stop() {
             .any(|l| l["request_id"] == id.as_str()),
         "written before it was due"
     );
-    gw.signal("TERM");
-    assert!(gw
-        .wait_exit(Duration::from_secs(8))
-        .expect("exits")
-        .success());
+    gw.stop_cleanly(Duration::from_secs(8));
     assert!(
         wait_for(Duration::from_secs(2), || gw
             .access_log()
@@ -577,11 +571,7 @@ fn the_log_filter_can_turn_the_access_log_off() {
     );
     assert_eq!(gw.get("/api/search?q=x").status(), 200);
     gw.wait_idle();
-    gw.signal("TERM");
-    assert!(gw
-        .wait_exit(Duration::from_secs(8))
-        .expect("exits")
-        .success());
+    gw.stop_cleanly(Duration::from_secs(8));
     assert!(
         wait_for(Duration::from_secs(2), || gw
             .stdout()

@@ -199,36 +199,33 @@ impl Line<'_> {
     /// A string member, escaped.
     #[inline(always)]
     fn str(&mut self, name: Name, value: Option<&str>) {
-        match value {
-            Some(value) => {
-                self.open_string(name);
-                escape_into(self.buf, value);
-                self.buf.push(b'"');
-            }
-            None => self.null(name),
-        }
+        self.string_member(name, value, escape_into);
     }
 
     /// A string member from the request's bytes: escaped, invalid UTF-8 replaced.
     #[inline(always)]
     fn value(&mut self, name: Name, value: Option<&[u8]>) {
-        match value {
-            Some(value) => {
-                self.open_string(name);
-                escape_value_into(self.buf, value);
-                self.buf.push(b'"');
-            }
-            None => self.null(name),
-        }
+        self.string_member(name, value, escape_value_into);
     }
 
     /// A string member that needs no escaping, copied as it is.
     #[inline(always)]
     fn verbatim(&mut self, name: Name, value: Option<&[u8]>) {
+        self.string_member(name, value, Vec::extend_from_slice);
+    }
+
+    /// A string member whose inside `write` appends, or null.
+    #[inline(always)]
+    fn string_member<T>(
+        &mut self,
+        name: Name,
+        value: Option<T>,
+        write: impl FnOnce(&mut Vec<u8>, T),
+    ) {
         match value {
             Some(value) => {
                 self.open_string(name);
-                self.buf.extend_from_slice(value);
+                write(self.buf, value);
                 self.buf.push(b'"');
             }
             None => self.null(name),

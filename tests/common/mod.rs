@@ -439,6 +439,13 @@ impl Tollgate {
         assert!(ok, "kill -{name} failed");
     }
 
+    /// SIGTERM, then a clean exit (status 0) within `timeout`.
+    pub fn stop_cleanly(&mut self, timeout: Duration) {
+        self.signal("TERM");
+        let status = self.wait_exit(timeout).expect("exits");
+        assert!(status.success(), "{status:?}");
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
