@@ -3,8 +3,8 @@
 //! time and copied at once.
 
 /// Text escaped once, where the policy is compiled, for the inside of a JSON string: a
-/// route's, pool's or server's name goes into every access-log line as it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// pool's or server's name goes into every access-log line as it is.
+#[derive(Debug)]
 pub(crate) struct Escaped(Box<[u8]>);
 
 impl Escaped {
