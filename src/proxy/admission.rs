@@ -441,12 +441,15 @@ mod tests {
         let policy_header = |admission: Admission| {
             let policy = gw.policy.load_full();
             let outcome = admission.limits.expect("rate limits applied");
-            let headers = crate::ratelimit::headers(&policy.rate_limits, &outcome);
-            let (_, value) = headers
-                .into_iter()
-                .find(|(name, _)| name == "ratelimit-policy")
-                .expect("a RateLimit-Policy field");
-            value.to_str().unwrap().to_string()
+            let advert = crate::ratelimit::Advert::of(&policy.rate_limits, &outcome)
+                .expect("enforced rules applied");
+            let mut policy_field = None;
+            advert.fields(&policy.rate_limits, |name, value| {
+                if name == "ratelimit-policy" {
+                    policy_field = Some(value.to_str().unwrap().to_string());
+                }
+            });
+            policy_field.expect("a RateLimit-Policy field")
         };
         let anonymous = "\"per-user\";q=10;w=60, \"anonymous\";q=5;w=1, \"global\";q=1000;w=60";
         let gold = "\"per-user\";q=50;w=60, \"global\";q=1000;w=60";

@@ -7,7 +7,6 @@ use crate::identity::Principal;
 use crate::policy::{Policy, Route};
 use crate::problem::Code;
 use crate::upstream::{InflightGuard, Pool};
-use http::HeaderName;
 use http::HeaderValue;
 use pingora::cache::CacheKey;
 use pingora::http::ResponseHeader;
@@ -48,8 +47,8 @@ pub(crate) struct Client {
 /// What the rate limits said.
 #[derive(Default)]
 pub(crate) struct Limits {
-    /// Rate-limit headers for the response.
-    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// What the response says about the limits.
+    pub(crate) advert: Option<crate::ratelimit::Advert>,
     /// The rule that denied the request, or the shadow rules that would have.
     pub(crate) limited_by: Option<Arc<str>>,
     pub(crate) shadow_limited: Vec<Arc<str>>,

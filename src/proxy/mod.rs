@@ -256,14 +256,17 @@ impl ProxyHttp for Proxy {
                 .iter()
                 .map(|&i| limits.rules[i].name.clone())
                 .collect();
-            ctx.limits.headers = ratelimit::headers(limits, outcome);
+            ctx.limits.advert = ratelimit::Advert::of(limits, outcome);
             ctx.limits.limited_by = outcome.denied.map(|i| limits.rules[i].name.clone());
         }
         match admission.verdict {
             Verdict::Forward => {}
             Verdict::Refuse(mut problem) => {
-                if problem.code == Code::RateLimited {
-                    problem.headers.append(&mut ctx.limits.headers);
+                let advert = ctx.limits.advert.take();
+                if let Some(advert) = advert.filter(|_| problem.code == Code::RateLimited) {
+                    advert.fields(&policy.rate_limits, |name, value| {
+                        problem.headers.push((name.clone(), value))
+                    });
                 }
                 return self.answer(session, ctx, problem).await;
             }
@@ -717,8 +720,11 @@ impl ProxyHttp for Proxy {
             }
         }
         ctx.decorate(response);
-        for (name, value) in std::mem::take(&mut ctx.limits.headers) {
-            response.insert_header_alike(&name, value)?;
+        if let Some(advert) = ctx.limits.advert.take() {
+            // Infallible: the values are header values already.
+            advert.fields(&ctx.policy.rate_limits, |name, value| {
+                let _ = response.insert_header_alike(name, value);
+            });
         }
         Ok(())
     }

@@ -3,8 +3,8 @@
 //! backend reusing its connection while its address holds.
 
 use super::{
-    key_hash, policy_value_cache, sf_string, shared, BucketKey, Buckets, KeyPart, RateAndBurst,
-    RateLimits, Rule, RuleMetrics, RuleRates,
+    policy_value_cache, sf_string, shared, BucketKey, KeyPart, RateAndBurst, RateLimits, Rule,
+    RuleMetrics, RuleRates, Store,
 };
 use crate::config::Backend;
 use crate::policy::compile::Compile;
@@ -133,15 +133,12 @@ pub(crate) fn compile(
                     .find(|old| &*old.name == name && old.bucket_key == bucket_key)
             })
             .map(|old| old.store.clone())
-            .unwrap_or_else(|| std::sync::Arc::new(Buckets::new(settings.max_keys)));
-        let fixed_hash = key
-            .iter()
-            .all(|part| *part == KeyPart::Global)
-            .then(|| key_hash(&[b"*".as_slice(); 6][..key.len()]));
+            .unwrap_or_else(|| std::sync::Arc::new(Store::for_key(&key, settings.max_keys)));
+        let global = matches!(*store, Store::Global(_));
         compiled.push(Rule {
             name: name.into(),
             key,
-            fixed_hash,
+            global,
             rates,
             sf_name,
             when: r.when,

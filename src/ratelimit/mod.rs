@@ -20,7 +20,7 @@ use crate::units::Rate;
 use http::{HeaderName, HeaderValue};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -141,23 +141,11 @@ impl Buckets {
     /// Takes one request from `key`'s bucket at `now` (`clock::nanos`), or, with
     /// `consume: false`, only says whether it would be admitted.
     pub fn check(&self, key: u64, quota: &Quota, consume: bool, now: u64) -> Verdict {
-        let tolerance = quota.tolerance();
         let mut shard = self.shard(key);
         // One probe for a known key: the slot found is the one written.
         let slot = shard.get_mut(&key);
-        let stored = slot.as_deref().copied();
-        let tat = stored.unwrap_or(now).max(now);
-        let new_tat = tat + quota.emission;
-        if new_tat - now > tolerance {
-            let retry_after = Duration::from_nanos(new_tat - tolerance - now);
-            return Verdict {
-                allowed: false,
-                remaining: 0,
-                reset: Duration::from_nanos(tat - now),
-                retry_after,
-            };
-        }
-        if consume {
+        let (verdict, taken) = gcra(slot.as_deref().copied(), quota, consume, now);
+        if let Some(new_tat) = taken {
             match slot {
                 Some(tat) => *tat = new_tat,
                 None => {
@@ -167,13 +155,7 @@ impl Buckets {
                 }
             }
         }
-        let used = if consume { new_tat - now } else { tat - now };
-        Verdict {
-            allowed: true,
-            remaining: ((tolerance - used) / quota.emission) as u32,
-            reset: Duration::from_nanos(used),
-            retry_after: Duration::ZERO,
-        }
+        verdict
     }
 
     /// Keeps the store under `max_keys` before a new key goes in: first drop the
@@ -206,6 +188,86 @@ impl Buckets {
             if shard.capacity() > 4 * shard.len().max(16) {
                 shard.shrink_to_fit();
             }
+        }
+    }
+}
+
+/// GCRA for one request at `now` on a bucket whose theoretical arrival time is `stored`
+/// (none: a full bucket): the verdict, and the time to store when the request is taken
+/// (admitted with `consume`).
+fn gcra(stored: Option<u64>, quota: &Quota, consume: bool, now: u64) -> (Verdict, Option<u64>) {
+    let tolerance = quota.tolerance();
+    let tat = stored.unwrap_or(now).max(now);
+    let new_tat = tat + quota.emission;
+    if new_tat - now > tolerance {
+        let denied = Verdict {
+            allowed: false,
+            remaining: 0,
+            reset: Duration::from_nanos(tat - now),
+            retry_after: Duration::from_nanos(new_tat - tolerance - now),
+        };
+        return (denied, None);
+    }
+    let used = if consume { new_tat - now } else { tat - now };
+    let allowed = Verdict {
+        allowed: true,
+        remaining: ((tolerance - used) / quota.emission) as u32,
+        reset: Duration::from_nanos(used),
+        retry_after: Duration::ZERO,
+    };
+    (allowed, consume.then_some(new_tat))
+}
+
+/// Where one rule's buckets live in this process.
+pub(crate) enum Store {
+    Keyed(Buckets),
+    /// A rule keyed only by `global` has one bucket, the same for every request: its
+    /// theoretical arrival time in an atomic (0: full), with no lock and no map to find
+    /// it in, and nothing for two threads to queue on.
+    Global(AtomicU64),
+}
+
+impl Store {
+    /// The store for a rule with this key.
+    pub(crate) fn for_key(key: &[KeyPart], max_keys: usize) -> Store {
+        if key.iter().all(|part| *part == KeyPart::Global) {
+            Store::Global(AtomicU64::new(0))
+        } else {
+            Store::Keyed(Buckets::new(max_keys))
+        }
+    }
+
+    /// The buckets kept: a global bucket is kept while it is not full.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Store::Keyed(buckets) => buckets.len(),
+            Store::Global(tat) => usize::from(tat.load(Ordering::Relaxed) > crate::clock::nanos()),
+        }
+    }
+
+    /// As `Buckets::check`; a global store has one bucket and ignores `key`.
+    pub(crate) fn check(&self, key: u64, quota: &Quota, consume: bool, now: u64) -> Verdict {
+        let tat = match self {
+            Store::Keyed(buckets) => return buckets.check(key, quota, consume, now),
+            Store::Global(tat) => tat,
+        };
+        let mut stored = tat.load(Ordering::Relaxed);
+        loop {
+            let (verdict, taken) = gcra(Some(stored), quota, consume, now);
+            let Some(new_tat) = taken else {
+                return verdict;
+            };
+            // Another request took from the bucket meanwhile: decide again on its state.
+            match tat.compare_exchange_weak(stored, new_tat, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return verdict,
+                Err(current) => stored = current,
+            }
+        }
+    }
+
+    pub(crate) fn evict_refilled(&self) {
+        if let Store::Keyed(buckets) = self {
+            buckets.evict_refilled();
         }
     }
 }
@@ -252,8 +314,8 @@ pub(crate) enum KeyPart {
 pub(crate) struct Rule {
     pub(crate) name: std::sync::Arc<str>,
     key: Vec<KeyPart>,
-    /// The bucket of a key made only of `global`: the same for every request.
-    fixed_hash: Option<u64>,
+    /// The key is only `global`: one bucket for every request (`Store::Global`).
+    global: bool,
     /// The rate for every request, or per tier (a tier not listed uses the default
     /// tier's rate; with neither, the rule does not apply).
     rates: RuleRates,
@@ -263,7 +325,7 @@ pub(crate) struct Rule {
     /// Route indices the rule covers; `None` is every route.
     routes: Option<Vec<usize>>,
     pub(crate) shadow: bool,
-    pub(crate) store: std::sync::Arc<Buckets>,
+    pub(crate) store: std::sync::Arc<Store>,
     /// What identifies the bucket set across reloads: a rule keeps its state when this
     /// is unchanged.
     pub(crate) bucket_key: BucketKey,
@@ -488,8 +550,9 @@ impl Rule {
     /// by where its parts came from: a rule whose parts come from the same places has
     /// the same key (`ip`, and `user_or_ip` for an anonymous client), hashed once.
     fn bucket(&self, subject: &Subject<'_>, last: &mut Option<KeySources>) -> Option<u64> {
-        if let Some(hash) = self.fixed_hash {
-            return Some(hash);
+        if self.global {
+            // Not looked at: the global store has one bucket.
+            return Some(0);
         }
         let Some(sources) = KeySources::of(&self.key, subject)? else {
             return self.with_key(subject, key_hash);
@@ -607,68 +670,109 @@ const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit
 const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// The response headers that describe an outcome (SPEC §4, draft-ietf-httpapi-
-/// ratelimit-headers structured fields, or the legacy `X-RateLimit-*` trio). Shadow
-/// rules are left out: they are not enforced, so they are not advertised.
-pub(crate) fn headers(limits: &RateLimits, outcome: &Outcome) -> Vec<(HeaderName, HeaderValue)> {
-    let enforced = || {
-        outcome
-            .applied
-            .iter()
-            .filter(|(i, _, _)| !limits.rules[*i].shadow)
-    };
-    let Some((rule, quota, verdict)) = enforced().min_by_key(|(_, _, v)| v.remaining) else {
-        return Vec::new();
-    };
-    let reset = whole_seconds(verdict.reset);
-    let mut out = Vec::with_capacity(3);
-    if matches!(limits.headers, HeadersMode::Draft | HeadersMode::Both) {
-        let mut number = itoa::Buffer::new();
-        let policy = || {
-            let mut policy = String::with_capacity(64);
-            for (i, q, _) in enforced() {
-                if !policy.is_empty() {
-                    policy.push_str(", ");
+/// What a response tells its client about the limits (SPEC §4, draft-ietf-httpapi-
+/// ratelimit-headers structured fields, or the legacy `X-RateLimit-*` trio): the state of
+/// the tightest enforced rule, and the quotas of all of them. Taken from the outcome at
+/// admission and written when the response head is, straight into it. Shadow rules are
+/// left out: they are not enforced, so they are not advertised.
+pub(crate) struct Advert {
+    /// `RateLimit-Policy`, when the draft fields are sent.
+    policy: Option<HeaderValue>,
+    /// The tightest rule: the one with the fewest requests left.
+    rule: usize,
+    count: u32,
+    remaining: u32,
+    /// Whole seconds until that rule's bucket is full again.
+    reset: u64,
+}
+
+impl Advert {
+    /// `None` when no enforced rule applied, or the policy sends no fields.
+    pub(crate) fn of(limits: &RateLimits, outcome: &Outcome) -> Option<Advert> {
+        if limits.headers == HeadersMode::None {
+            return None;
+        }
+        let enforced = || {
+            outcome
+                .applied
+                .iter()
+                .filter(|(i, _, _)| !limits.rules[*i].shadow)
+        };
+        let (rule, quota, verdict) = enforced().min_by_key(|(_, _, v)| v.remaining)?;
+        let policy = matches!(limits.headers, HeadersMode::Draft | HeadersMode::Both).then(|| {
+            let policy = || {
+                let mut policy = String::with_capacity(64);
+                for (i, q, _) in enforced() {
+                    if !policy.is_empty() {
+                        policy.push_str(", ");
+                    }
+                    policy.push_str(&limits.rules[*i].sf_name);
+                    policy.push_str(";q=");
+                    policy.push_str(itoa::Buffer::new().format(q.count));
+                    policy.push_str(";w=");
+                    policy.push_str(itoa::Buffer::new().format(q.window.as_secs()));
                 }
-                policy.push_str(&limits.rules[*i].sf_name);
-                policy.push_str(";q=");
-                policy.push_str(itoa::Buffer::new().format(q.count));
-                policy.push_str(";w=");
-                policy.push_str(itoa::Buffer::new().format(q.window.as_secs()));
+                sf_value(policy)
+            };
+            // Kept when each applied rule has its one rate, unscaled: then the set of
+            // rules decides the value (a per-tier rate or a `limit_scale` changes it).
+            let fixed_rates = enforced().try_fold(0usize, |set, (i, q, _)| {
+                let one_rate =
+                    matches!(&limits.rules[*i].rates, RuleRates::One(r) if r.unscaled == *q);
+                Some(set | 1usize.checked_shl(*i as u32).filter(|_| one_rate)?)
+            });
+            match fixed_rates.and_then(|set| limits.policy_values.get(set)) {
+                Some(kept) => kept.get_or_init(policy).clone(),
+                None => policy(),
             }
-            sf_value(policy)
-        };
-        // Kept when each applied rule has its one rate, unscaled: then the set of
-        // rules decides the value (a per-tier rate or a `limit_scale` changes it).
-        let fixed_rates = enforced().try_fold(0usize, |set, (i, q, _)| {
-            let one_rate = matches!(&limits.rules[*i].rates, RuleRates::One(r) if r.unscaled == *q);
-            Some(set | 1usize.checked_shl(*i as u32).filter(|_| one_rate)?)
         });
-        let value = match fixed_rates.and_then(|set| limits.policy_values.get(set)) {
-            Some(kept) => kept.get_or_init(policy).clone(),
-            None => policy(),
-        };
-        out.push((RATELIMIT_POLICY, value));
-        let name = &limits.rules[*rule].sf_name;
-        let remaining = number.format(verdict.remaining);
-        let mut seconds = itoa::Buffer::new();
-        let seconds = seconds.format(reset);
-        // Exactly as long as the value: a `String` with room to spare would become a
-        // header value through a second allocation.
-        let mut limit = String::with_capacity(name.len() + remaining.len() + seconds.len() + 6);
-        limit.push_str(name);
-        limit.push_str(";r=");
-        limit.push_str(remaining);
-        limit.push_str(";t=");
-        limit.push_str(seconds);
-        out.push((RATELIMIT, sf_value(limit)));
+        Some(Advert {
+            policy,
+            rule: *rule,
+            count: quota.count,
+            remaining: verdict.remaining,
+            reset: whole_seconds(verdict.reset),
+        })
     }
-    if matches!(limits.headers, HeadersMode::Legacy | HeadersMode::Both) {
-        out.push((X_RATELIMIT_LIMIT, HeaderValue::from(quota.count)));
-        out.push((X_RATELIMIT_REMAINING, HeaderValue::from(verdict.remaining)));
-        out.push((X_RATELIMIT_RESET, HeaderValue::from(reset)));
+
+    /// Hands each field to `field`, in the order a response carries them. `limits` is
+    /// the policy's the advert was taken from (its rule indices are that policy's).
+    pub(crate) fn fields(
+        self,
+        limits: &RateLimits,
+        mut field: impl FnMut(&HeaderName, HeaderValue),
+    ) {
+        if let Some(policy) = self.policy {
+            field(&RATELIMIT_POLICY, policy);
+            let name = &limits.rules[self.rule].sf_name;
+            field(
+                &RATELIMIT,
+                ratelimit_value(name, self.remaining, self.reset),
+            );
+        }
+        if matches!(limits.headers, HeadersMode::Legacy | HeadersMode::Both) {
+            field(&X_RATELIMIT_LIMIT, HeaderValue::from(self.count));
+            field(&X_RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
+            field(&X_RATELIMIT_RESET, HeaderValue::from(self.reset));
+        }
     }
-    out
+}
+
+/// The `RateLimit` value (`"per-user";r=9;t=1`).
+fn ratelimit_value(name: &str, remaining: u32, reset: u64) -> HeaderValue {
+    let mut digits = itoa::Buffer::new();
+    let remaining = digits.format(remaining);
+    let mut seconds = itoa::Buffer::new();
+    let seconds = seconds.format(reset);
+    // Exactly as long as the value: a `String` with room to spare would become a header
+    // value through a second allocation.
+    let mut text = String::with_capacity(name.len() + remaining.len() + seconds.len() + 6);
+    text.push_str(name);
+    text.push_str(";r=");
+    text.push_str(remaining);
+    text.push_str(";t=");
+    text.push_str(seconds);
+    sf_value(text)
 }
 
 /// A structured field made of rule names (`sf_string`: printable ASCII) and numbers.
@@ -718,6 +822,39 @@ mod tests {
         // Another key has its own bucket.
         assert!(store.check(8, &quota, true, t0).allowed);
         assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn a_global_rule_has_one_bucket_shared_by_every_thread() {
+        let store = Store::for_key(&[KeyPart::Global], 100);
+        assert!(matches!(store, Store::Global(_)));
+        assert!(matches!(
+            Store::for_key(&[KeyPart::Global, KeyPart::Route], 100),
+            Store::Keyed(_)
+        ));
+        let quota = Quota::new(per_minute(400), 400, 1.0);
+        let now = 1_000 * SEC;
+        assert_eq!(store.check(1, &quota, false, now).remaining, 400);
+        // Four threads at once, each trying 200 requests: the bucket holds 400, and no
+        // request is lost or counted twice between them.
+        let admitted: usize = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4u64)
+                .map(|key| {
+                    let store = &store;
+                    scope.spawn(move || {
+                        (0..200)
+                            .filter(|_| store.check(key, &quota, true, now).allowed)
+                            .count()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 400);
+        let denied = store.check(9, &quota, true, now);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, Duration::from_millis(150));
+        assert!(store.check(9, &quota, true, now + 150_000_000).allowed);
     }
 
     #[test]
