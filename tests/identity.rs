@@ -31,19 +31,9 @@ fn policy(app: &Upstream, identity: &str) -> String {
 
 /// The user and tier the access log recorded for the request with this id.
 fn logged_user(gw: &Tollgate, response: &reqwest::blocking::Response) -> (Value, Value) {
-    let id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert!(wait_for(Duration::from_secs(5), || gw
-        .access_log()
-        .iter()
-        .any(|l| l["request_id"] == id.as_str())));
     let line = gw
-        .access_log()
-        .into_iter()
-        .find(|l| l["request_id"] == id.as_str())
-        .unwrap();
+        .access_line(&request_id(response), Duration::from_secs(5))
+        .expect("the request's line");
     (line["user"].clone(), line["tier"].clone())
 }
 

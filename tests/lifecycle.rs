@@ -361,19 +361,9 @@ fn access_log_has_one_json_line_per_request_with_redaction() {
         .header("user-agent", "tests")
         .send()
         .unwrap();
-    let id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert!(wait_for(Duration::from_secs(5), || gw
-        .access_log()
-        .iter()
-        .any(|l| l["request_id"] == id.as_str())));
-    let line: Value = gw
-        .access_log()
-        .into_iter()
-        .find(|l| l["request_id"] == id.as_str())
-        .unwrap();
+    let line = gw
+        .access_line(&request_id(&response), Duration::from_secs(5))
+        .expect("the request's line");
     assert_eq!(line["status"], 200);
     assert_eq!(line["route"], "all");
     assert_eq!(line["upstream"], "app");
@@ -405,23 +395,9 @@ fn access_log_lines_stay_json_whatever_the_names_and_values() {
         .send()
         .unwrap();
     let status = response.status().as_u16();
-    let id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        wait_for(Duration::from_secs(5), || gw
-            .access_log()
-            .iter()
-            .any(|l| l["request_id"] == id.as_str())),
-        "no line that parses: {:?}",
-        gw.stdout()
-    );
     let line = gw
-        .access_log()
-        .into_iter()
-        .find(|l| l["request_id"] == id.as_str())
-        .unwrap();
+        .access_line(&request_id(&response), Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no line that parses: {:?}", gw.stdout()));
     assert_eq!(line["status"], status);
     assert_eq!(line["route"], "all");
     assert_eq!(line["upstream"], "back\\slash");
@@ -537,23 +513,15 @@ fn the_last_access_log_lines_are_written_by_a_clean_stop() {
         "{}access_log:\n  flush: 1h\n  buffer: 1MiB\n",
         simple_policy(&[app.addr.to_string()])
     ));
-    let id = gw.get("/api/search?q=last").headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = request_id(&gw.get("/api/search?q=last"));
     gw.wait_idle();
     assert!(
-        !gw.access_log()
-            .iter()
-            .any(|l| l["request_id"] == id.as_str()),
+        gw.access_line(&id, Duration::ZERO).is_none(),
         "written before it was due"
     );
     gw.stop_cleanly(Duration::from_secs(8));
     assert!(
-        wait_for(Duration::from_secs(2), || gw
-            .access_log()
-            .iter()
-            .any(|l| l["request_id"] == id.as_str())),
+        gw.access_line(&id, Duration::from_secs(2)).is_some(),
         "the last line was lost: {:?}",
         gw.stdout()
     );

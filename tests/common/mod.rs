@@ -113,6 +113,14 @@ pub fn closed_addr() -> String {
     addr.to_string()
 }
 
+/// The id the gateway gave a response (`X-Request-Id`), as its access-log line has it.
+pub fn request_id(response: &reqwest::blocking::Response) -> String {
+    response.headers()["x-request-id"]
+        .to_str()
+        .expect("a request id is visible ASCII")
+        .to_string()
+}
+
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -472,6 +480,20 @@ impl Tollgate {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["type"] == "access")
             .collect()
+    }
+
+    /// The access-log entry of the request with this id, once written, waiting up to
+    /// `timeout` for it.
+    pub fn access_line(&self, request_id: &str, timeout: Duration) -> Option<Value> {
+        let mut line = None;
+        wait_for(timeout, || {
+            line = self
+                .access_log()
+                .into_iter()
+                .find(|l| l["request_id"] == request_id);
+            line.is_some()
+        });
+        line
     }
 }
 
