@@ -832,17 +832,19 @@ mod tests {
             Store::for_key(&[KeyPart::Global, KeyPart::Route], 100),
             Store::Keyed(_)
         ));
-        let quota = Quota::new(per_minute(400), 400, 1.0);
+        let quota = Quota::new(per_minute(40_000), 40_000, 1.0);
         let now = 1_000 * SEC;
-        assert_eq!(store.check(1, &quota, false, now).remaining, 400);
-        // Four threads at once, each trying 200 requests: the bucket holds 400, and no
-        // request is lost or counted twice between them.
+        assert_eq!(store.check(1, &quota, false, now).remaining, 40_000);
+        // Four threads at once, each trying 20,000 requests: the bucket holds 40,000,
+        // and no request is lost or counted twice between them.
+        let start = std::sync::Barrier::new(4);
         let admitted: usize = std::thread::scope(|scope| {
             let threads: Vec<_> = (0..4u64)
                 .map(|key| {
-                    let store = &store;
+                    let (store, start) = (&store, &start);
                     scope.spawn(move || {
-                        (0..200)
+                        start.wait();
+                        (0..20_000)
                             .filter(|_| store.check(key, &quota, true, now).allowed)
                             .count()
                     })
@@ -850,11 +852,11 @@ mod tests {
                 .collect();
             threads.into_iter().map(|t| t.join().unwrap()).sum()
         });
-        assert_eq!(admitted, 400);
+        assert_eq!(admitted, 40_000);
         let denied = store.check(9, &quota, true, now);
         assert!(!denied.allowed);
-        assert_eq!(denied.retry_after, Duration::from_millis(150));
-        assert!(store.check(9, &quota, true, now + 150_000_000).allowed);
+        assert_eq!(denied.retry_after, Duration::from_micros(1_500));
+        assert!(store.check(9, &quota, true, now + 1_500_000).allowed);
     }
 
     #[test]
