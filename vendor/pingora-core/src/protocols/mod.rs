@@ -140,8 +140,12 @@ where
 /// The type of any established transport layer connection
 pub type Stream = Box<dyn IO>;
 
-// Implement IO trait for 3rd party types, mostly for testing
-mod ext_io_impl {
+// Implement IO trait for `tokio_test`'s mock stream, for tests. `tokio-test` turns on
+// tokio's `test-util`, whose clock takes a lock on every read of the time (the timer
+// wheel reads it around each park), so it is a dependency only of the crate's tests and
+// of builds with the `mock-io` feature.
+#[cfg(any(test, feature = "mock-io"))]
+mod mock_io_impl {
     use super::*;
     use tokio_test::io::Mock;
 
@@ -172,6 +176,11 @@ mod ext_io_impl {
     }
 
     impl Peek for Mock {}
+}
+
+// Implement IO trait for 3rd party types, mostly for testing
+mod ext_io_impl {
+    use super::*;
 
     // What a session keeps in place of the stream it gave up for reuse: a `Box` of it
     // allocates nothing.
