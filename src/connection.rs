@@ -8,11 +8,12 @@
 //! that never came, and its per-read timeout lets a head trickle in forever one byte at
 //! a time. Here the protocol is decided as soon as the bytes read cannot be the preface,
 //! and each HTTP/1 connection is wrapped in a [`ClientStream`] that times the head of
-//! every request from its first byte, and the wait for the next request
-//! (`server.idle_timeout`) from the first read that finds nothing, both on one timer the
-//! connection keeps: Pingora's keep-alive wait would make, box, register and cancel a
-//! timer per request. The proxy marks when a head is complete ([`head_complete`]) and
-//! when a request is done ([`request_done`]).
+//! every request from its first bytes (from the first read that waits for more of it:
+//! a head that arrives whole costs no clock read), and the wait for the next request
+//! (`server.idle_timeout`) from the answer, both on one timer the connection keeps:
+//! Pingora's keep-alive wait would make, box, register and cancel a timer per request.
+//! The proxy marks when a head is complete ([`head_complete`]) and when a request is
+//! answered ([`request_done`]).
 
 use crate::gateway::Gateway;
 use crate::placement::{Placed, Placement};
@@ -110,10 +111,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Connections<A> {
 /// Where a connection is in its current request, as far as its deadlines go.
 /// Answered; the wait for the next request has not started.
 const IDLE: u8 = 0;
+/// The head's deadline runs.
 const HEAD: u8 = 1;
 const PAST_HEAD: u8 = 2;
 /// Answered, and a read found nothing: the idle deadline runs.
 const WAITING: u8 = 3;
+/// Bytes of a head arrived and no read has waited for more yet: the head's deadline is
+/// set by the first that does. A head that arrives whole (nearly every one) never reads
+/// the clock for it; one that does not starts its clock microseconds after its first
+/// bytes, in the same poll of the connection.
+const HEAD_ARRIVING: u8 = 4;
 
 /// A client connection: the bytes protocol detection read ahead, served first, then the
 /// socket; on HTTP/1, the head deadline.
@@ -133,6 +140,11 @@ struct HeadClock {
     /// `server.idle_timeout` in nanoseconds as of the last request, or 0 when the wait
     /// between requests is not timed here (Pingora's own keep-alive wait applies).
     idle: AtomicU64,
+    /// When the connection's first head started: what `answered` counts from.
+    base: Instant,
+    /// When the last request was answered, in nanoseconds after `base`: the wait for the
+    /// next request is timed from there, with the clock read the request's own log took.
+    answered: AtomicU64,
     deadline: Instant,
     timer: Option<Pin<Box<Sleep>>>,
     timed_out: IntCounter,
@@ -141,11 +153,14 @@ struct HeadClock {
 impl HeadClock {
     /// A clock for a head whose first byte has just arrived.
     fn started(limit: Duration, timed_out: &IntCounter) -> HeadClock {
+        let now = Instant::now();
         HeadClock {
             limit,
             phase: AtomicU8::new(HEAD),
             idle: AtomicU64::new(0),
-            deadline: Instant::now() + limit,
+            base: now,
+            answered: AtomicU64::new(0),
+            deadline: now + limit,
             timer: None,
             timed_out: timed_out.clone(),
         }
@@ -161,7 +176,17 @@ impl HeadClock {
         }
         if self.phase.load(Ordering::Relaxed) == IDLE {
             self.phase.store(WAITING, Ordering::Relaxed);
-            self.deadline = Instant::now() + Duration::from_nanos(idle);
+            let answered = Duration::from_nanos(self.answered.load(Ordering::Relaxed));
+            self.deadline = self.base + answered + Duration::from_nanos(idle);
+        }
+        self.expired(cx)
+    }
+
+    /// The head's bytes stopped before its end: its deadline starts now unless it runs.
+    fn head_waits(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.phase.load(Ordering::Relaxed) == HEAD_ARRIVING {
+            self.phase.store(HEAD, Ordering::Relaxed);
+            self.deadline = Instant::now() + self.limit;
         }
         self.expired(cx)
     }
@@ -223,12 +248,6 @@ impl ClientStream {
         }
         Ok(true)
     }
-
-    fn set_phase(&self, phase: u8) {
-        if let Some(head) = &self.head {
-            head.phase.store(phase, Ordering::Relaxed);
-        }
-    }
 }
 
 /// The whole 408 answer, written straight to the socket: the request never reached the
@@ -274,11 +293,16 @@ pub(crate) fn head_complete(session: &pingora::proxy::Session, idle: Duration) -
     true
 }
 
-/// The request is answered: the next bytes start the next head.
-pub(crate) fn request_done(session: &pingora::proxy::Session) {
-    if let Some(stream) = client_stream(session) {
-        stream.set_phase(IDLE);
-    }
+/// The request was answered at `now`: the next bytes start the next head, and the wait
+/// for them is timed from `now`.
+pub(crate) fn request_done(session: &pingora::proxy::Session, now: std::time::Instant) {
+    let Some(head) = client_stream(session).and_then(|s| s.head.as_ref()) else {
+        return;
+    };
+    let since_base = Instant::from_std(now).saturating_duration_since(head.base);
+    let nanos = u64::try_from(since_base.as_nanos()).unwrap_or(u64::MAX);
+    head.answered.store(nanos, Ordering::Relaxed);
+    head.phase.store(IDLE, Ordering::Relaxed);
 }
 
 impl AsyncRead for ClientStream {
@@ -306,15 +330,14 @@ impl AsyncRead for ClientStream {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         match head.phase.load(Ordering::Relaxed) {
             IDLE | WAITING if buf.filled().len() > filled => {
-                head.phase.store(HEAD, Ordering::Relaxed);
-                head.deadline = Instant::now() + head.limit;
+                head.phase.store(HEAD_ARRIVING, Ordering::Relaxed);
             }
             IDLE | WAITING if result.is_pending() && head.idle_wait_over(cx) => {
                 // Nothing read: the end of the stream, which closes the kept-alive
                 // connection quietly, as Pingora's own keep-alive timeout does.
                 return Poll::Ready(Ok(()));
             }
-            HEAD if result.is_pending() && head.expired(cx) => {
+            HEAD | HEAD_ARRIVING if result.is_pending() && head.head_waits(cx) => {
                 head.phase.store(PAST_HEAD, Ordering::Relaxed);
                 head.timed_out.inc();
                 // Best effort: a socket that cannot take these bytes at once is closed

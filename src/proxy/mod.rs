@@ -817,10 +817,11 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
-        connection::request_done(session);
+        let now = Instant::now();
+        connection::request_done(session, now);
         self.settle(ctx, error);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let elapsed = ctx.started.elapsed();
+        let elapsed = now.saturating_duration_since(ctx.started);
         ctx.attempt.server_inflight = None;
         ctx.attempt.bulkhead_slot = None;
         let route_metrics = ctx.route().map_or(&self.gateway.unmatched, |r| &*r.metrics);
