@@ -53,7 +53,10 @@ access_log_on=(-e "s#^  enabled: false#  enabled: true\n  path: $RUN/access.log#
 
 # nginx_conf ROLE [WORKERS]: an nginx configuration (one worker unless WORKERS, access log
 # off, keep-alive without end) for the origin on $ORIGIN_PORT (100-byte JSON) or a proxy to
-# it on $PROXY_PORT. More than one worker takes a master process, which stays in the
+# it on $PROXY_PORT: `proxy`, as the peer harness runs it, or `proxy-headers`, which also
+# does the header work every tollgate request does (X-Forwarded-For/-Proto/-Host and a
+# request id, sent upstream and back; tollgate's trace context has no counterpart in
+# stock nginx). More than one worker takes a master process, which stays in the
 # foreground.
 nginx_conf() {
   local role=$1 workers=${2:-1}
@@ -67,9 +70,15 @@ nginx_conf() {
       location / { default_type application/json;
         return 200 '{\"id\":1,\"name\":\"bench\",\"tags\":[\"a\",\"b\"],\"ok\":true,\"padding\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}'; }"
   else
+    local headers=
+    if [ "$role" = proxy-headers ]; then
+      headers="proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$http_host;
+        proxy_set_header X-Request-Id \$request_id; add_header X-Request-Id \$request_id;"
+    fi
     server="listen 127.0.0.1:$PROXY_PORT; keepalive_requests 1000000000;
       location / { proxy_pass http://origin; proxy_http_version 1.1;
-        proxy_set_header Connection \"\"; }"
+        proxy_set_header Connection \"\"; $headers }"
   fi
   cat > "$dir/nginx.conf" <<EOF
 daemon off; master_process $master; worker_processes $workers; error_log $dir/logs/error.log; pid $dir/nginx.pid;

@@ -14,7 +14,9 @@
 # same policy with server.threads: 2, nginx-2w nginx with two workers; also floor, bare
 # Pingora, and probe, the raw tokio proxy, from $BIN/examples: `cargo build --release
 # --examples`; and tollgate-b, the one-thread tollgate of another build, $BIN_B/tollgate,
-# to compare two builds round by round on the same host), RATE (5000), CONNECTIONS (64), DURATION (seconds measured, 15), WARMUP
+# to compare two builds round by round on the same host; and nginx-headers, one nginx
+# worker that also does the forwarding and request-id header work of every tollgate
+# request, bench/lib.sh), RATE (5000), CONNECTIONS (64), DURATION (seconds measured, 15), WARMUP
 # (seconds, 3), ROUNDS (3), BIN (default target/release), ENVOY (the envoy binary; default
 # `envoy` on PATH or $PEERS_VENV/bin/envoy, the shared peer harness's environment). Needs
 # nginx (origin and the nginx row), oha (`cargo install oha`), python3.
@@ -90,13 +92,14 @@ EOF
 # to load in $port.
 start() {
   target='' port=$PROXY_PORT cpus=1
-  case $1 in tollgate | tollgate-b | nginx) cpus=$CPUS_1T ;; tollgate-2t | nginx-2w) cpus=$CPUS_2T ;; esac
+  case $1 in tollgate | tollgate-b | nginx | nginx-headers) cpus=$CPUS_1T ;; tollgate-2t | nginx-2w) cpus=$CPUS_2T ;; esac
   case $1 in
     direct) port=$ORIGIN_PORT; return ;;
     tollgate) taskset -c "$CPUS_1T" "$BIN/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
     tollgate-b) taskset -c "$CPUS_1T" "$BIN_B/tollgate" run -c "$(tollgate_policy 1)" > "$RUN/$1.log" 2>&1 & ;;
     tollgate-2t) taskset -c "$CPUS_2T" "$BIN/tollgate" run -c "$(tollgate_policy 2)" > "$RUN/$1.log" 2>&1 & ;;
     nginx) taskset -c "$CPUS_1T" nginx -c "$(nginx_conf proxy)" > "$RUN/$1.log" 2>&1 & ;;
+    nginx-headers) taskset -c "$CPUS_1T" nginx -c "$(nginx_conf proxy-headers)" > "$RUN/$1.log" 2>&1 & ;;
     nginx-2w) taskset -c "$CPUS_2T" nginx -c "$(nginx_conf proxy 2)" > "$RUN/$1.log" 2>&1 & ;;
     envoy) taskset -c 1 "$ENVOY" -c "$(envoy_conf)" --concurrency 1 --log-level error > "$RUN/$1.log" 2>&1 & ;;
     floor) taskset -c 1 "$BIN/examples/pingora_floor" "127.0.0.1:$PROXY_PORT" proxy "127.0.0.1:$ORIGIN_PORT" > "$RUN/$1.log" 2>&1 & ;;
