@@ -91,6 +91,14 @@ EOF
   echo "$dir/nginx.conf"
 }
 
+# start_origin: the nginx origin on CPU 0 ($ORIGIN_PORT, 100-byte JSON at /json), stopped
+# with the script; returns once it answers.
+start_origin() {
+  taskset -c 0 nginx -c "$(nginx_conf origin)" &
+  pids+=($!)
+  wait_port "$ORIGIN_PORT" /json
+}
+
 # stop: stops the process in $target (if any) with SIGTERM, SIGKILL after 30 s.
 stop() {
   [ -n "$target" ] || return 0

@@ -27,9 +27,7 @@ ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
 source bench/lib.sh
 export TOLLGATE_RUN_DIR=$RUN
 
-taskset -c 0 nginx -c "$(nginx_conf origin)" &
-pids+=($!)
-wait_port $ORIGIN_PORT /json
+start_origin
 
 command_of() {
   case $1 in

@@ -28,9 +28,7 @@ ORIGIN_PORT=29180 PROXY_PORT=29181 AUX_PORT=29182
 source bench/lib.sh
 export TOLLGATE_RUN_DIR=$RUN
 
-taskset -c 0 nginx -c "$(nginx_conf origin)" &
-pids+=($!)
-wait_port $ORIGIN_PORT /json
+start_origin
 policy=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}")
 policy_2t=$(gateway_policy "${GATEWAY_CONF:-bench/gateway.yaml}" -e "s/threads: 1/threads: 2/")
 CPUS_2T=${CPUS_2T:-1}

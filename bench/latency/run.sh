@@ -50,9 +50,7 @@ if [[ " $TARGETS " == *" envoy "* && ! -x $ENVOY ]]; then
   TARGETS=${TARGETS//envoy/}
 fi
 
-taskset -c 0 nginx -c "$(nginx_conf origin)" &
-pids+=($!)
-wait_port $ORIGIN_PORT /json
+start_origin
 
 tollgate_policy() { # tollgate_policy THREADS
   gateway_policy bench/gateway.yaml -e "s/threads: 1/threads: $1/"

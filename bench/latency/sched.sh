@@ -25,9 +25,7 @@ source bench/lib.sh
 export TOLLGATE_RUN_DIR=$RUN
 find_oha
 
-taskset -c 0 nginx -c "$(nginx_conf origin)" &
-pids+=($!)
-wait_port $ORIGIN_PORT /json
+start_origin
 
 load() { # load SECONDS [OUT]
   taskset -c 0 "$OHA" -z "$1s" -q "$RATE" -c "$CONNECTIONS" --latency-correction --no-tui \
