@@ -109,7 +109,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Connections<A> {
 }
 
 /// Where a connection is in its current request, as far as its deadlines go.
-/// Answered; the wait for the next request has not started.
+/// Answered (the wait for the next request is timed from then), and no read has found
+/// the socket empty yet: the idle timer is not armed.
 const IDLE: u8 = 0;
 /// The head's deadline runs.
 const HEAD: u8 = 1;

@@ -83,7 +83,7 @@ for f in os.listdir(out):
     path = os.path.join(out, f)
     if not f.startswith("cg.") or os.path.getmtime(path) < 1e9:
         continue
-    head, calls, fn, clock_reads = {}, None, None, 0
+    head, fn, clock_reads = {}, None, 0
     for line in open(path):
         if line.startswith("thread:"):
             head["thread"] = int(line.split()[1])
@@ -128,12 +128,11 @@ for k in range(best):
     ir = statistics.median(c[k]["ir"] for c in cycles)
     clock = statistics.median(c[k]["clock_reads"] for c in cycles)
     trig = triggers[k]
-    adds = waiting
-    if adds:
+    if waiting:
         critical += ir
     else:
         off += ir
-    print(f"| {prev} | {trig} | {ir:,.0f} | {clock:g} | {'yes' if adds else 'no'} |")
+    print(f"| {prev} | {trig} | {ir:,.0f} | {clock:g} | {'yes' if waiting else 'no'} |")
     if trig in ("send", "writev"):
         waiting = False
     elif trig == "epoll_wait":
