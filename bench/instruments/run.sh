@@ -16,6 +16,9 @@
 # CACHE_SIM (when 1, callgrind also simulates a 32 KiB L1i, 48 KiB L1d and 2 MiB last
 # level, and two columns more give the first-level misses a request: instruction and data
 # lines the request's code and data did not find there, its footprint beyond L1),
+# FOOTPRINT (when 1, a column more: the 64-byte code lines a request runs, its code
+# footprint, bench/instruments/footprint.py; at a fixed rate each request starts with
+# cold caches and fetches them all again),
 # IN_FLIGHT (when set, e.g. 32, a last column: instructions a request with that many
 # keep-alive connections loading the target for DURATION seconds under callgrind, wrk's
 # count; the sequential count pays a poll of the event loop, a park and the timer
@@ -80,6 +83,12 @@ else
   header='| target | CPU µs/req (user + sys) | syscalls/req | context switches/req | wakeups/req | instructions/req |'
   rule='|---|---:|---:|---:|---:|---:|'
 fi
+dump_instr=no
+if [ "${FOOTPRINT:-0}" = 1 ]; then
+  dump_instr=yes
+  header="$header code lines/req |"
+  rule="$rule---:|"
+fi
 if [ -n "${IN_FLIGHT:-}" ]; then
   header="$header instructions/req, $IN_FLIGHT in flight |"
   rule="$rule---:|"
@@ -99,7 +108,7 @@ for name in $TARGETS; do
   hz=$(getconf CLK_TCK)
 
   GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=1000000 start "$name" \
-    valgrind --tool=callgrind --callgrind-out-file="$RUN/$name.cg" --dump-instr=no "${cache_sim[@]}"
+    valgrind --tool=callgrind --callgrind-out-file="$RUN/$name.cg" --dump-instr=$dump_instr "${cache_sim[@]}"
   python3 - "$PROXY_PORT" "$ORIGIN_PATH" 300 <<'EOF'
 import http.client, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
@@ -116,6 +125,10 @@ EOF
   callgrind_control -d "$target" >/dev/null 2>&1
   # totals: Ir, and with the cache simulation Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
   read -r instructions i1_misses d1_misses < <(awk '/^totals:/ {print $2, $5, $6 + $7}' "$RUN/$name".cg.1)
+  footprint=
+  if [ "$dump_instr" = yes ]; then
+    footprint=" $(python3 bench/instruments/footprint.py "$RUN/$name".cg.1 "$REQUESTS") |"
+  fi
   in_flight=
   if [ -n "${IN_FLIGHT:-}" ]; then
     callgrind_control -z "$target" >/dev/null 2>&1
@@ -131,10 +144,10 @@ EOF
   awk -v n="$name" -v r="$requests" -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$hz" \
     -v sc="$(count raw_syscalls:sys_enter)" -v cs="$(count context-switches)" \
     -v wk="$(count sched:sched_wakeup)" -v ins="$instructions" -v q="$REQUESTS" \
-    -v sim="${#cache_sim[@]}" -v i1="$i1_misses" -v d1="$d1_misses" -v in_flight="$in_flight" 'BEGIN {
+    -v sim="${#cache_sim[@]}" -v i1="$i1_misses" -v d1="$d1_misses" -v footprint="$footprint" -v in_flight="$in_flight" 'BEGIN {
       us = 1e6 / hz / r
       printf "| %s | %.1f (%.1f + %.1f) | %.2f | %.3f | %.3f | %d |", n, (u + s) * us, u * us, s * us,
         sc / r, cs / r, wk / r, ins / q
       if (sim > 0) printf " %d | %d |", i1 / q, d1 / q
-      printf "%s\n", in_flight }'
+      printf "%s%s\n", footprint, in_flight }'
 done
