@@ -6,8 +6,7 @@ Prints the number of distinct 64-byte code lines, over every object the process 
 (its binary, libc, the vDSO), in which some instruction ran at least once a request
 (0.95 × REQUESTS times: a little code, such as the timer wheel's turn, skips a request
 now and then). At a fixed rate a proxy idles between requests and each request starts
-with cold caches: every such line is fetched again, so this count, not the
-instruction count, is what a request's user time follows there.
+with cold caches: every such line is fetched again, however few instructions run in it.
 """
 
 import collections
