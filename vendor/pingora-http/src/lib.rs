@@ -44,7 +44,7 @@ use case_header_name::CaseHeaderName;
 pub use case_header_name::IntoCaseHeaderName;
 
 mod name_case;
-use name_case::{Add, NameCase};
+use name_case::{Add, NameCase, ReadName, Spelling};
 
 mod framing;
 pub use framing::FramingMemo;
@@ -228,8 +228,27 @@ impl RequestHeader {
             &mut self.name_case,
             &mut self.base.headers,
             &mut self.framing,
-            name,
+            name.into_case_header_name(),
             header_value,
+        )
+    }
+
+    /// Append a field read off the wire: `spelled` is its name as the peer spelled it,
+    /// and `name` takes a share of the read buffer holding that spelling, asked for only
+    /// when the head keeps it (once its names are not all spelled one way). Otherwise
+    /// as [Self::append_header()].
+    pub fn append_read_header(
+        &mut self,
+        spelled: &[u8],
+        name: impl FnOnce() -> bytes::Bytes,
+        value: HeaderValue,
+    ) -> Result<bool> {
+        append_header_value(
+            &mut self.name_case,
+            &mut self.base.headers,
+            &mut self.framing,
+            ReadName(spelled, name),
+            value,
         )
     }
 
@@ -631,8 +650,27 @@ impl ResponseHeader {
             &mut self.name_case,
             &mut self.base.headers,
             &mut self.framing,
-            name,
+            name.into_case_header_name(),
             header_value,
+        )
+    }
+
+    /// Append a field read off the wire: `spelled` is its name as the peer spelled it,
+    /// and `name` takes a share of the read buffer holding that spelling, asked for only
+    /// when the head keeps it (once its names are not all spelled one way). Otherwise
+    /// as [Self::append_header()].
+    pub fn append_read_header(
+        &mut self,
+        spelled: &[u8],
+        name: impl FnOnce() -> bytes::Bytes,
+        value: HeaderValue,
+    ) -> Result<bool> {
+        append_header_value(
+            &mut self.name_case,
+            &mut self.base.headers,
+            &mut self.framing,
+            ReadName(spelled, name),
+            value,
         )
     }
 
@@ -928,15 +966,14 @@ fn append_header_value(
     name_case: &mut NameCase,
     value_map: &mut HMap,
     framing: &mut FramingMemo,
-    name: impl IntoCaseHeaderName,
+    name: impl Spelling,
     value: HeaderValue,
 ) -> Result<bool> {
-    let case_header_name = name.into_case_header_name();
-    let header_name: HeaderName = case_header_name
-        .as_slice()
+    let header_name: HeaderName = name
+        .spelled()
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    name_case.add(value_map, &header_name, || case_header_name, Add::Append)?;
+    name_case.add(value_map, &header_name, name, Add::Append)?;
     framing.changed(&header_name);
     // Non-panicking `try_append`: the infallible `append` calls
     // `.expect("size overflows MAX_SIZE")` internally, which would abort the process.
@@ -959,7 +996,7 @@ fn insert_header_value(
         .as_slice()
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    name_case.add(value_map, &header_name, || case_header_name, Add::Insert)?;
+    name_case.add(value_map, &header_name, case_header_name, Add::Insert)?;
     framing.changed(&header_name);
     value_map.insert(header_name, value);
     Ok(())

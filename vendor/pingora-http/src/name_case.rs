@@ -44,6 +44,40 @@ pub(crate) enum NameCase {
     Mapped(CaseMap),
 }
 
+/// A field name as spelled where it came from.
+pub(crate) trait Spelling {
+    fn spelled(&self) -> &[u8];
+
+    /// The spelling as a map of spellings holds it.
+    fn into_case(self) -> CaseHeaderName;
+}
+
+impl Spelling for CaseHeaderName {
+    fn spelled(&self) -> &[u8] {
+        self.as_slice()
+    }
+
+    fn into_case(self) -> CaseHeaderName {
+        self
+    }
+}
+
+/// A name as read off the wire, and how to take a share of the read buffer holding it:
+/// taken only when its spelling is mapped, so a head whose names are all spelled one
+/// way holds no share of the buffer for them, and takes and drops none (two atomic
+/// operations a field).
+pub(crate) struct ReadName<'a, F>(pub(crate) &'a [u8], pub(crate) F);
+
+impl<F: FnOnce() -> Bytes> Spelling for ReadName<'_, F> {
+    fn spelled(&self) -> &[u8] {
+        self.0
+    }
+
+    fn into_case(self) -> CaseHeaderName {
+        (self.1)().into_case_header_name()
+    }
+}
+
 /// Whether a value is added beside the name's others or replaces them.
 #[derive(Clone, Copy)]
 pub(crate) enum Add {
@@ -60,28 +94,27 @@ impl NameCase {
         !matches!(self, NameCase::Canonical)
     }
 
-    /// Records the spelling `case` of a value about to be added to `values` under
-    /// `name`; call it before the value map changes.
+    /// Records the spelling of a value about to be added to `values` under `name`; call
+    /// it before the value map changes.
     pub(crate) fn add<T>(
         &mut self,
         values: &HMap<T>,
         name: &HeaderName,
-        case: impl FnOnce() -> CaseHeaderName,
+        spelling: impl Spelling,
         how: Add,
     ) -> Result<()> {
         let case = match self {
             NameCase::Canonical => return Ok(()),
             NameCase::Derived(rules) => {
-                let case = case();
-                let fits = spellings(*rules, case.as_slice());
+                let fits = spellings(*rules, spelling.spelled());
                 if fits != 0 {
                     *rules = fits;
                     return Ok(());
                 }
                 *self = NameCase::Mapped(mapped(*rules, values)?);
-                case
+                spelling.into_case()
             }
-            NameCase::Mapped(_) => case(),
+            NameCase::Mapped(_) => spelling.into_case(),
         };
         let NameCase::Mapped(map) = self else {
             unreachable!("the spellings are mapped by now")
@@ -201,9 +234,10 @@ impl NameCase {
 /// word below never carries from one byte into the next), from that name.
 fn spellings(rules: u8, spelled: &[u8]) -> u8 {
     let mut fits = rules;
-    for (word, _, starts) in words(spelled) {
+    each_word(spelled, |_, word, starts| {
         if word & HIGH != 0 {
-            return 0;
+            fits = 0;
+            return false;
         }
         let upper = bytes_in(word, b'A', b'Z');
         if upper != 0 {
@@ -212,10 +246,8 @@ fn spellings(rules: u8, spelled: &[u8]) -> u8 {
         if upper != starts & (upper | bytes_in(word, b'a', b'z')) {
             fits &= !TITLE;
         }
-        if fits == 0 {
-            break;
-        }
-    }
+        fits != 0
+    });
     fits
 }
 
@@ -278,18 +310,12 @@ fn put_field(buf: &mut impl BufMut, name: &[u8], title: bool, value: &[u8]) {
     // its source's length); the field's `len` bytes are all written before `advance_mut`
     // counts them.
     unsafe {
-        let mut at = 0;
         if title {
-            for (word, n) in title_words(name) {
-                dst.add(at)
-                    .cast::<[u8; 8]>()
-                    .write_unaligned(word.to_le_bytes());
-                at += n;
-            }
+            store_title(name, dst);
         } else {
             copy_short(name, dst);
-            at = name.len();
         }
+        let at = name.len();
         dst.add(at).cast::<[u8; 2]>().write_unaligned(*b": ");
         copy_short(value, dst.add(at + 2));
         dst.add(len - 2).cast::<[u8; 2]>().write_unaligned(*b"\r\n");
@@ -337,36 +363,82 @@ unsafe fn copy_short(src: &[u8], dst: *mut u8) {
 }
 
 fn put_title(name: &[u8], buf: &mut impl BufMut) {
-    // Spelled on the stack and put in one piece: `put_u8` on a `BytesMut` checks its
-    // room byte by byte.
-    let mut piece = [0u8; 64];
-    let mut len = 0;
-    for (title, n) in title_words(name) {
-        if len + 8 > piece.len() {
-            buf.put_slice(&piece[..len]);
-            len = 0;
-        }
-        piece[len..len + 8].copy_from_slice(&title.to_le_bytes());
-        len += n;
-    }
-    buf.put_slice(&piece[..len]);
+    // Spelled on the stack (a name longer than 64 bytes in a vector) and put in one
+    // piece: `put_u8` on a `BytesMut` checks its room byte by byte.
+    let mut piece = [0u8; 64 + 7];
+    let mut long = Vec::new();
+    let room = if name.len() + 7 <= piece.len() {
+        &mut piece[..]
+    } else {
+        long.resize(name.len() + 7, 0);
+        &mut long[..]
+    };
+    // SAFETY: `room` has the `name.len() + 7` bytes `store_title` needs.
+    unsafe { store_title(name, room.as_mut_ptr()) };
+    buf.put_slice(&room[..name.len()]);
+}
+
+/// Stores `lower` (a name as `http` holds it: ASCII, no capitals) Title-Cased at `dst`,
+/// a word at a time as in [each_word].
+///
+/// # Safety
+///
+/// `dst` is valid for `lower.len() + 7` bytes of writes (a name shorter than a word is
+/// stored as a whole word) and does not overlap `lower`.
+unsafe fn store_title(lower: &[u8], dst: *mut u8) {
+    each_word(lower, |at, word, starts| {
+        // 0x80 >> 2 is 0x20, the bit that makes a lowercase letter a capital.
+        let title = word ^ ((starts & bytes_in(word, b'a', b'z')) >> 2);
+        // SAFETY: `at` is at most `lower.len() - 8` for a name of a word or more, and 0
+        // for a shorter one: the word ends within the caller's room.
+        unsafe {
+            dst.add(at)
+                .cast::<[u8; 8]>()
+                .write_unaligned(title.to_le_bytes())
+        };
+        true
+    });
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGH: u64 = 0x8080_8080_8080_8080;
 
-/// A name (ASCII) eight bytes at a time: each word as in [word], how many of its bytes
-/// are the name's, and the bytes where a word of the name starts (their high bit set:
-/// the first byte, and each after a `-`).
-fn words(name: &[u8]) -> impl Iterator<Item = (u64, usize, u64)> + '_ {
+/// Calls `each(at, word, starts)` for words covering `name` (ASCII), until it returns
+/// false: `word` the name's eight bytes from `at`, little-endian, and `starts` the high
+/// bit of each of its bytes that starts a word of the name (the name's first byte, and
+/// each after a `-`). A name of eight bytes or more is covered by whole words, the last
+/// one ending where the name does and overlapping the one before it; a shorter name by
+/// one word, zeros after it. A loop of plain loads: through `chunks`, two iterator
+/// adaptors and a match on each chunk's length, a name took about 20 instructions more.
+#[inline(always)]
+fn each_word(name: &[u8], mut each: impl FnMut(usize, u64, u64) -> bool) {
+    let n = name.len();
+    let load = |at: usize| u64::from_le_bytes(name[at..at + 8].try_into().unwrap());
+    let dashes = |word: u64| bytes_in(word, b'-', b'-');
+    if n < 8 {
+        let word = short_word(name);
+        each(0, word, (dashes(word) << 8) | 0x80);
+        return;
+    }
+    let mut at = 0;
     let mut starts_next = 0x80;
-    name.chunks(8).map(move |chunk| {
-        let word = word(chunk);
-        let dash = bytes_in(word, b'-', b'-');
-        let starts = (dash << 8) | starts_next;
+    while at + 8 < n {
+        let word = load(at);
+        let dash = dashes(word);
+        if !each(at, word, (dash << 8) | starts_next) {
+            return;
+        }
         starts_next = dash >> 56;
-        (word, chunk.len(), starts)
-    })
+        at += 8;
+    }
+    let last = n - 8;
+    let starts_last = if last == 0 || name[last - 1] == b'-' {
+        0x80
+    } else {
+        0
+    };
+    let word = load(last);
+    each(last, word, (dashes(word) << 8) | starts_last);
 }
 
 /// The high bit of each byte of `word` (all below 0x80) that is in `low..=high`.
@@ -376,28 +448,19 @@ fn bytes_in(word: u64, low: u8, high: u8) -> u64 {
     at_least_low & !above_high & HIGH
 }
 
-/// Up to eight bytes as a little-endian word, zeros after them; a few bytes are read as
-/// two overlapping loads rather than copied (a call to `memcpy`) or read one by one.
-fn word(bytes: &[u8]) -> u64 {
+/// A name shorter than a word as a little-endian word, zeros after it: read as two
+/// overlapping loads rather than copied (a call to `memcpy`) or read one by one.
+fn short_word(bytes: &[u8]) -> u64 {
     let n = bytes.len();
     let load4 = |at: usize| u64::from(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()));
     let load2 = |at: usize| u64::from(u16::from_le_bytes(bytes[at..at + 2].try_into().unwrap()));
     match n {
-        8.. => u64::from_le_bytes(bytes[..8].try_into().unwrap()),
-        4.. => load4(0) | (load4(n - 4) << ((n - 4) * 8)),
-        2.. => load2(0) | (load2(n - 2) << ((n - 2) * 8)),
+        4..=7 => load4(0) | (load4(n - 4) << ((n - 4) * 8)),
+        2..=3 => load2(0) | (load2(n - 2) << ((n - 2) * 8)),
         1 => u64::from(bytes[0]),
         0 => 0,
+        _ => unreachable!("a name of a word or more is read by whole words"),
     }
-}
-
-/// `lower` (a name as `http` holds it: ASCII, no capitals) in Title-Case, eight bytes
-/// at a time as in [words].
-fn title_words(lower: &[u8]) -> impl Iterator<Item = (u64, usize)> + '_ {
-    words(lower).map(|(word, len, starts)| {
-        // 0x80 >> 2 is 0x20, the bit that makes a lowercase letter a capital.
-        (word ^ ((starts & bytes_in(word, b'a', b'z')) >> 2), len)
-    })
 }
 
 fn canonical(name: &HeaderName) -> &str {
@@ -485,7 +548,11 @@ mod tests {
                 let expected: Vec<u8> = lower
                     .iter()
                     .map(|&l| {
-                        let t = if word_start { l.to_ascii_uppercase() } else { l };
+                        let t = if word_start {
+                            l.to_ascii_uppercase()
+                        } else {
+                            l
+                        };
                         word_start = l == b'-';
                         t
                     })
@@ -531,7 +598,10 @@ mod tests {
             &["1-2", "Server"][..],
         ] {
             let resp = response(names);
-            assert!(matches!(resp.name_case(), NameCase::Derived(_)), "{names:?}");
+            assert!(
+                matches!(resp.name_case(), NameCase::Derived(_)),
+                "{names:?}"
+            );
             let expected: String = names
                 .iter()
                 .enumerate()
@@ -578,6 +648,46 @@ mod tests {
     }
 
     #[test]
+    fn a_read_name_is_shared_only_once_spellings_are_mapped() {
+        let read = Bytes::from_static(b"Content-Type\nX-Request-Id\nETag\nServer");
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        let mut shares = Vec::new();
+        let mut at = 0;
+        for line in read.split(|&b| b == b'\n') {
+            let range = at..at + line.len();
+            at = range.end + 1;
+            let value = HeaderValue::from_static("v");
+            resp.append_read_header(
+                line,
+                || {
+                    shares.push(line.to_vec());
+                    read.slice(range)
+                },
+                value,
+            )
+            .unwrap();
+            if line == b"X-Request-Id" {
+                assert!(matches!(resp.name_case(), NameCase::Derived(TITLE)));
+            }
+        }
+        // The first two follow from their names; from `ETag` on, each is kept as read.
+        assert_eq!(shares, [&b"ETag"[..], b"Server"]);
+        assert!(matches!(resp.name_case(), NameCase::Mapped(_)));
+        assert_eq!(
+            wire(&resp),
+            "Content-Type: v\r\nX-Request-Id: v\r\nETag: v\r\nServer: v\r\n"
+        );
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        let invalid = resp.append_read_header(
+            b"bad name",
+            || unreachable!(),
+            HeaderValue::from_static("v"),
+        );
+        assert!(invalid.is_err());
+        assert!(resp.headers.is_empty());
+    }
+
+    #[test]
     fn spellings_come_out_of_each_view_alike() {
         for names in [
             &["content-type", "x-a"][..],
@@ -610,8 +720,18 @@ mod tests {
     #[test]
     fn derived_spellings_write_what_a_map_from_the_start_writes() {
         const NAMES: [&str; 12] = [
-            "content-type", "Content-Type", "CONTENT-TYPE", "x-a", "X-A", "x-A", "etag",
-            "ETag", "Etag", "set-cookie", "Set-Cookie", "1-2",
+            "content-type",
+            "Content-Type",
+            "CONTENT-TYPE",
+            "x-a",
+            "X-A",
+            "x-A",
+            "etag",
+            "ETag",
+            "Etag",
+            "set-cookie",
+            "Set-Cookie",
+            "1-2",
         ];
         let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
         let mut next = |n: usize| {
@@ -649,7 +769,10 @@ mod tests {
             (&[][..], "Age: 1\r\n"),
             (&["1-2"][..], "1-2: 0\r\nAge: 1\r\n"),
             (&["ETag"][..], "ETag: 0\r\nAge: 1\r\n"),
-            (&["content-type", "X-A"][..], "content-type: 0\r\nX-A: 1\r\nAge: 1\r\n"),
+            (
+                &["content-type", "X-A"][..],
+                "content-type: 0\r\nX-A: 1\r\nAge: 1\r\n",
+            ),
         ];
         for (names, expected) in cases {
             let mut resp = response(names);
@@ -720,7 +843,11 @@ mod tests {
             for capacity in [0, 1, 30, 64, 200, 4096] {
                 let mut buf = BytesMut::with_capacity(capacity);
                 resp.header_to_h1_wire(&mut buf);
-                assert_eq!(&buf[..], &expected[..], "round {round}, capacity {capacity}");
+                assert_eq!(
+                    &buf[..],
+                    &expected[..],
+                    "round {round}, capacity {capacity}"
+                );
             }
             let mut buf = b"HTTP/1.1 200 OK\r\n".to_vec();
             resp.header_to_h1_wire(&mut buf);

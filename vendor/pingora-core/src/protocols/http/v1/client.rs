@@ -18,7 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, header::AsHeaderName, HeaderValue, StatusCode, Version};
 use log::{debug, trace};
 use pingora_error::{Error, ErrorType::*, OrErr, Result, RetryType};
-use pingora_http::{IntoCaseHeaderName, RequestHeader, ResponseHeader};
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_timeout::fast_timeout::fast_timeout_to_tokio_threshold;
 use pingora_timeout::{timeout, Elapsed};
 use std::cell::OnceCell;
@@ -389,12 +389,14 @@ impl HttpSession {
                         let buf = HeadReadBuffer::copy_out(read).freeze();
 
                         for header in header_refs {
-                            let header_name = header.get_name_bytes(&buf);
-                            let header_name = header_name.into_case_header_name();
                             let value_bytes = header.get_value_bytes(&buf);
                             let header_value = pingora_http::header_value_from_raw(value_bytes);
                             if let Err(e) = response_header
-                                .append_header(header_name, header_value)
+                                .append_read_header(
+                                    header.get_name(&buf),
+                                    || header.get_name_bytes(&buf),
+                                    header_value,
+                                )
                                 .or_err(InvalidHTTPHeader, "while parsing request header")
                             {
                                 return self.fail_response_header_read(e);

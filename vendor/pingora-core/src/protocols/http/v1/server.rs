@@ -24,7 +24,7 @@ use log::{debug, trace, warn};
 use once_cell::sync::Lazy;
 use percent_encoding::{percent_encode, AsciiSet, CONTROLS};
 use pingora_error::{Error, ErrorType::*, OrErr, Result};
-use pingora_http::{IntoCaseHeaderName, RequestHeader, ResponseHeader};
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_timeout::timeout;
 use regex::bytes::Regex;
 use std::any::Any;
@@ -408,8 +408,6 @@ impl HttpSession {
                         request_header.set_version(version);
 
                         let fields = header_refs.iter().try_for_each(|header| {
-                            let header_name = header.get_name_bytes(&buf);
-                            let header_name = header_name.into_case_header_name();
                             let value_bytes = header.get_value_bytes(&buf);
                             // safe because this is from what we parsed
                             let header_value = unsafe {
@@ -417,7 +415,11 @@ impl HttpSession {
                             };
 
                             request_header
-                                .append_header(header_name, header_value)
+                                .append_read_header(
+                                    header.get_name(&buf),
+                                    || header.get_name_bytes(&buf),
+                                    header_value,
+                                )
                                 .or_err(InvalidHTTPHeader, "while parsing request header")
                                 .map(drop)
                         });
