@@ -408,16 +408,19 @@ const HIGH: u64 = 0x8080_8080_8080_8080;
 /// bit of each of its bytes that starts a word of the name (the name's first byte, and
 /// each after a `-`). A name of eight bytes or more is covered by whole words, the last
 /// one ending where the name does and overlapping the one before it; a shorter name by
-/// one word, zeros after it. A loop of plain loads: through `chunks`, two iterator
-/// adaptors and a match on each chunk's length, a name took about 20 instructions more.
+/// one word, zeros after it; an empty one by none. A loop of plain loads: through
+/// `chunks`, two iterator adaptors and a match on each chunk's length, a name took about
+/// 20 instructions more.
 #[inline(always)]
 fn each_word(name: &[u8], mut each: impl FnMut(usize, u64, u64) -> bool) {
     let n = name.len();
     let load = |at: usize| u64::from_le_bytes(name[at..at + 8].try_into().unwrap());
     let dashes = |word: u64| bytes_in(word, b'-', b'-');
     if n < 8 {
-        let word = short_word(name);
-        each(0, word, (dashes(word) << 8) | 0x80);
+        if n > 0 {
+            let word = short_word(name);
+            each(0, word, (dashes(word) << 8) | 0x80);
+        }
         return;
     }
     let mut at = 0;
@@ -448,7 +451,7 @@ fn bytes_in(word: u64, low: u8, high: u8) -> u64 {
     at_least_low & !above_high & HIGH
 }
 
-/// A name shorter than a word as a little-endian word, zeros after it: read as two
+/// A name of one to seven bytes as a little-endian word, zeros after it: read as two
 /// overlapping loads rather than copied (a call to `memcpy`) or read one by one.
 fn short_word(bytes: &[u8]) -> u64 {
     let n = bytes.len();
@@ -458,8 +461,7 @@ fn short_word(bytes: &[u8]) -> u64 {
         4..=7 => load4(0) | (load4(n - 4) << ((n - 4) * 8)),
         2..=3 => load2(0) | (load2(n - 2) << ((n - 2) * 8)),
         1 => u64::from(bytes[0]),
-        0 => 0,
-        _ => unreachable!("a name of a word or more is read by whole words"),
+        _ => unreachable!("an empty name has no word, a longer one is read by whole words"),
     }
 }
 
@@ -519,6 +521,16 @@ mod tests {
         put_title(long.as_str().as_bytes(), &mut spelled);
         assert_eq!(spelled, ("X-".repeat(40) + "Long").as_bytes());
         assert_eq!(spellings(both, &spelled), TITLE);
+    }
+
+    #[test]
+    fn an_empty_name_is_no_word() {
+        // The room `store_title` asks for is the name's length and 7: none of it is
+        // written for an empty name, and both rules fit it.
+        let mut room = [0xaa_u8; 8];
+        unsafe { store_title(b"", room.as_mut_ptr()) };
+        assert_eq!(room, [0xaa; 8]);
+        assert_eq!(spellings(LOWER | TITLE, b""), LOWER | TITLE);
     }
 
     #[test]
